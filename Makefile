@@ -1,0 +1,39 @@
+# One way in: `make run` (the main job on the embedded default) and `make test`. Both set up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup run test lint bench clean
+
+## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "fedse needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## run: check the five environments (expert vs random, steps/s) and write the expert seed trajectories
+run: setup
+	$(BIN)/fedse envs check
+	$(BIN)/fedse seed
+
+## test: lint, then the whole test suite
+test: setup lint
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+## bench: environment throughput
+bench: setup
+	$(BIN)/python bench/envs.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,181 @@
+"""The `fedse` command line. Each command parses, calls the library, and prints; no logic lives here.
+
+Errors a user can cause (bad params file, unknown env or policy, task id out of range) end in one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedse.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated self-evolution of LLM agents (Fed-SE).")
+envs_app = typer.Typer(no_args_is_help=True, help="The five private environments.")
+app.add_typer(envs_app, name="envs")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    params: Path = Path("params.yaml")
+    _config: Config | None = None
+
+    @classmethod
+    def config(cls) -> Config:
+        """The config, read once per process on first use."""
+        if cls._config is None:
+            cls._config = load_config(cls.params)
+        return cls._config
+
+
+def clear_errors(fn: F) -> F:
+    """Turn the errors a user can cause into one line and exit status 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, ValueError, KeyError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(params: Path = typer.Option(Path("params.yaml"), "--params", envvar="FEDSE_PARAMS",
+                                     help="params file (defaults apply when ./params.yaml is absent)")) -> None:
+    State.params = params
+    State._config = None
+
+
+def env_options(name: str) -> dict[str, Any]:
+    return State.config().envs.options.get(name, {})
+
+
+@envs_app.command("list")
+@clear_errors
+def envs_list() -> None:
+    """List registered environments with their turn limits and task-id ranges."""
+    from fedse.envs.registry import env_class, env_names
+
+    table = Table("env", "turns", "test ids", "train ids", title="environments")
+    for name in env_names():
+        cls = env_class(name)
+        table.add_row(name, str(cls.max_turns), _rng(cls.test_ids), _rng(cls.train_ids))
+    out.print(table)
+
+
+def _rng(ids: range) -> str:
+    return f"{ids.start}–{ids.stop - 1} ({len(ids):,})"
+
+
+@envs_app.command("play")
+@clear_errors
+def envs_play(env: str = typer.Argument(..., help="environment name (see `fedse envs list`)"),
+              task: int = typer.Option(0, "--task", help="task id (test or train)"),
+              policy: str = typer.Option("human", "--policy", help="human, random or expert"),
+              seed: int = typer.Option(0, "--seed", help="seed of the random policy")) -> None:
+    """Play one episode: type actions yourself, or watch the random or expert policy."""
+    from fedse.envs.registry import make_env
+    from fedse.scripted import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    game = make_env(env, **env_options(env))
+    observation, info = game.reset(task)
+    rng = random.Random(seed)
+    out.print(f"[bold]{env}[/] task {task} ({game.split_of(task)}), at most {game.max_turns} turns\n")
+    out.print(observation, highlight=False)
+    done = False
+    while not done:
+        if policy == "human":
+            out.print(f"[dim]actions: {' | '.join(info['admissible_actions'])}[/]", highlight=False)
+            try:
+                action = input("> ")
+            except EOFError:
+                out.print("\n(input closed; episode abandoned)")
+                return
+        else:
+            action = game.expert_action() if policy == "expert" else rng.choice(info["admissible_actions"])
+            out.print(f"[cyan]> {action}[/]", highlight=False)
+        observation, reward, terminated, truncated, info = game.step(action)
+        done = terminated or truncated
+        out.print(observation, highlight=False)
+    verdict = "[green]success[/]" if info["success"] else "[red]failure[/]"
+    out.print(f"\n{verdict} after {info['turn']} turns, reward {reward:.3f}")
+
+
+@envs_app.command("check")
+@clear_errors
+def envs_check(episodes: int = typer.Option(None, "--episodes", min=1, help="test tasks per env [params]"),
+               as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Expert and random success on the first N test tasks of every environment, and steps/s."""
+    from fedse.envs.check import check_env
+
+    cfg = State.config()
+    n = episodes or cfg.check.episodes
+    results: dict[str, dict[str, float]] = {}
+    with _progress(disable=as_json) as bar:
+        job = bar.add_task("checking environments", total=len(cfg.envs.names))
+        for name in cfg.envs.names:
+            bar.update(job, description=f"checking {name}")
+            results[name] = check_env(name, n, cfg.seed, env_options(name))
+            bar.advance(job)
+    if as_json:
+        print(json.dumps({"envs": results}))
+        return
+    table = Table("env", "expert success", "random success", "steps/s",
+                  title=f"fedse envs check — first {n} test tasks (random: mean of 4 passes)")
+    for name, r in results.items():
+        table.add_row(name, f"{r['expert_success']:.2f}", f"{r['random_success']:.2f}", f"{r['steps_per_sec']:,.0f}")
+    out.print(table)
+
+
+@app.command("seed")
+@clear_errors
+def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params: seed_data.dir]"),
+         env: list[str] = typer.Option(None, "--env", help="only these environments (repeatable)"),
+         count: int = typer.Option(None, "--count", min=0, help="trajectories per env [params]")) -> None:
+    """Write expert seed trajectories (train task ids only) as <out>/<env>.jsonl."""
+    from fedse.seed import write_seed_file
+
+    cfg = State.config()
+    names = env or cfg.envs.names
+    target = out_dir or cfg.seed_data.dir
+    table = Table("env", "trajectories", "expert success", "mean turns", "file",
+                  title=f"expert seed trajectories (seed {cfg.seed}, train ids only)")
+    with _progress() as bar:
+        for name in names:
+            n = count if count is not None else cfg.seed_data.counts.get(name, 0)
+            job = bar.add_task(f"seeding {name}", total=n)
+            summary = write_seed_file(name, n, target, cfg.seed, env_options(name),
+                                      advance=lambda k, job=job: bar.advance(job, k))
+            table.add_row(name, str(summary.written), f"{summary.expert_success:.3f}",
+                          f"{summary.mean_turns:.1f}", str(summary.path))
+    out.print(table)
+
+
+def _progress(disable: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, disable=disable or not sys.stderr.isatty(), transient=True)
+
+
+if __name__ == "__main__":
+    app()

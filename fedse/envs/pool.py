@@ -1,0 +1,79 @@
+"""Many episodes of one environment stepped together, so a batched policy makes one decision per batch.
+
+A rollout of N episodes asks the policy for actions only for the episodes still running; finished ones keep
+their final state and are never stepped again. Environments are pure Python and cheap, so the pool is
+sequential; the batching pays off on the policy side (one forward pass for all running episodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedse.envs.base import TextEnv
+from fedse.trajectory import Trajectory, Turn
+
+
+@dataclass
+class Slot:
+    """One episode's running state inside a pool."""
+
+    task_id: int
+    first_observation: str
+    observation: str
+    info: dict[str, Any]
+    reward: float = 0.0
+    done: bool = False
+    history: list[tuple[str, str]] = field(default_factory=list)  # (action, observation after it)
+
+
+class EnvPool:
+    """Runs one episode per task id on its own environment instance."""
+
+    def __init__(self, make: Callable[[], TextEnv], task_ids: Sequence[int]) -> None:
+        self.envs = [make() for _ in task_ids]
+        self.slots: list[Slot] = []
+        for env, task_id in zip(self.envs, task_ids, strict=True):
+            observation, info = env.reset(task_id)
+            self.slots.append(Slot(task_id, observation, observation, info))
+
+    def running(self) -> list[int]:
+        """Indices of the episodes that still need an action."""
+        return [i for i, slot in enumerate(self.slots) if not slot.done]
+
+    def step(self, actions: dict[int, str]) -> list[int]:
+        """Apply one action to each named running episode; return the indices still running afterwards."""
+        for i, action in actions.items():
+            slot = self.slots[i]
+            if slot.done:
+                raise ValueError(f"episode {i} (task {slot.task_id}) has already ended")
+            observation, reward, terminated, truncated, info = self.envs[i].step(action)
+            slot.history.append((action, observation))
+            slot.observation, slot.reward, slot.info = observation, reward, info
+            slot.done = terminated or truncated
+        return self.running()
+
+    def run(self, act: Callable[[list[TextEnv], list[Slot]], list[str]]) -> list[Slot]:
+        """Step until every episode ends; `act` gets the running envs and slots and returns their actions."""
+        live = self.running()
+        while live:
+            actions = act([self.envs[i] for i in live], [self.slots[i] for i in live])
+            live = self.step(dict(zip(live, actions, strict=True)))
+        return self.slots
+
+    def trajectories(self, env_name: str, **provenance: Any) -> list[Trajectory]:
+        """The finished episodes as trajectory records; `provenance` fills policy, round, seed, …"""
+        records = []
+        for env, slot in zip(self.envs, self.slots, strict=True):
+            if not slot.done:
+                raise ValueError(f"episode of task {slot.task_id} is still running")
+            observations = [slot.first_observation] + [obs for _, obs in slot.history]
+            # observation i is what action i answered; the last observation is the final one, not a turn
+            turns = [Turn(observation=o, action=a) for o, (a, _) in zip(observations, slot.history, strict=False)]
+            records.append(Trajectory(
+                env=env_name, task_id=slot.task_id, instruction=env.instruction(), turns=turns,
+                final_observation=slot.observation, reward=slot.reward, success=bool(slot.info["success"]),
+                **provenance,
+            ))
+        return records

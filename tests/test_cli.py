@@ -1,0 +1,73 @@
+"""The `fedse` command line, run in-process through typer's runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedse.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_envs_list_names_all_five() -> None:
+    result = run("envs", "list")
+    assert result.exit_code == 0
+    for name in ("babyai", "webshop", "textcraft", "maze", "wordle"):
+        assert name in result.output
+
+
+def test_envs_check_json_has_the_documented_shape() -> None:
+    result = run("envs", "check", "--episodes", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data["envs"]) == {"babyai", "webshop", "textcraft", "maze", "wordle"}
+    for stats in data["envs"].values():
+        assert set(stats) == {"expert_success", "random_success", "steps_per_sec"}
+        assert stats["expert_success"] == 1.0 and 0.0 <= stats["random_success"] <= 1.0
+        assert stats["steps_per_sec"] > 0
+
+
+@pytest.mark.parametrize("policy", ["expert", "random"])
+def test_play_prints_the_episode(policy: str) -> None:
+    result = run("envs", "play", "maze", "--task", "4", "--policy", policy)
+    assert result.exit_code == 0, result.output
+    assert "The goal is at position 8, 6" in result.output and "> move" in result.output
+    assert ("success after" in result.output) or ("failure after" in result.output)
+    if policy == "expert":
+        assert "success after" in result.output
+
+
+def test_human_play_reads_actions_from_the_terminal() -> None:
+    result = run("envs", "play", "wordle", "--task", "0", input="hello\ns h a k e\n")
+    assert result.exit_code == 0
+    assert "Could not read" in result.output or "invalid word" in result.output
+    assert "(input closed" in result.output or "after" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("envs", "play", "chess"), "unknown environment 'chess'"),
+    (("envs", "play", "maze", "--policy", "smart"), "unknown policy 'smart'"),
+    (("envs", "play", "maze", "--task", "-5"), "outside the test ids"),
+    (("--params", "/nonexistent/params.yaml", "envs", "check"), "params file not found"),
+])
+def test_user_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_seed_writes_jsonl_per_env(tmp_path: Path) -> None:
+    result = run("seed", "--out", str(tmp_path), "--env", "maze", "--env", "wordle", "--count", "5")
+    assert result.exit_code == 0, result.output
+    for name in ("maze", "wordle"):
+        assert len((tmp_path / f"{name}.jsonl").read_text().splitlines()) == 5
+    assert not (tmp_path / "babyai.jsonl").exists()
