@@ -82,6 +82,11 @@ def envs_list() -> None:
     out.print(table)
 
 
+def show(text: str, style: str | None = None) -> None:
+    """Environment text verbatim: WebShop's `[buttons]` are not rich markup, and lines are not re-wrapped."""
+    out.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
 def _rng(ids: range) -> str:
     return f"{ids.start}–{ids.stop - 1} ({len(ids):,})"
 
@@ -102,11 +107,11 @@ def envs_play(env: str = typer.Argument(..., help="environment name (see `fedse 
     observation, info = game.reset(task)
     rng = random.Random(seed)
     out.print(f"[bold]{env}[/] task {task} ({game.split_of(task)}), at most {game.max_turns} turns\n")
-    out.print(observation, highlight=False)
+    show(observation)
     done = False
     while not done:
         if policy == "human":
-            out.print(f"[dim]actions: {' | '.join(info['admissible_actions'])}[/]", highlight=False)
+            show(f"actions: {' | '.join(info['admissible_actions'])}", style="dim")
             try:
                 action = input("> ")
             except EOFError:
@@ -114,10 +119,10 @@ def envs_play(env: str = typer.Argument(..., help="environment name (see `fedse 
                 return
         else:
             action = game.expert_action() if policy == "expert" else rng.choice(info["admissible_actions"])
-            out.print(f"[cyan]> {action}[/]", highlight=False)
+            show(f"> {action}", style="cyan")
         observation, reward, terminated, truncated, info = game.step(action)
         done = terminated or truncated
-        out.print(observation, highlight=False)
+        show(observation)
     verdict = "[green]success[/]" if info["success"] else "[red]failure[/]"
     out.print(f"\n{verdict} after {info['turn']} turns, reward {reward:.3f}")
 

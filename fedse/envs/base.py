@@ -29,13 +29,20 @@ class TextEnv(ABC):
 
     Subclasses set the class attributes and implement `_reset`, `_step` and `admissible_actions`.
     Task ids are plain integers: ``test_ids`` and ``train_ids`` are disjoint ranges, and the same id always
-    yields the same task, so that results are reproducible from (env, task id, actions) alone.
+    yields the same task, so that results are reproducible from (env, task id, actions) alone. A third range,
+    ``pretrain_ids`` (right after the train ids), is for building a base model's general competence: it is
+    neither a client's private training data nor held-out evaluation data.
     """
 
     name: ClassVar[str]
     max_turns: ClassVar[int]
     test_ids: ClassVar[range]
     train_ids: ClassVar[range]
+
+    @classmethod
+    def pretrain_ids(cls) -> range:
+        """Ids after the train range, as many again: never explored by a client, never evaluated on."""
+        return range(cls.train_ids.stop, cls.train_ids.stop + len(cls.train_ids))
 
     def __init__(self) -> None:
         self.task_id: int | None = None
@@ -70,12 +77,12 @@ class TextEnv(ABC):
 
     # ----------------------------------------------------------------- the shared contract
     def reset(self, task_id: int) -> tuple[str, dict[str, Any]]:
-        """Start task `task_id`; any integer in ``train_ids`` or ``test_ids`` is accepted."""
+        """Start task `task_id` (an id of any of the three ranges)."""
         task_id = int(task_id)
-        if task_id not in self.test_ids and task_id not in self.train_ids:
+        if self.split_of(task_id) is None:
             raise ValueError(
-                f"{self.name}: task id {task_id} is outside the test ids "
-                f"{_fmt(self.test_ids)} and the train ids {_fmt(self.train_ids)}"
+                f"{self.name}: task id {task_id} is outside the test ids {_fmt(self.test_ids)}, the train ids "
+                f"{_fmt(self.train_ids)} and the pretrain ids {_fmt(self.pretrain_ids())}"
             )
         self.task_id = task_id
         self.turn = 0
@@ -103,9 +110,13 @@ class TextEnv(ABC):
         self.done = terminated or truncated
         return outcome.observation, self.last_reward, terminated, truncated, self._info(valid=outcome.valid)
 
-    def split_of(self, task_id: int) -> str:
-        """'test' or 'train': which side of the held-out line a task id is on."""
-        return "test" if task_id in self.test_ids else "train"
+    @classmethod
+    def split_of(cls, task_id: int) -> str | None:
+        """'test', 'train', 'pretrain', or None for an id in no range."""
+        for split, ids in (("test", cls.test_ids), ("train", cls.train_ids), ("pretrain", cls.pretrain_ids())):
+            if task_id in ids:
+                return split
+        return None
 
     def _info(self, valid: bool) -> dict[str, Any]:
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -113,8 +114,11 @@ def test_train_and_test_ids_never_overlap(name: str) -> None:
     cls = env_class(name)
     assert len(cls.test_ids) > 0 and len(cls.train_ids) >= 100_000
     assert cls.test_ids.step == cls.train_ids.step == 1
-    assert cls.test_ids.stop <= cls.train_ids.start or cls.train_ids.stop <= cls.test_ids.start
+    ranges = sorted([cls.test_ids, cls.train_ids, cls.pretrain_ids()], key=lambda r: r.start)
+    assert all(a.stop <= b.start for a, b in pairwise(ranges)), "the three ranges are disjoint"
     assert not set(cls.test_ids) & set(cls.train_ids[:100_000])
+    assert {cls.split_of(i) for i in (cls.test_ids[0], cls.train_ids[-1], cls.pretrain_ids()[0])} == {
+        "test", "train", "pretrain"}
 
 
 def test_paper_test_sizes_and_turn_limits() -> None:
@@ -128,7 +132,9 @@ def test_paper_test_sizes_and_turn_limits() -> None:
 def test_out_of_range_task_ids_are_refused_with_the_ranges_named(name: str) -> None:
     env = make_env(name)
     with pytest.raises(ValueError, match="outside the test ids"):
-        env.reset(env.train_ids.stop + 1)
+        env.reset(env.pretrain_ids().stop + 1)
+    with pytest.raises(ValueError, match="outside the test ids"):
+        env.reset(-1)
 
 
 @pytest.mark.parametrize("name", NAMES)
