@@ -26,6 +26,7 @@ class Slot:
     reward: float = 0.0
     done: bool = False
     history: list[tuple[str, str]] = field(default_factory=list)  # (action, observation after it)
+    thoughts: list[str] = field(default_factory=list)  # the policy's reasoning per action (ReAct), if any
 
 
 class EnvPool:
@@ -70,7 +71,9 @@ class EnvPool:
                 raise ValueError(f"episode of task {slot.task_id} is still running")
             observations = [slot.first_observation] + [obs for _, obs in slot.history]
             # observation i is what action i answered; the last observation is the final one, not a turn
-            turns = [Turn(observation=o, action=a) for o, (a, _) in zip(observations, slot.history, strict=False)]
+            thoughts = slot.thoughts + [""] * (len(slot.history) - len(slot.thoughts))
+            turns = [Turn(observation=o, action=a, thought=t)
+                     for o, (a, _), t in zip(observations, slot.history, thoughts, strict=False)]
             records.append(Trajectory(
                 env=env_name, task_id=slot.task_id, instruction=env.instruction(), turns=turns,
                 final_observation=slot.observation, reward=slot.reward, success=bool(slot.info["success"]),

@@ -1,0 +1,191 @@
+"""Local learning: supervised fine-tuning of the LoRA adapter on trajectories (maximum likelihood).
+
+Only the agent's tokens carry loss (its `Action: …` replies and their end markers), exactly as the policy
+produced them: the episode is tokenised by the same renderer the policy uses. Examples are bucketed by length
+so that padding stays small, AdamW with a cosine schedule, gradient accumulation, and bf16 autocast where the
+hardware makes it faster (CUDA; CPUs with native bf16), fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedse.model import Agent
+from fedse.prompt import Encoded
+from fedse.trajectory import Trajectory
+
+IGNORE = -100
+
+
+class LearnerSpec(BaseModel):
+    """`learner:` in params.yaml. The paper's lr is 5e-5 for 7B models; the tiny model needs a larger one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0)
+    epochs: float = Field(2, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_len: int = Field(1024, ge=32)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    autocast: str = Field("auto", pattern="^(auto|bf16|off)$")
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int
+    tokens: int  # non-padding tokens processed (all epochs)
+    agent_tokens: int  # tokens that carried loss
+    loss_first: float
+    loss_last: float
+    seconds: float
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def encode(agent: Agent, traj: Trajectory, max_len: int) -> list[Example]:
+    """One example per episode, or several when it is longer than `max_len`.
+
+    Each piece keeps the head (system + first observation, which states the task), like the policy's own
+    truncation, and a contiguous run of turns; every agent reply is trained on exactly once.
+    """
+    r = agent.renderer
+    head = Encoded()
+    head.add(r.system())
+    head.add(r.user(traj.turns[0].observation if traj.turns else traj.final_observation))
+    observations = [t.observation for t in traj.turns[1:]] + [traj.final_observation]
+    turns = []
+    for turn, next_obs in zip(traj.turns, observations, strict=True):
+        enc = Encoded()
+        enc.add(r.assistant_open())
+        content, close = r.reply(turn.action, turn.thought)
+        enc.add(content, agent=True)
+        enc.add(close)
+        enc.add(r.user(next_obs))
+        turns.append(enc)
+    examples: list[Example] = []
+    current = _copy(head)
+    has_turn = False
+    for enc in turns:
+        if has_turn and len(current.ids) + len(enc.ids) > max_len:
+            examples.append(_example(current, max_len))
+            current, has_turn = _copy(head), False
+        current.add(enc.ids)
+        current.agent[-len(enc.ids):] = enc.agent
+        has_turn = True
+    if has_turn:
+        examples.append(_example(current, max_len))
+    return examples
+
+
+def _copy(enc: Encoded) -> Encoded:
+    return Encoded(list(enc.ids), list(enc.agent))
+
+
+def _example(enc: Encoded, max_len: int) -> Example:
+    ids, agent = enc.ids[:max_len], enc.agent[:max_len]
+    return Example(ids, [i if a else IGNORE for i, a in zip(ids, agent, strict=True)])
+
+
+def batches(examples: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
+    """Length-bucketed batches in random order: sort by length (with random tie-breaks), cut, shuffle."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
+    groups = [[examples[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def collate(batch: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        mask[i, :len(e.ids)] = 1
+    return ids, labels, mask
+
+
+def use_autocast(spec: LearnerSpec, device: torch.device) -> bool:
+    """bf16 autocast only where it is faster: CUDA with bf16, or a CPU with native bf16 (AVX512-BF16/AMX)."""
+    if spec.autocast != "auto":
+        return spec.autocast == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(flag in torch.backends.cpu.get_cpu_capability() for flag in ("AMX", "BF16"))
+
+
+def cosine(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, seed: int = 0,
+          advance: Callable[[int, int, float], None] | None = None) -> TrainStats:
+    """Fine-tune the agent's adapter in place; `advance(step, total, loss)` reports progress."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    examples = [e for t in trajectories for e in encode(agent, t, spec.max_len)]
+    if not examples:
+        return TrainStats(0, 0, 0, 0, float("nan"), float("nan"), 0.0)
+    whole = int(spec.epochs)
+    plan = [batches(examples, spec.batch_size, rng) for _ in range(math.ceil(spec.epochs))]
+    if spec.epochs != whole:  # a fractional last epoch: a prefix of its shuffled batches
+        plan[-1] = plan[-1][: max(1, round((spec.epochs - whole) * len(plan[-1])))]
+    flat = [b for epoch in plan for b in epoch]
+    total_steps = math.ceil(len(flat) / spec.grad_accum)
+    params = [p for p in agent.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(total_steps, int(spec.warmup_ratio * total_steps)))
+    pad = agent.tokenizer.pad_token_id or 0
+    amp = use_autocast(spec, agent.device)
+    agent.model.train()
+    tokens = agent_tokens = 0
+    losses: list[float] = []
+    start = time.perf_counter()
+    step = 0
+    try:
+        for index, batch in enumerate(flat):
+            ids, labels, mask = (t.to(agent.device) for t in collate(batch, pad))
+            with torch.autocast(agent.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = agent.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            (loss / spec.grad_accum).backward()
+            tokens += int(mask.sum())
+            agent_tokens += int((labels != IGNORE).sum())
+            losses.append(loss.item())
+            if (index + 1) % spec.grad_accum == 0 or index + 1 == len(flat):
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if advance:
+                    advance(step, total_steps, losses[-1])
+    finally:
+        agent.model.eval()
+    head = max(1, len(losses) // 10)
+    return TrainStats(step, len(examples), tokens, agent_tokens, sum(losses[:head]) / head,
+                      sum(losses[-head:]) / head, time.perf_counter() - start)

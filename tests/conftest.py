@@ -1,0 +1,24 @@
+"""Shared fixtures. The micro model is a real tiny build (tokenizer + Qwen3 + pretraining), just small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedse.model import Agent, ModelSpec, load_agent
+from fedse.tiny import TinySpec
+
+MICRO = TinySpec(d_model=64, layers=2, heads=2, kv_heads=1, vocab=600, context=1024, corpus_episodes=6,
+                 pretrain_steps=3, batch=4, block=128)
+
+
+@pytest.fixture(scope="session")
+def micro_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    return ModelSpec(preset="tiny", cache_dir=Path(tmp_path_factory.mktemp("cache")), tiny=MICRO)
+
+
+@pytest.fixture()
+def micro_agent(micro_spec: ModelSpec) -> Agent:
+    """A fresh agent (base + zero-effect LoRA) on the cached micro base; built once per session."""
+    return load_agent(micro_spec)

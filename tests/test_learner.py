@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import torch
+
+from fedse.envs.pool import EnvPool
+from fedse.envs.registry import make_env
+from fedse.learner import IGNORE, LearnerSpec, encode, train
+from fedse.model import Agent
+from fedse.scripted import expert_policy
+
+
+def expert_trajectories(env: str, ids: list[int]):
+    pool = EnvPool(lambda: make_env(env), ids)
+    pool.run(expert_policy())
+    return pool.trajectories(env, policy="expert")
+
+
+def test_labels_cover_exactly_the_agent_replies(micro_agent: Agent) -> None:
+    traj = expert_trajectories("maze", [10_001])[0]
+    (example,) = encode(micro_agent, traj, max_len=4096)
+    trained = [t for t in example.labels if t != IGNORE]
+    text = micro_agent.tokenizer.decode(trained)
+    assert text.count("Action: ") == len(traj.turns) == text.count("<|im_end|>")
+    for turn in traj.turns:
+        assert f"Action: {turn.action}" in text
+
+
+def test_long_episodes_split_but_every_reply_is_trained_once(micro_agent: Agent) -> None:
+    traj = expert_trajectories("webshop", [10_003])[0]
+    whole = encode(micro_agent, traj, max_len=100_000)
+    pieces = encode(micro_agent, traj, max_len=400)
+    assert len(whole) == 1 and len(pieces) > 1
+    count = lambda exs: sum(sum(1 for t in e.labels if t != IGNORE) for e in exs)  # noqa: E731
+    assert count(pieces) == count(whole)
+    assert all(len(e.ids) <= 400 for e in pieces)
+
+
+def test_sft_lowers_the_loss_and_touches_only_the_adapter(micro_agent: Agent) -> None:
+    trajs = expert_trajectories("maze", list(range(10_000, 10_016)))
+    frozen = {n: p.clone() for n, p in micro_agent.model.named_parameters() if not p.requires_grad}
+    stats = train(micro_agent, trajs, LearnerSpec(lr=5e-3, epochs=4, batch_size=4), seed=0)
+    assert stats.steps == 16 and stats.examples == 16 and stats.agent_tokens > 0
+    assert stats.loss_last < stats.loss_first
+    for name, p in micro_agent.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_gradient_accumulation_counts_optimizer_steps(micro_agent: Agent) -> None:
+    trajs = expert_trajectories("wordle", list(range(10_000, 10_008)))
+    stats = train(micro_agent, trajs, LearnerSpec(epochs=1, batch_size=2, grad_accum=2), seed=0)
+    assert stats.steps == 2

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedse.envs.pool import EnvPool
+from fedse.envs.registry import make_env
+from fedse.model import Agent
+from fedse.policy import ConstrainedPolicy, episode_tokens, parse_reply, score_naive
+
+
+@pytest.mark.parametrize("env", ["maze", "wordle", "webshop"])
+def test_cached_scores_equal_padded_naive_scores(micro_agent: Agent, env: str) -> None:
+    """The shared-cache scorer is an optimisation only: same log-probs as scoring prompt+candidate rows."""
+    torch.manual_seed(0)
+    for p in micro_agent.model.parameters():  # make LoRA non-trivial so the adapter is in the numbers too
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0)
+    worst = 0.0
+    decisions = 0
+
+    def act(envs, slots):
+        nonlocal worst, decisions
+        prompts = [episode_tokens(micro_agent, s, policy.budget, True) for s in slots]
+        cands = [[micro_agent.renderer.candidate(a) for a in s.info["admissible_actions"]] for s in slots]
+        actions = policy(envs, slots)
+        for cached, naive in zip(policy.last_scores, score_naive(micro_agent, prompts, cands), strict=True):
+            worst = max(worst, float((cached - naive).abs().max()))
+        decisions += len(slots)
+        return actions
+
+    EnvPool(lambda: make_env(env), [0, 1, 2]).run(act)
+    assert decisions >= 3 and worst < 1e-4
+
+
+def test_greedy_is_deterministic_and_sampling_follows_the_seed(micro_agent: Agent) -> None:
+    def play(temperature: float, seed: int) -> list[list[str]]:
+        pool = EnvPool(lambda: make_env("maze"), [0, 1, 2, 3])
+        pool.run(ConstrainedPolicy(micro_agent, temperature, seed))
+        return [[a for a, _ in s.history] for s in pool.slots]
+
+    assert play(0.0, 0) == play(0.0, 1)
+    assert play(1.0, 7) == play(1.0, 7)
+    assert play(1.0, 7) != play(1.0, 8)
+
+
+def test_long_episodes_are_refitted_to_the_window(micro_agent: Agent) -> None:
+    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, context=400)
+    pool = EnvPool(lambda: make_env("webshop"), [0, 1])
+    pool.run(policy)
+    assert all(s.done for s in pool.slots)
+    assert max(policy.length) <= 400
+
+
+@pytest.mark.parametrize(("text", "thought", "action"), [
+    ("Thought: go left first.\nAction: move left<|im_end|>", "go left first.", "move left"),
+    ("Action: click[buy now]\nmore text", "", "click[buy now]"),
+    ("just words", "", "just words"),
+    ("Thought: hmm\nAction:", "hmm", "Thought: hmm\nAction:"),
+])
+def test_parse_reply(text: str, thought: str, action: str) -> None:
+    assert parse_reply(text) == (thought, action)
