@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedse.config import Config, ConfigError, load_config
+from fedse.model import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated self-evolution of LLM agents (Fed-SE).")
@@ -50,7 +51,7 @@ def clear_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ValueError, KeyError) as exc:
+        except (ConfigError, ValueError, KeyError, ModelError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -174,6 +175,90 @@ def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params
                                       advance=lambda k, job=job: bar.advance(job, k))
             table.add_row(name, str(summary.written), f"{summary.expert_success:.3f}",
                           f"{summary.mean_turns:.1f}", str(summary.path))
+    out.print(table)
+
+
+def _agent(adapter: Path | None, bar: Progress):
+    """Load the configured base + adapter, showing the one-off tiny-model build as a progress bar."""
+    from fedse.model import load_agent, tiny_dir
+
+    spec = State.config().model
+    job = None
+    if spec.preset == "tiny" and not (tiny_dir(spec) / "config.json").exists():
+        job = bar.add_task("building the tiny base model (once)", total=spec.tiny.pretrain_steps)
+
+    def advance(step: int, loss: float) -> None:
+        if job is not None:
+            bar.update(job, completed=step, description=f"building the tiny base model (loss {loss:.2f})")
+
+    return load_agent(spec, adapter, seed=State.config().seed, advance=advance)
+
+
+@app.command("train")
+@clear_errors
+def train_cmd(env: str = typer.Option(..., "--env", help="environment the trajectories come from"),
+              data: Path = typer.Option(..., "--data", help="trajectories (JSONL), e.g. data/seed/maze.jsonl"),
+              out_dir: Path = typer.Option(..., "--out", help="folder for the trained adapter (PEFT format)"),
+              adapter: Path = typer.Option(None, "--adapter", help="start from this adapter [fresh]"),
+              limit: int = typer.Option(None, "--limit", min=1, help="use only the first N trajectories")) -> None:
+    """SFT of a LoRA adapter on successful trajectories of one environment."""
+    from fedse.learner import train
+    from fedse.model import save_adapter
+    from fedse.trajectory import read_jsonl
+
+    cfg = State.config()
+    if not data.exists():
+        raise ValueError(f"{data}: trajectory file not found (write seeds with `fedse seed`)")
+    records = [t for t in read_jsonl(data) if t.env == env and t.success][:limit]
+    if not records:
+        raise ValueError(f"{data}: no successful {env} trajectories in it")
+    with _progress() as bar:
+        agent = _agent(adapter, bar)
+        job = bar.add_task(f"training on {len(records)} {env} trajectories", total=None)
+
+        def advance(step: int, total: int, loss: float) -> None:
+            bar.update(job, completed=step, total=total, description=f"training {env} (loss {loss:.3f})")
+
+        stats = train(agent, records, cfg.learner, seed=cfg.seed, advance=advance)
+        digest = save_adapter(agent, out_dir, {"env": env, "data": str(data), "trajectories": len(records),
+                                           "steps": stats.steps, "tokens": stats.tokens})
+    typer.echo(f"{stats.steps} steps, {stats.tokens:,} tokens ({stats.tokens_per_sec:,.0f}/s), loss "
+               f"{stats.loss_first:.3f} → {stats.loss_last:.3f}; adapter {out_dir} (sha256 {digest[:12]})")
+
+
+@app.command("eval")
+@clear_errors
+def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folder [none: the base model]"),
+             env: str = typer.Option("all", "--env", help="an environment name, or all"),
+             episodes: int = typer.Option(None, "--episodes", min=1, help="first N test tasks per env [all]"),
+             as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Greedy success and mean reward on held-out test tasks, with micro/macro averages and 95% intervals."""
+    from fedse.envs.registry import env_class
+    from fedse.evaluate import score, summarise
+    from fedse.rollout import rollout
+
+    cfg = State.config()
+    names = cfg.envs.names if env == "all" else [env_class(env).name]
+    n = episodes or cfg.eval.episodes
+    per_env = {}
+    with _progress(disable=as_json) as bar:
+        agent = _agent(adapter, bar)
+        for name in names:
+            ids = list(env_class(name).test_ids)[:n]
+            job = bar.add_task(f"evaluating {name}", total=len(ids))
+            records = rollout(agent, name, ids, cfg.policy, greedy=True, seed=cfg.seed,
+                              env_options=env_options(name), advance=lambda k, job=job: bar.advance(job, k))
+            per_env[name] = score(records)
+    result = summarise(per_env)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("env", "success", "95% CI", "reward", "n",
+                  title=f"fedse eval — {adapter or 'base model (no adapter)'}")
+    for name, s in per_env.items():
+        table.add_row(name, f"{s.success:.3f}", f"{s.ci_low:.2f}–{s.ci_high:.2f}", f"{s.reward:.3f}", str(s.n))
+    table.add_row("micro", f"{result['micro']:.3f}", "", "", "")
+    table.add_row("macro", f"{result['macro']:.3f}", "", "", "")
     out.print(table)
 
 

@@ -12,6 +12,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedse.learner import LearnerSpec
+from fedse.model import ModelSpec
+from fedse.policy import PolicySpec
+
 PAPER_SEED_COUNTS = {"babyai": 810, "webshop": 3930, "textcraft": 374, "maze": 215, "wordle": 955}
 
 
@@ -55,11 +59,21 @@ class CheckConfig(Strict):
     episodes: int = Field(default=25, ge=1)
 
 
+class EvalConfig(Strict):
+    """`fedse eval`: test tasks per environment (null = the whole test set)."""
+
+    episodes: int | None = Field(default=None, ge=1)
+
+
 class Config(Strict):
     seed: int = 0
     envs: EnvsConfig = Field(default_factory=EnvsConfig)
     seed_data: SeedDataConfig = Field(default_factory=SeedDataConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    learner: LearnerSpec = Field(default_factory=LearnerSpec)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
