@@ -5,7 +5,9 @@ import re
 
 import pytest
 
+from fedse.envs.check import success_rate
 from fedse.envs.textcraft import MAX_EXPERT_TURNS, TextCraftEnv, recipe_book, show
+from fedse.scripted import random_policy
 
 HINT = re.compile(r"craft [0-9]+ [a-z ]+ using [0-9]+ [a-z ]+(, [0-9]+ [a-z ]+)*")
 
@@ -132,15 +134,8 @@ def test_expert_recovers_from_a_detour() -> None:
 
 
 def test_random_admissible_actions_succeed_on_less_than_half() -> None:
-    env = TextCraftEnv()
-    rng = random.Random(0)
-    wins = 0
-    for task in env.test_ids:
-        _, info = env.reset(task)
-        while not env.done:
-            *_, info = env.step(rng.choice(info["admissible_actions"]))
-        wins += info["success"]
-    assert 0.1 < wins / len(env.test_ids) < 0.5
+    rate, _, _ = success_rate("textcraft", list(TextCraftEnv.test_ids), random_policy(0), {})
+    assert 0.1 < rate < 0.5
 
 
 def test_same_task_same_actions_same_transcript() -> None:
