@@ -166,7 +166,7 @@ def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params
     names = env or cfg.envs.names
     target = out_dir or cfg.seed_data.dir
     table = Table("env", "trajectories", "expert success", "mean turns", "file",
-                  title=f"expert seed trajectories (seed {cfg.seed}, train ids only)")
+                  title=f"expert seed trajectories in {target}/ (seed {cfg.seed}, train ids only)")
     with _progress() as bar:
         for name in names:
             n = count if count is not None else cfg.seed_data.counts.get(name, 0)
@@ -174,7 +174,7 @@ def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params
             summary = write_seed_file(name, n, target, cfg.seed, env_options(name),
                                       advance=lambda k, job=job: bar.advance(job, k))
             table.add_row(name, str(summary.written), f"{summary.expert_success:.3f}",
-                          f"{summary.mean_turns:.1f}", str(summary.path))
+                          f"{summary.mean_turns:.1f}", summary.path.name)
     out.print(table)
 
 
