@@ -180,8 +180,11 @@ def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params
 
 def _agent(adapter: Path | None, bar: Progress):
     """Load the configured base + adapter, showing the one-off tiny-model build as a progress bar."""
+    from transformers.utils import logging as hf_logging
+
     from fedse.model import load_agent, tiny_dir
 
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     spec = State.config().model
     job = None
     if spec.preset == "tiny" and not (tiny_dir(spec) / "config.json").exists():

@@ -163,10 +163,11 @@ def attach_lora(model: Any, lora: LoraSpec, seed: int = 0) -> Any:
 def load_agent(spec: ModelSpec, adapter: Path | None = None, seed: int = 0,
                advance: Callable[[int, float], None] | None = None) -> Agent:
     """Base + LoRA; the adapter's weights from `adapter` when given (else the fresh, zero-effect adapter)."""
+    state = read_adapter(adapter) if adapter is not None else None  # a bad file fails before the slow load
     base, tokenizer, name = load_base(spec, advance)
     agent = Agent(attach_lora(base, spec.lora, seed), tokenizer, name, pick_device(spec.device))
-    if adapter is not None:
-        load_adapter(agent, adapter)
+    if state is not None:
+        set_adapter_state(agent, state, origin=f"adapter {adapter}")
     return agent
 
 

@@ -71,3 +71,47 @@ def test_seed_writes_jsonl_per_env(tmp_path: Path) -> None:
     for name in ("maze", "wordle"):
         assert len((tmp_path / f"{name}.jsonl").read_text().splitlines()) == 5
     assert not (tmp_path / "babyai.jsonl").exists()
+
+
+@pytest.fixture()
+def micro_params(tmp_path: Path, micro_spec) -> Path:
+    """A params file that points the CLI at the session's micro model (same spec, same cache)."""
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"model": json.loads(micro_spec.model_dump_json())}))
+    return path
+
+
+def test_train_then_eval_through_the_cli(micro_params: Path, tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds"
+    assert run("seed", "--out", str(seeds), "--env", "maze", "--count", "4").exit_code == 0
+    adapter = tmp_path / "adapter"
+    result = run("--params", str(micro_params), "train", "--env", "maze", "--data", str(seeds / "maze.jsonl"),
+                 "--out", str(adapter))
+    assert result.exit_code == 0, result.output
+    assert "steps" in result.stdout and (adapter / "adapter_model.safetensors").exists()
+    result = run("--params", str(micro_params), "eval", "--adapter", str(adapter), "--env", "maze",
+                 "--episodes", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["envs"]["maze"]["n"] == 2 and 0.0 <= data["micro"] <= 1.0 and "macro_ci95" in data
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("eval", "--adapter", "/nonexistent/adapter", "--env", "maze", "--episodes", "1"),
+     "adapter_model.safetensors not found"),
+    (("train", "--env", "maze", "--data", "/nonexistent.jsonl", "--out", "/tmp/x"), "trajectory file not found"),
+    (("eval", "--env", "chess"), "unknown environment 'chess'"),
+])
+def test_model_command_errors_are_one_line(micro_params: Path, extra: tuple[str, ...], message: str) -> None:
+    result = run("--params", str(micro_params), *extra)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_model_preset_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("model: {preset: gpt5}\n")
+    result = run("--params", str(path), "eval", "--env", "maze", "--episodes", "1")
+    assert result.exit_code == 2 and "unknown model preset 'gpt5'" in result.stderr
