@@ -11,12 +11,12 @@ ours over tokens/s of the bare loop (1.0 = no overhead).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import resource
 import time
 
 import torch
+from report import emit
 
 from fedse.config import load_config
 from fedse.learner import batches, collate, encode, train
@@ -70,12 +70,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = run(args.env, args.trajectories, args.params)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:<22} {value:,.3f}" if isinstance(value, float) else f"{key:<22} {value}")
+    emit(run(args.env, args.trajectories, args.params), args.json)
 
 
 if __name__ == "__main__":

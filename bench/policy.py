@@ -11,10 +11,10 @@ scoring is counted on both sides; both run in this process, one after the other.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from report import emit
 
 from fedse.config import load_config
 from fedse.envs.pool import EnvPool
@@ -65,12 +65,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = run(args.envs.split(","), args.episodes, args.params)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:<28} {value:.4g}" if isinstance(value, float) else f"{key:<28} {value}")
+    emit(run(args.envs.split(","), args.episodes, args.params), args.json)
 
 
 if __name__ == "__main__":
