@@ -33,7 +33,7 @@ class SeedSummary:
         return self.written / self.tried if self.tried else 0.0
 
 
-def seed_task_ids(env_name: str, seed: int) -> random.Random:
+def task_id_rng(env_name: str, seed: int) -> random.Random:
     """The id stream for one env's seeds (a function of env and seed only, so reruns write the same file)."""
     return random.Random(f"seed-data-{env_name}-{seed}")
 
@@ -46,7 +46,7 @@ def expert_trajectories(env_name: str, count: int, seed: int, options: dict[str,
     number tried bounds the loop so a broken solver cannot spin forever.
     """
     train = env_class(env_name).train_ids
-    rng = seed_task_ids(env_name, seed)
+    rng = task_id_rng(env_name, seed)
     kept: list[Trajectory] = []
     seen: set[int] = set()
     tried = 0
