@@ -233,21 +233,29 @@ def train_cmd(env: str = typer.Option(..., "--env", help="environment the trajec
 @clear_errors
 def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folder [none: the base model]"),
              env: str = typer.Option("all", "--env", help="an environment name, or all"),
-             episodes: int = typer.Option(None, "--episodes", min=1, help="first N test tasks per env [all]"),
+             episodes: int = typer.Option(None, "--episodes", min=1, help="first N tasks per env [all]"),
+             split: str = typer.Option("test", "--split", help="test (report) or val (held-out train ids: tune)"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Greedy success and mean reward on held-out test tasks, with micro/macro averages and 95% intervals."""
+    """Greedy success and mean reward on held-out tasks, with micro/macro averages and 95% intervals.
+
+    `--split val` scores the validation ids instead (train-distribution tasks no seed or client uses), which
+    is where hyperparameters are chosen; test tasks are for reporting only.
+    """
     from fedse.envs.registry import env_class
     from fedse.evaluate import score, summarise
     from fedse.rollout import rollout
 
     cfg = State.config()
+    if split not in ("test", "val"):
+        raise ValueError(f"--split {split!r}: choose test or val")
     names = cfg.envs.names if env == "all" else [env_class(env).name]
     n = episodes or cfg.eval.episodes
     per_env = {}
     with _progress(disable=as_json) as bar:
         agent = _agent(adapter, bar)
         for name in names:
-            ids = list(env_class(name).test_ids)[:n]
+            cls = env_class(name)
+            ids = list(cls.test_ids if split == "test" else cls.validation_ids())[:n]
             job = bar.add_task(f"evaluating {name}", total=len(ids))
             records = rollout(agent, name, ids, cfg.policy, greedy=True, seed=cfg.seed,
                               env_options=env_options(name), advance=lambda k, job=job: bar.advance(job, k))
@@ -257,12 +265,90 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
         print(json.dumps(result))
         return
     table = Table("env", "success", "95% CI", "reward", "n",
-                  title=f"fedse eval — {adapter or 'base model (no adapter)'}")
+                  title=f"fedse eval ({split}) — {adapter or 'base model (no adapter)'}")
     for name, s in per_env.items():
         table.add_row(name, f"{s.success:.3f}", f"{s.ci_low:.2f}–{s.ci_high:.2f}", f"{s.reward:.3f}", str(s.n))
     table.add_row("micro", f"{result['micro']:.3f}", "", "", "")
     table.add_row("macro", f"{result['macro']:.3f}", "", "", "")
     out.print(table)
+
+
+@app.command("run")
+@clear_errors
+def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, local, centralized, pretrained, "
+                                       "no_filter, no_history, weighted [params: federation.method]"),
+            profile: str = typer.Option(None, "--profile", help="smoke, quick, full, paper [params: profile]"),
+            seed: int = typer.Option(None, "--seed", help="run seed [params: seed]"),
+            out_dir: Path = typer.Option(None, "--out", help="run folder [runs/<method>-<profile>-s<seed>]"),
+            sets: list[str] = typer.Option(None, "--set", help="override a parameter, e.g. model.lora.r=4")) -> None:
+    """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
+    from fedse.federation import Federation
+    from fedse.methods import method as known_method
+    from fedse.plots import run_curves
+
+    extra = list(sets or [])
+    if method is not None:
+        known_method(method)
+        extra.append(f"federation.method={method}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    cfg = load_config(State.params, profile=profile, overrides=extra)
+    State._config = cfg
+    out_dir = out_dir or cfg.federation.out / run_name(cfg)
+    with _progress() as bar:
+        agent = _agent(None, bar)
+        doc = Federation(agent, cfg, out_dir, progress=RichProgress(bar)).run()
+    plot = run_curves(doc, out_dir / "curves.png")
+    last = doc["rounds"][-1]
+    table = Table("env", "success", "95% CI", "n", title=f"{doc['method']} after {len(doc['rounds'])} round(s) "
+                  f"(profile {cfg.profile}, seed {cfg.seed})")
+    for name, s in last["envs"].items():
+        table.add_row(name, f"{s['success']:.3f}", f"{s['ci95'][0]:.2f}–{s['ci95'][1]:.2f}", str(s["n"]))
+    table.add_row("micro", f"{last['micro']:.3f}", "", "")
+    table.add_row("macro", f"{last['macro']:.3f}", f"{last['macro_ci95'][0]:.2f}–{last['macro_ci95'][1]:.2f}", "")
+    out.print(table)
+    out.print(f"metrics: {out_dir / 'metrics.json'}\nplot:    {plot}")
+
+
+def run_name(cfg: Config) -> str:
+    """Default run folder name: method, profile, seed, and the rank when it is not the default 8."""
+    rank = "" if cfg.model.lora.r == 8 else f"-r{cfg.model.lora.r}"
+    return f"{cfg.federation.method}-{cfg.profile or 'base'}-s{cfg.seed}{rank}"
+
+
+@app.command("report")
+@clear_errors
+def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each with a metrics.json)"),
+               out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and curves.png")) \
+        -> None:
+    """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves."""
+    from fedse.buffer import write_text
+    from fedse.plots import method_curves
+    from fedse.report import label, load_runs, markdown
+
+    docs = load_runs(runs)
+    plot = method_curves(docs, out_dir / "curves.png", label=label)
+    text = markdown(docs, plot)
+    write_text(out_dir / "results.md", text)
+    out.print(text, markup=False, highlight=False)
+    out.print(f"table: {out_dir / 'results.md'}\nplot:  {plot}")
+
+
+class RichProgress:
+    """The library's progress protocol drawn as rich progress bars."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+
+    def start(self, label: str, total: int | None) -> Any:
+        return self.bar.add_task(label, total=total)
+
+    def update(self, job: Any, advance: int = 0, completed: int | None = None, total: int | None = None,
+               label: str | None = None) -> None:
+        self.bar.update(job, advance=advance or None, completed=completed, total=total, description=label)
+
+    def finish(self, job: Any) -> None:
+        self.bar.remove_task(job)
 
 
 def _progress(disable: bool = False) -> Progress:

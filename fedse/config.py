@@ -65,8 +65,30 @@ class EvalConfig(Strict):
     episodes: int | None = Field(default=None, ge=1)
 
 
+class FederationConfig(Strict):
+    """The round loop (fedse/federation.py): how many rounds, how much exploring, how much evaluating."""
+
+    method: str = "fedse"
+    rounds: int = Field(default=20, ge=1)
+    explore_episodes: int = Field(default=64, ge=0, description="train tasks each client plays per round")
+    seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
+    eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
+    max_buffer: int | None = Field(default=None, ge=1, description="train on at most the newest N; null = all")
+    out: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _known_method(self) -> FederationConfig:
+        from fedse.methods import method
+
+        method(self.method)
+        return self
+
+
 class Config(Strict):
     seed: int = 0
+    profile: str | None = None
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
     envs: EnvsConfig = Field(default_factory=EnvsConfig)
     seed_data: SeedDataConfig = Field(default_factory=SeedDataConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
@@ -80,15 +102,41 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message is one line naming the file and the field."""
 
 
-def load_config(path: Path | str | None = "params.yaml") -> Config:
-    """Config from `path`; a missing default file means built-in defaults, a missing named file is an error."""
-    if path is None:
-        return Config()
-    path = Path(path)
-    if not path.exists():
-        if path == Path("params.yaml"):
-            return Config()
-        raise ConfigError(f"{path}: params file not found")
+def load_config(path: Path | str | None = "params.yaml", profile: str | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Config from `path`, then the profile's settings, then `key.path=value` overrides, validated once.
+
+    The profile is `profile` if given, else the file's own `profile:` key; its mapping under `profiles:` is
+    merged over the rest of the file (nested keys merge, lists and scalars replace). A missing default file
+    means built-in defaults; a missing named file is an error.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if path.exists():
+            data = _read_yaml(path)
+        elif path != Path("params.yaml"):
+            raise ConfigError(f"{path}: params file not found")
+    where = path or "params"
+    if profile is not None:
+        data["profile"] = profile
+    chosen = data.get("profile")
+    if chosen is not None:
+        profiles = data.get("profiles") or {}
+        if chosen not in profiles:
+            raise ConfigError(f"{where}: profile {chosen!r} is not defined; defined: {', '.join(profiles) or 'none'}")
+        if not isinstance(profiles[chosen], dict):
+            raise ConfigError(f"{where}: profiles.{chosen} must be a mapping")
+        data = _merge(data, profiles[chosen])
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. model.lora.r=4")
+        data = _merge(data, _nested(key.strip().split("."), yaml.safe_load(raw)))
+    return _validate(data, where)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -97,6 +145,27 @@ def load_config(path: Path | str | None = "params.yaml") -> Config:
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (update wins); returns a new dict and leaves both inputs untouched."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nested(keys: list[str], value: Any) -> dict[str, Any]:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _validate(data: dict[str, Any], path: Path | str) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

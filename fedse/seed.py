@@ -1,7 +1,8 @@
 """Expert seed trajectories: the per-client starting buffer (the paper's AgentTraj analogue).
 
-Only train task ids are ever used, so nothing an agent is later trained on is a test task. The ids are a
-seeded sample of the train range rather than its first N, so a client's seeds cover its whole task space.
+Only train task ids outside the validation split are ever used, so nothing an agent is later trained on is a
+test or validation task. The ids are a seeded sample of that range rather than its first N, so a client's
+seeds cover its whole task space.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def expert_trajectories(env_name: str, count: int, seed: int, options: dict[str,
     Failed expert episodes (rare) are dropped, as the success filter would, and more ids are drawn; the
     number tried bounds the loop so a broken solver cannot spin forever.
     """
-    train = env_class(env_name).train_ids
+    train = env_class(env_name).explore_ids()
     rng = task_id_rng(env_name, seed)
     kept: list[Trajectory] = []
     seen: set[int] = set()

@@ -75,11 +75,13 @@ def test_seed_writes_jsonl_per_env(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def micro_params(tmp_path: Path, micro_spec) -> Path:
-    """A params file that points the CLI at the session's micro model (same spec, same cache)."""
+    """The repository's params (profiles included), pointed at the session's micro model (same spec, cache)."""
     import yaml
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": json.loads(micro_spec.model_dump_json())}))
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["model"] = json.loads(micro_spec.model_dump_json())
+    path.write_text(yaml.safe_dump(params))
     return path
 
 
@@ -115,3 +117,38 @@ def test_unknown_model_preset_is_one_line(tmp_path: Path) -> None:
     path.write_text("model: {preset: gpt5}\n")
     result = run("--params", str(path), "eval", "--env", "maze", "--episodes", "1")
     assert result.exit_code == 2 and "unknown model preset 'gpt5'" in result.stderr
+
+
+def test_run_then_report_through_the_cli(micro_params: Path, tmp_path: Path) -> None:
+    """`fedse run` (smoke profile, two envs) writes metrics and a plot; `fedse report` tables two methods."""
+    seeds = tmp_path / "seeds"
+    assert run("seed", "--out", str(seeds), "--env", "maze", "--env", "wordle", "--count", "8").exit_code == 0
+    common = ["--profile", "smoke", "--set", "envs.names=[maze, wordle]", "--set", f"seed_data.dir={seeds}",
+              "--set", "federation.eval_episodes=2", "--set", "federation.explore_episodes=2"]
+    for method in ("fedse", "fedit"):
+        result = run("--params", str(micro_params), "run", "--method", method, "--seed", "3",
+                     "--out", str(tmp_path / method), *common)
+        assert result.exit_code == 0, result.output
+        doc = json.loads((tmp_path / method / "metrics.json").read_text())
+        assert doc["method"] == method and doc["seed"] == 3 and doc["profile"] == "smoke" and doc["complete"]
+        assert (tmp_path / method / "curves.png").stat().st_size > 10_000
+        assert "macro" in result.stdout and "metrics.json" in result.stdout
+    result = run("report", str(tmp_path / "fedse"), str(tmp_path / "fedit"), "--out", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| fedse |" in table and "| fedit |" in table and "fedse > fedit (micro)" in table
+    assert "fedse > local (micro) | 73.2 vs 65.7: federation beats training alone | not run" in table
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("run", "--method", "fedavg"), "unknown method 'fedavg'"),
+    (("run", "--profile", "huge"), "profile 'huge' is not defined"),
+    (("run", "--set", "federation.rounds=0"), "federation.rounds: Input should be greater than or equal to 1"),
+    (("run", "--set", "nonsense"), "expected key.path=value"),
+    (("report", "/nonexistent"), "/nonexistent: no metrics.json"),
+])
+def test_run_and_report_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

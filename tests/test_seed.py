@@ -10,12 +10,13 @@ from fedse.trajectory import read_jsonl
 
 
 @pytest.mark.parametrize("name", env_names())
-def test_seed_files_hold_successful_expert_episodes_on_train_ids_only(name: str, tmp_path: Path) -> None:
+def test_seed_files_hold_successful_expert_episodes_on_train_ids_outside_validation(name: str, tmp_path: Path) -> None:
     summary = write_seed_file(name, 12, tmp_path, seed=0)
     records = list(read_jsonl(summary.path))
     assert summary.written == len(records) == 12
-    train = env_class(name).train_ids
-    assert all(r.task_id in train and r.success and r.policy == "expert" and r.seed == 0 for r in records)
+    train, val = env_class(name).explore_ids(), env_class(name).validation_ids()
+    assert all(r.task_id in train and r.task_id not in val for r in records)
+    assert all(r.success and r.policy == "expert" and r.seed == 0 for r in records)
     assert len({r.task_id for r in records}) == 12
     assert all(r.content_hash and r.turns and r.instruction for r in records)
 

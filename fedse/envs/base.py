@@ -31,13 +31,30 @@ class TextEnv(ABC):
     Task ids are plain integers: ``test_ids`` and ``train_ids`` are disjoint ranges, and the same id always
     yields the same task, so that results are reproducible from (env, task id, actions) alone. A third range,
     ``pretrain_ids`` (right after the train ids), is for building a base model's general competence: it is
-    neither a client's private training data nor held-out evaluation data.
+    neither a client's private training data nor held-out evaluation data. The first ``VALIDATION`` train
+    ids are held back as a validation split (for choosing hyperparameters without touching test tasks); seeds
+    and client exploration draw only from ``explore_ids()``, the rest of the train range.
     """
 
     name: ClassVar[str]
     max_turns: ClassVar[int]
     test_ids: ClassVar[range]
     train_ids: ClassVar[range]
+
+    VALIDATION: ClassVar[int] = 100
+
+    @classmethod
+    def validation_ids(cls) -> range:
+        """Train-distribution tasks nobody trains on: tune on these, report on `test_ids`."""
+        return cls.train_ids[:cls.VALIDATION]
+
+    @classmethod
+    def explore_ids(cls) -> range:
+        """The train ids seeds are written from and clients explore (the train range minus validation).
+
+        An environment may narrow it to the part of its train range that is its clients' actual world.
+        """
+        return cls.train_ids[cls.VALIDATION:]
 
     @classmethod
     def pretrain_ids(cls) -> range:
@@ -112,8 +129,10 @@ class TextEnv(ABC):
 
     @classmethod
     def split_of(cls, task_id: int) -> str | None:
-        """'test', 'train', 'pretrain', or None for an id in no range."""
-        for split, ids in (("test", cls.test_ids), ("train", cls.train_ids), ("pretrain", cls.pretrain_ids())):
+        """'test', 'val', 'train', 'pretrain', or None for an id in no range."""
+        ranges = (("test", cls.test_ids), ("val", cls.validation_ids()), ("train", cls.train_ids),
+                  ("pretrain", cls.pretrain_ids()))
+        for split, ids in ranges:
             if task_id in ids:
                 return split
         return None

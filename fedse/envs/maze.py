@@ -46,8 +46,10 @@ def free_cells(grid: tuple[str, ...]) -> list[Cell]:
 def double_t_train_pairs(max_len: int = 15) -> tuple[tuple[Cell, Cell], ...]:
     """(start, goal) pairs on the double-T whose goal is not the test goal and that fit the turn limit."""
     cells = free_cells(DOUBLE_T)
-    return tuple((s, g) for g in cells if g != DOUBLE_T_GOAL for s in cells
-                 if s != g and len(shortest_path(DOUBLE_T, s, g)) <= max_len)
+    pairs = [(s, g) for g in cells if g != DOUBLE_T_GOAL for s in cells
+             if s != g and len(shortest_path(DOUBLE_T, s, g)) <= max_len]
+    random.Random("double-t-pairs").shuffle(pairs)  # so the validation ids (the first 100) span many goals
+    return tuple(pairs)
 
 
 def distances(grid: tuple[str, ...], start: Cell) -> dict[Cell, int]:
@@ -128,6 +130,12 @@ class MazeEnv(TextEnv):
         self.grid: tuple[str, ...] = DOUBLE_T
         self.pos: Cell = (0, 0)
         self.goal: Cell = DOUBLE_T_GOAL
+
+    @classmethod
+    def explore_ids(cls) -> range:
+        """The double-T with the other goals: a maze client's world is its maze (random mazes, later in the
+        train range and in the pretrain range, are for building the base model's general competence)."""
+        return cls.train_ids[cls.VALIDATION:len(double_t_train_pairs())]
 
     def task(self, task_id: int) -> tuple[tuple[str, ...], Cell, Cell]:
         """(grid, start, goal) of a task id: test → double-T starts; train → other goals, then random mazes."""

@@ -117,8 +117,11 @@ def test_train_and_test_ids_never_overlap(name: str) -> None:
     ranges = sorted([cls.test_ids, cls.train_ids, cls.pretrain_ids()], key=lambda r: r.start)
     assert all(a.stop <= b.start for a, b in pairwise(ranges)), "the three ranges are disjoint"
     assert not set(cls.test_ids) & set(cls.train_ids[:100_000])
-    assert {cls.split_of(i) for i in (cls.test_ids[0], cls.train_ids[-1], cls.pretrain_ids()[0])} == {
-        "test", "train", "pretrain"}
+    probes = (cls.test_ids[0], cls.validation_ids()[-1], cls.train_ids[-1], cls.pretrain_ids()[0])
+    assert [cls.split_of(i) for i in probes] == ["test", "val", "train", "pretrain"]
+    val, explore = cls.validation_ids(), cls.explore_ids()
+    assert len(val) == cls.VALIDATION and val.stop == explore.start and explore.stop <= cls.train_ids.stop
+    assert len(explore) >= 400
 
 
 def test_paper_test_sizes_and_turn_limits() -> None:

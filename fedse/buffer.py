@@ -1,0 +1,91 @@
+"""A client's experience buffer: the successful trajectories it has gathered so far, and what fed each round.
+
+Fed-SE keeps only episodes the environment marked successful (the binary success filter) and lets the
+buffer grow across rounds (D_k,t = D_k,t-1 ∪ new successes), starting from the client's expert seeds. Records
+are de-duplicated by content hash, so an episode found again in a later round is not trained on twice.
+
+On disk a buffer is one folder: `buffer.jsonl` (every record, oldest first) and `manifest_<round>.json` per
+round (count, hashes, sources). Both are replaced atomically (temp file + rename), so a crash at any point
+leaves the previous round's buffer readable and complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
+
+RECORDS = "buffer.jsonl"
+
+
+def success_filter(trajectories: Iterable[Trajectory]) -> list[Trajectory]:
+    """Keep exactly the episodes the environment reported as successful (reward 1 ⇔ success)."""
+    return [t for t in trajectories if t.success]
+
+
+class Buffer:
+    """The cumulative, de-duplicated trajectory store of one client."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.path = self.root / RECORDS
+        self._records: list[Trajectory] = list(read_jsonl(self.path)) if self.path.exists() else []
+        self._hashes = {t.content_hash for t in self._records}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def records(self) -> list[Trajectory]:
+        return list(self._records)
+
+    def add(self, trajectories: Iterable[Trajectory]) -> list[Trajectory]:
+        """Stage new records in memory; returns the ones that were not already held (by content hash)."""
+        fresh = []
+        for traj in trajectories:
+            if traj.content_hash not in self._hashes:
+                self._hashes.add(traj.content_hash)
+                fresh.append(traj)
+        self._records.extend(fresh)
+        return fresh
+
+    def commit(self, round: int, added: list[Trajectory]) -> dict[str, Any]:
+        """Write the records, then this round's manifest, each atomically; returns the manifest."""
+        write_jsonl(self.path, self._records)
+        manifest = {
+            "round": round,
+            "count": len(self._records),
+            "added": len(added),
+            "added_hashes": [t.content_hash for t in added],
+            "sources": dict(Counter(t.policy for t in self._records)),
+            "successes": sum(t.success for t in self._records),
+        }
+        write_json(self.root / f"manifest_{round}.json", manifest)
+        return manifest
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomic JSON write: readers see the old file or the new one, never a prefix."""
+    write_text(path, json.dumps(payload, indent=1))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,253 @@
+"""The Fed-SE round loop, written once; every baseline and ablation is a `Method` switch of it.
+
+One round t (DESIGN §1):
+  broadcast φ_t → each client: explore its train tasks at temperature 1.0 → success filter → cumulative
+  buffer → SFT from φ_t → upload φ_k → server: φ_{t+1} = mean_k φ_k → evaluate φ_{t+1} on every test set.
+
+The pieces are small functions (`explore`, `client_data`, `local_train`, `evaluate_adapter`) so that the
+Prefect flow composes the very same calls as task boundaries; `Federation.run` composes them with plain
+calls. All clients share one frozen base model in memory and swap adapter tensors in and out of it: the
+base is the same everywhere, only φ differs, exactly as on separate machines.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedse.aggregate import average, state_bytes
+from fedse.buffer import Buffer, success_filter, write_json
+from fedse.config import Config
+from fedse.envs.registry import env_class
+from fedse.evaluate import EnvScore, score, summarise
+from fedse.learner import TrainStats, train
+from fedse.methods import Method, method
+from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
+from fedse.rollout import rollout
+from fedse.trajectory import Trajectory, read_jsonl
+
+AdapterState = dict[str, torch.Tensor]
+POOLED = "pooled"
+
+
+class Progress(Protocol):
+    """Where long work reports itself (the CLI draws rich progress bars; tests pass nothing)."""
+
+    def start(self, label: str, total: int | None) -> Any: ...
+    def update(self, job: Any, advance: int = 0, completed: int | None = None, total: int | None = None,
+               label: str | None = None) -> None: ...
+    def finish(self, job: Any) -> None: ...
+
+
+class Silent:
+    def start(self, label: str, total: int | None) -> None:
+        return None
+
+    def update(self, job: Any, advance: int = 0, completed: int | None = None, total: int | None = None,
+               label: str | None = None) -> None:
+        return None
+
+    def finish(self, job: Any) -> None:
+        return None
+
+
+@dataclass
+class Client:
+    """One organisation: its environment(s), its private buffer, and (without a server) its own adapter."""
+
+    name: str
+    envs: list[str]
+    buffer: Buffer
+    state: AdapterState | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ the steps (what the flow's tasks call)
+def seed_records(cfg: Config, env: str) -> list[Trajectory]:
+    """A client's expert seeds: the first `seeds_per_client` records of `<seed_data.dir>/<env>.jsonl`."""
+    path = cfg.seed_data.dir / f"{env}.jsonl"
+    if not path.exists():
+        raise ValueError(f"{path}: seed trajectories not found (run `fedse seed` or `dvc repro seed`)")
+    limit = cfg.federation.seeds_per_client
+    records = []
+    for traj in read_jsonl(path):
+        if limit is not None and len(records) >= limit:
+            break
+        records.append(traj)
+    if limit is not None and len(records) < limit:
+        raise ValueError(f"{path}: holds {len(records)} trajectories, the profile asks for {limit} per client")
+    return records
+
+
+def explore_task_ids(env: str, round: int, count: int, seed: int) -> list[int]:
+    """The train tasks a client plays in a round: a fresh seeded sample of its explore range each round."""
+    ids = env_class(env).explore_ids()
+    rng = random.Random(f"explore-{env}-{seed}-{round}")
+    return [ids[i] for i in rng.sample(range(len(ids)), count)]
+
+
+def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int, seed: int,
+            advance: Callable[[int], None] | None = None) -> list[Trajectory]:
+    """Play this round's train tasks with the broadcast adapter at the exploration temperature."""
+    set_adapter_state(agent, state, origin="global adapter")
+    ids = explore_task_ids(env, round, cfg.federation.explore_episodes, seed)
+    return rollout(agent, env, ids, cfg.policy, greedy=False, seed=seed * 1_000 + round, adapter_hash=state_hash(state),
+                   round=round, env_options=cfg.envs.options.get(env), advance=advance)
+
+
+def client_data(buffer: Buffer, fresh: list[Trajectory], round: int, how: Method,
+                seeds: list[Trajectory]) -> tuple[list[Trajectory], dict[str, Any]]:
+    """Filter this round's episodes into the buffer; return what the client trains on and the manifest.
+
+    With history (Fed-SE) that is the whole cumulative buffer; without, only this round's new records (the
+    seeds count as round 0's data). Without the filter, failed episodes enter the buffer as well.
+    """
+    kept = list(fresh) if how.keep_failures else success_filter(fresh)
+    added = buffer.add((seeds if round == 0 else []) + kept)
+    manifest = buffer.commit(round, added)
+    data = buffer.records if how.history else added
+    return data, manifest
+
+
+def local_train(agent: Agent, cfg: Config, start: AdapterState, data: list[Trajectory], seed: int,
+                advance: Callable[[int, int, float], None] | None = None) -> tuple[AdapterState, TrainStats]:
+    """SFT from the broadcast adapter on the client's data; returns the new adapter (what it uploads)."""
+    set_adapter_state(agent, start, origin="start adapter")
+    limit = cfg.federation.max_buffer
+    stats = train(agent, data[-limit:] if limit else data, cfg.learner, seed=seed, advance=advance)
+    return adapter_state(agent), stats
+
+
+def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int,
+                     advance: Callable[[int], None] | None = None) -> EnvScore:
+    """Greedy success on the env's first `eval_episodes` test tasks (the same tasks every round)."""
+    set_adapter_state(agent, state, origin="evaluated adapter")
+    ids = list(env_class(env).test_ids)[:cfg.federation.eval_episodes]
+    return score(rollout(agent, env, ids, cfg.policy, greedy=True, seed=seed, env_options=cfg.envs.options.get(env),
+                         advance=advance))
+
+
+# ------------------------------------------------------------------ the plain driver
+class Federation:
+    """Runs `cfg.federation.rounds` rounds of one method and writes `out/metrics.json` after every round."""
+
+    def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None) -> None:
+        self.agent, self.cfg, self.out = agent, cfg, Path(out)
+        self.method = method(cfg.federation.method)
+        self.progress = progress or Silent()
+        self.seed = cfg.seed
+        self.initial = adapter_state(agent)
+        names = cfg.envs.names
+        groups = [(POOLED, list(names))] if self.method.pooled else [(n, [n]) for n in names]
+        self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name)) for name, envs in groups]
+        if self.method.pooled and self.method.explore:
+            raise ValueError(f"method {self.method.name}: a pooled client cannot explore several environments")
+        self.rounds: list[dict[str, Any]] = []
+
+    def run(self) -> dict[str, Any]:
+        """All rounds (one evaluation of the base for `pretrained`); returns the metrics document."""
+        global_state = self.initial
+        total = 1 if not self.method.train else self.cfg.federation.rounds
+        for round in range(total):
+            started = time.perf_counter()
+            record: dict[str, Any] = {"round": round}
+            if self.method.train:
+                global_state = self.round(round, global_state, record)
+            self.evaluate(round, global_state, record)
+            record["seconds"] = time.perf_counter() - started
+            self.rounds.append(record)
+            write_json(self.out / "metrics.json", self.document(complete=round == total - 1))
+        return self.document(complete=True)
+
+    def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
+        """Client updates streamed into the aggregator; returns the next global adapter."""
+        how = self.method
+        updates = self._client_updates(round, global_state)
+        if how.federated:
+            weighted = how.aggregation == "weighted"
+            new = average((name, state, float(weight) if weighted else 1.0) for name, state, weight in updates)
+        else:
+            for _ in updates:  # local/centralized: each client keeps its own adapter
+                pass
+            new = self.clients[0].state if how.pooled else global_state
+        record["clients"] = {c.name: dict(c.stats) for c in self.clients}
+        if how.federated or how.pooled:
+            digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
+                                  {"method": how.name, "round": round, "seed": self.seed})
+            record["global"] = {"sha256": digest, "bytes": state_bytes(new)}
+        return new
+
+    def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:
+        """Each client's round, one at a time, so the aggregator holds one upload at a time."""
+        how = self.method
+        for client in self.clients:
+            start = global_state if how.federated else (client.state or self.initial)
+            fresh: list[Trajectory] = []
+            if how.explore:
+                job = self.progress.start(f"round {round}: {client.name} explores",
+                                          self.cfg.federation.explore_episodes)
+                fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
+                                advance=lambda n, job=job: self.progress.update(job, advance=n))
+                self.progress.finish(job)
+            seeds = [t for env in client.envs for t in seed_records(self.cfg, env)] if round == 0 else []
+            data, manifest = client_data(client.buffer, fresh, round, how, seeds)
+            label = f"round {round}: {client.name} trains on {len(data)} trajectories"
+            job = self.progress.start(label, None)
+
+            def advance(step: int, total: int, loss: float, job: Any = job, label: str = label) -> None:
+                self.progress.update(job, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
+
+            state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
+            self.progress.finish(job)
+            client.state = state
+            successes = sum(t.success for t in data)
+            client.stats = {
+                "explored": len(fresh), "explore_success": _rate(fresh), "added": manifest["added"],
+                "buffer": manifest["count"], "trained_on": len(data), "successes_trained_on": successes,
+                "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
+                "loss_last": stats.loss_last, "train_seconds": stats.seconds,
+                "bytes_sent": state_bytes(state) if how.federated else 0, "adapter_sha256": state_hash(state),
+            }
+            yield client.name, state, successes
+
+    def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
+        """The global adapter on every env; for `local`, each client's own adapter on its own env."""
+        per_env: dict[str, EnvScore] = {}
+        for env in self.cfg.envs.names:
+            if self.method.train and not self.method.federated and not self.method.pooled:
+                state = next(c for c in self.clients if c.name == env).state or self.initial
+            else:
+                state = global_state
+            job = self.progress.start(f"round {round}: evaluating {env}", len(self._eval_ids(env)))
+            per_env[env] = evaluate_adapter(self.agent, self.cfg, state, env, self.seed,
+                                            advance=lambda n, job=job: self.progress.update(job, advance=n))
+            self.progress.finish(job)
+        record.update(summarise(per_env))
+
+    def _eval_ids(self, env: str) -> list[int]:
+        return list(env_class(env).test_ids)[:self.cfg.federation.eval_episodes]
+
+    def _with(self, state: AdapterState) -> Agent:
+        set_adapter_state(self.agent, state, origin="global adapter")
+        return self.agent
+
+    def document(self, complete: bool) -> dict[str, Any]:
+        fed = self.cfg.federation
+        return {
+            "method": self.method.name, "profile": self.cfg.profile, "seed": self.seed, "complete": complete,
+            "model": self.agent.name, "lora_r": self.cfg.model.lora.r, "envs": list(self.cfg.envs.names),
+            "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
+                         "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
+                         "max_buffer": fed.max_buffer, "learner": self.cfg.learner.model_dump()},
+            "rounds": self.rounds,
+        }
+
+
+def _rate(trajectories: list[Trajectory]) -> float | None:
+    return sum(t.success for t in trajectories) / len(trajectories) if trajectories else None

@@ -1,0 +1,70 @@
+"""Learning-curve figures (PNG): what people would rather look at than read from metrics.json."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display
+import matplotlib.pyplot as plt
+
+
+def run_curves(doc: dict[str, Any], path: Path) -> Path:
+    """One run: test success per environment and the macro average, per round."""
+    rounds = [r["round"] for r in doc["rounds"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for env in doc["envs"]:
+        ax.plot(rounds, [r["envs"][env]["success"] for r in doc["rounds"]], marker="o", ms=3, lw=1.2, label=env)
+    macro = [r["macro"] for r in doc["rounds"]]
+    low = [r["macro_ci95"][0] for r in doc["rounds"]]
+    high = [r["macro_ci95"][1] for r in doc["rounds"]]
+    ax.plot(rounds, macro, color="black", lw=2.4, label="macro")
+    ax.fill_between(rounds, low, high, color="black", alpha=0.12, label="macro 95% CI")
+    _style(ax, f"{doc['method']} (profile {doc.get('profile')}, seed {doc['seed']}, r={doc.get('lora_r')})")
+    return _save(fig, path)
+
+
+def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
+    """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max)."""
+    label = label or (lambda d: d["method"])
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for doc in docs:
+        groups[label(doc)].append(doc)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, runs in sorted(groups.items()):
+        length = min(len(d["rounds"]) for d in runs)
+        rounds = [runs[0]["rounds"][i]["round"] for i in range(length)]
+        series = [[d["rounds"][i]["macro"] for d in runs] for i in range(length)]
+        mean = [sum(s) / len(s) for s in series]
+        if length == 1:  # e.g. the pretrained base: a flat reference line
+            ax.axhline(mean[0], ls="--", lw=1.2, color="grey", label=f"{name} (n={len(runs)})")
+            continue
+        line = ax.plot(rounds, mean, marker="o", ms=3, lw=1.6, label=f"{name} (n={len(runs)})")[0]
+        if len(runs) > 1:
+            ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12,
+                            color=line.get_color())
+    _style(ax, "macro test success per round (mean over seeds; band = min–max)")
+    return _save(fig, path)
+
+
+def _style(ax: Any, title: str) -> None:
+    ax.set_xlabel("round")
+    ax.set_ylabel("test success")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

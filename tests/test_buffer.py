@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fedse.buffer import Buffer, success_filter
+from fedse.trajectory import Trajectory, Turn
+
+
+def traj(task: int, success: bool, policy: str = "agent", round: int | None = 0) -> Trajectory:
+    return Trajectory(env="maze", task_id=task, instruction="go", turns=[Turn(observation="o", action=f"a{task}")],
+                      final_observation="end", reward=float(success), success=success, policy=policy, round=round)
+
+
+def test_filter_keeps_exactly_the_successes() -> None:
+    batch = [traj(i, i % 3 == 0) for i in range(10)]
+    kept = success_filter(batch)
+    assert [t.task_id for t in kept] == [0, 3, 6, 9]
+    assert success_filter([traj(1, False)]) == []
+
+
+def test_buffer_grows_across_rounds_and_deduplicates(tmp_path: Path) -> None:
+    buf = Buffer(tmp_path)
+    seeds = [traj(i, True, policy="expert", round=None) for i in range(3)]
+    m0 = buf.commit(0, buf.add([*seeds, traj(9, True)]))
+    assert m0["count"] == 4 and m0["added"] == 4 and m0["sources"] == {"expert": 3, "agent": 1}
+    again = buf.add([traj(9, True, round=1), traj(10, True, round=1)])  # task 9: same content, other round
+    assert [t.task_id for t in again] == [10]
+    m1 = buf.commit(1, again)
+    assert m1["count"] == 5 and m1["added_hashes"] == [again[0].content_hash]
+    reopened = Buffer(tmp_path)
+    assert [t.task_id for t in reopened.records] == [0, 1, 2, 9, 10]
+    assert json.loads((tmp_path / "manifest_0.json").read_text())["count"] == 4
+
+
+def test_buffer_survives_a_crash_between_write_and_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = Buffer(tmp_path)
+    buf.commit(0, buf.add([traj(1, True), traj(2, True)]))
+    before = (tmp_path / "buffer.jsonl").read_bytes()
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    crashed = Buffer(tmp_path)
+    with pytest.raises(OSError, match="power cut"):
+        crashed.commit(1, crashed.add([traj(3, True)]))
+    monkeypatch.undo()
+    assert (tmp_path / "buffer.jsonl").read_bytes() == before
+    assert not (tmp_path / "manifest_1.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer.jsonl", "manifest_0.json"]  # no temp left
+    assert [t.task_id for t in Buffer(tmp_path).records] == [1, 2]

@@ -1,0 +1,98 @@
+"""The round loop on the micro model: every method is a configuration of it, and its numbers add up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedse.config import Config, load_config
+from fedse.envs.registry import env_class
+from fedse.federation import Federation, explore_task_ids
+from fedse.model import ModelSpec, load_agent, read_adapter
+from fedse.seed import write_seed_file
+
+ENVS = ["maze", "wordle"]
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("seeds")
+    for env in ENVS:
+        write_seed_file(env, 6, folder, seed=0)
+    return folder
+
+
+def smoke(micro_spec: ModelSpec, seeds: Path, method: str, **federation: object) -> Config:
+    cfg = load_config("params.yaml", profile="smoke", overrides=[f"federation.method={method}"])
+    fed = cfg.federation.model_copy(update={"seeds_per_client": 6, "explore_episodes": 3, "eval_episodes": 2,
+                                            **federation})
+    return cfg.model_copy(update={"model": micro_spec, "federation": fed,
+                                  "envs": cfg.envs.model_copy(update={"names": ENVS}),
+                                  "seed_data": cfg.seed_data.model_copy(update={"dir": seeds})})
+
+
+def run(cfg: Config, out: Path) -> dict:
+    return Federation(load_agent(cfg.model, seed=cfg.seed), cfg, out).run()
+
+
+def test_fedse_rounds_grow_the_buffer_and_publish_a_global_adapter(micro_spec, seeds, tmp_path: Path) -> None:
+    doc = run(smoke(micro_spec, seeds, "fedse"), tmp_path)
+    assert doc["complete"] and [r["round"] for r in doc["rounds"]] == [0, 1]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == doc
+    r0, r1 = doc["rounds"]
+    for env in ENVS:
+        c0, c1 = r0["clients"][env], r1["clients"][env]
+        assert c0["explored"] == c1["explored"] == 3
+        assert c0["buffer"] == 6 + c0["added"] - 6 == c0["trained_on"] and c0["added"] >= 6
+        assert c1["buffer"] == c0["buffer"] + c1["added"] == c1["trained_on"]
+        assert c1["bytes_sent"] > 0 and c1["tokens"] > 0
+        manifest = json.loads((tmp_path / "buffers" / env / "manifest_1.json").read_text())
+        assert manifest["count"] == c1["buffer"] and manifest["sources"]["expert"] == 6
+        assert r1["envs"][env]["n"] == 2
+    g0, g1 = (read_adapter(tmp_path / "adapters" / f"round_{t}") for t in (0, 1))
+    assert r0["global"]["sha256"] != r1["global"]["sha256"] and any(not (g0[k] == g1[k]).all() for k in g0)
+    assert (tmp_path / "adapters" / "round_1" / "fedse.json").exists()
+    assert 0 <= r1["macro"] <= 1 and r1["macro_ci95"][0] <= r1["macro"] <= r1["macro_ci95"][1]
+
+
+def test_no_history_trains_only_on_this_rounds_data(micro_spec, seeds, tmp_path: Path) -> None:
+    doc = run(smoke(micro_spec, seeds, "no_history"), tmp_path)
+    for env in ENVS:
+        c1 = doc["rounds"][1]["clients"][env]
+        assert c1["trained_on"] == c1["added"] < c1["buffer"]
+
+
+def test_static_baselines_neither_explore_nor_mix(micro_spec, seeds, tmp_path: Path) -> None:
+    fedit = run(smoke(micro_spec, seeds, "fedit", rounds=1), tmp_path / "fedit")
+    assert all(c["explored"] == 0 and c["trained_on"] == 6 for c in fedit["rounds"][0]["clients"].values())
+    local = run(smoke(micro_spec, seeds, "local", rounds=1), tmp_path / "local")
+    assert "global" not in local["rounds"][0]
+    assert all(c["bytes_sent"] == 0 for c in local["rounds"][0]["clients"].values())
+    central = run(smoke(micro_spec, seeds, "centralized", rounds=1), tmp_path / "central")
+    assert list(central["rounds"][0]["clients"]) == ["pooled"]
+    assert central["rounds"][0]["clients"]["pooled"]["trained_on"] == 12
+    base = run(smoke(micro_spec, seeds, "pretrained"), tmp_path / "base")
+    assert len(base["rounds"]) == 1 and "clients" not in base["rounds"][0]
+
+
+def test_no_filter_keeps_failures(micro_spec, seeds, tmp_path: Path) -> None:
+    doc = run(smoke(micro_spec, seeds, "no_filter", rounds=1, explore_episodes=4), tmp_path)
+    for env in ENVS:
+        c = doc["rounds"][0]["clients"][env]
+        assert c["added"] == 6 + 4  # every explored episode enters (they differ from the expert's)
+        assert c["successes_trained_on"] == 6 + round(c["explore_success"] * 4)
+
+
+def test_explore_ids_are_fresh_per_round_and_never_validation_or_test() -> None:
+    a, b = explore_task_ids("maze", 0, 50, 0), explore_task_ids("maze", 1, 50, 0)
+    assert a != b and a == explore_task_ids("maze", 0, 50, 0) and len(set(a)) == 50
+    cls = env_class("maze")
+    assert all(cls.split_of(i) == "train" for i in a + b)
+
+
+def test_missing_seed_file_is_one_clear_line(micro_spec, tmp_path: Path) -> None:
+    cfg = smoke(micro_spec, tmp_path / "nowhere", "fedse")
+    with pytest.raises(ValueError, match=r"maze\.jsonl: seed trajectories not found"):
+        run(cfg, tmp_path / "out")
