@@ -11,7 +11,8 @@
   answers with feedback.
 
 Temperature 1.0 explores; temperature 0 is greedy (evaluation). When an episode outgrows the context window,
-the prompt keeps the system message and first observation (which states the task) and drops the oldest turns.
+the prompt keeps the system message and first observation (which states the task) and drops the oldest turns;
+in constrained mode it drops them down to half the window, so the rebuilt cache then lasts several turns.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class PolicySpec(BaseModel):
 
 def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool) -> list[int]:
     """The prompt for the slot's next action, rebuilt from its history and fitted to `budget` tokens."""
+    return episode_window(agent, slot, budget, constrained)[0]
+
+
+def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool) -> tuple[list[int], int]:
+    """The prompt and how many of the oldest turns it leaves out (see `fit_window`)."""
     r = agent.renderer
     head = r.system() + r.user(slot.first_observation)
     turns = []
@@ -59,8 +65,8 @@ def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool) -> 
         content, close = r.reply(action, thought)
         turns.append(r.assistant_open() + content + close + r.user(observation))
     tail = r.assistant_open() + (r.const(ACTION_PREFIX) if constrained else [])
-    ids, _ = fit_window(turns, head, budget - len(tail))
-    return ids + tail
+    ids, dropped = fit_window(turns, head, budget - len(tail))
+    return ids + tail, dropped
 
 
 class ConstrainedPolicy:
@@ -82,6 +88,7 @@ class ConstrainedPolicy:
         self.length = [0] * len(slots)  # real tokens cached per row = next position id
         self.absorbed = [0] * len(slots)  # history entries already in the cache (or pending)
         self.pending: list[list[int]] = [[] for _ in slots]
+        self.dropped = [0] * len(slots)  # turns each cached row's window leaves out
 
     def _align(self, slots: list[Slot]) -> None:
         """Keep the cache rows of the slots still running; a different set of episodes starts afresh."""
@@ -99,15 +106,17 @@ class ConstrainedPolicy:
         self.length = [self.length[i] for i in keep]
         self.absorbed = [self.absorbed[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
+        self.dropped = [self.dropped[i] for i in keep]
         self.slots = list(slots)
 
-    def _deltas(self) -> list[list[int]]:
+    def _deltas(self, windows: list[tuple[list[int], int]]) -> list[list[int]]:
         """Tokens each row needs appended before its next decision (everything since the last one)."""
         r = self.agent.renderer
         deltas = []
         for i, slot in enumerate(self.slots):
             if self.cache is None:
-                deltas.append(episode_tokens(self.agent, slot, self.budget, constrained=True))
+                deltas.append(windows[i][0])
+                self.dropped[i] = windows[i][1]
                 continue
             new = slot.history[self.absorbed[i]:]
             ids = list(self.pending[i])
@@ -125,15 +134,15 @@ class ConstrainedPolicy:
         self._align(slots)
         candidates = [list(s.info["admissible_actions"]) for s in slots]
         cand_ids = [[self.agent.renderer.candidate(a) for a in cands] for cands in candidates]
-        deltas = self._deltas()
+        windows = [episode_window(self.agent, s, self.budget, constrained=True) for s in slots]
+        if self.cache is not None and any(w[1] != self.dropped[i] for i, w in enumerate(windows)):
+            self._reset_cache(slots)  # a window dropped old turns: rebuild the rows (rare, by hysteresis)
+        deltas = self._deltas(windows)
         longest = max(len(c) for cs in cand_ids for c in cs)
-        if self.cache is not None and any(self.length[i] + len(d) + longest > self.budget
-                                          for i, d in enumerate(deltas)):
-            self._reset_cache(slots)  # a window overflows: rebuild every row from a fitted prompt
-            deltas = self._deltas()
-        elif self.cache is not None and self.valid.shape[1] > 4 * self.budget:
-            self._reset_cache(slots)  # too many padding holes accumulated: compact
-            deltas = self._deltas()
+        if self.cache is not None and (self.valid.shape[1] > 4 * self.budget or any(
+                self.length[i] + len(d) + longest > self.agent.context for i, d in enumerate(deltas))):
+            self._reset_cache(slots)  # too many padding holes accumulated, or positions run out: compact
+            deltas = self._deltas(windows)
         scores = self._score(deltas, cand_ids)
         self.last_scores = scores
         chosen = []

@@ -93,18 +93,27 @@ class Renderer:
         return enc
 
 
-def fit_window(turns: list[list[int]], head: list[int], budget: int) -> tuple[list[int], int]:
-    """Head (system + first observation) plus the most recent turns that fit in `budget` tokens.
+def fit_window(turns: list[list[int]], head: list[int], budget: int, refill: float = 0.5,
+               ) -> tuple[list[int], int]:
+    """Head (system + first observation) plus the most recent turns, within `budget` tokens.
 
     Why this policy: the first observation holds the instruction and must survive; recent turns hold the
-    state; the middle of a long episode is what an agent can best afford to forget. Returns the token ids
-    and how many of the oldest turns were dropped.
+    state; the middle of a long episode is what an agent can best afford to forget. Turns are dropped with
+    hysteresis: replaying the episode turn by turn, whenever the window would exceed `budget` the oldest
+    turns go until it fits in `refill · budget`. The window then grows again for several turns, so a KV cache
+    of it stays valid instead of being rebuilt at every step, and the result is still a pure function of the
+    turns (the cached and uncached scorers see the same prompt). Returns the ids and how many turns were
+    dropped.
     """
-    total = len(head) + sum(len(t) for t in turns)
+    starts = [0]
+    for turn in turns:
+        starts.append(starts[-1] + len(turn))
+    target = int(budget * refill)
     dropped = 0
-    while total > budget and dropped < len(turns):
-        total -= len(turns[dropped])
-        dropped += 1
+    for t in range(1, len(turns) + 1):
+        if len(head) + starts[t] - starts[dropped] > budget:
+            while dropped < t and len(head) + starts[t] - starts[dropped] > target:
+                dropped += 1
     ids = list(head)
     for turn in turns[dropped:]:
         ids.extend(turn)

@@ -48,9 +48,26 @@ def test_greedy_is_deterministic_and_sampling_follows_the_seed(micro_agent: Agen
 def test_long_episodes_are_refitted_to_the_window(micro_agent: Agent) -> None:
     policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, context=400)
     pool = EnvPool(lambda: make_env("webshop"), [0, 1])
-    pool.run(policy)
+    rebuilds = []
+    original = policy._reset_cache
+
+    def spy(slots: list) -> None:
+        rebuilds.append(len(slots))
+        original(slots)
+
+    policy._reset_cache = spy  # type: ignore[method-assign]
+    lengths = []
+
+    def act(envs, slots):
+        choice = policy(envs, slots)
+        lengths.append(max(policy.length))
+        return choice
+
+    pool.run(act)
     assert all(s.done for s in pool.slots)
-    assert max(policy.length) <= 400
+    assert max(lengths) <= 400
+    turns = max(len(s.history) for s in pool.slots)
+    assert 1 < len(rebuilds) < turns  # overflow rebuilds happen, but not at every turn
 
 
 @pytest.mark.parametrize(("text", "thought", "action"), [
