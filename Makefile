@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run check test lint bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -21,10 +21,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-## run: check the five environments (expert vs random, steps/s) and write the expert seed trajectories
+## run: expert seeds (DVC stage `seed`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model
 run: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
+	$(BIN)/fedse run --profile quick --method fedse
+
+## check: the five environments (expert vs random success, steps/s)
+check: setup
 	$(BIN)/fedse envs check
-	$(BIN)/fedse seed
 
 ## test: lint, then the whole test suite
 test: setup lint

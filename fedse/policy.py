@@ -43,6 +43,8 @@ class PolicySpec(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     context: int = Field(1536, ge=128, description="prompt token budget (capped by the model's window)")
     batch_size: int = Field(16, ge=1, description="episodes per forward pass")
+    score: str = Field("sum", pattern="^(sum|mean)$",
+                       description="constrained: a candidate's log-prob summed over its tokens, or their mean")
 
     def resolved_mode(self, agent: Agent) -> str:
         if self.mode != "auto":
@@ -72,8 +74,10 @@ def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool) -> 
 class ConstrainedPolicy:
     """Scores the admissible actions with a per-episode KV cache shared by all candidates."""
 
-    def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536) -> None:
+    def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536,
+                 score: str = "sum") -> None:
         self.agent = agent
+        self.score = score
         self.temperature = temperature
         self.gen = torch.Generator().manual_seed(seed)
         self.budget = min(context, agent.context)
@@ -147,6 +151,8 @@ class ConstrainedPolicy:
         self.last_scores = scores
         chosen = []
         for i, (slot, cands, s) in enumerate(zip(slots, candidates, scores, strict=True)):
+            if self.score == "mean":
+                s = s / torch.tensor([len(c) for c in cand_ids[i]], dtype=s.dtype)
             k = self._pick(s)
             chosen.append(cands[k])
             self.pending[i] = cand_ids[i][k] + self.agent.renderer.const("\n")
@@ -304,5 +310,5 @@ def make_policy(agent: Agent, spec: PolicySpec, greedy: bool, seed: int = 0) -> 
     """The policy `spec` asks for; greedy for evaluation, `spec.temperature` for exploration."""
     temperature = 0.0 if greedy else spec.temperature
     if spec.resolved_mode(agent) == "constrained":
-        return ConstrainedPolicy(agent, temperature, seed, spec.context)
+        return ConstrainedPolicy(agent, temperature, seed, spec.context, spec.score)
     return ReactPolicy(agent, temperature, seed, spec.context, spec.max_new_tokens)

@@ -78,3 +78,24 @@ def test_long_episodes_are_refitted_to_the_window(micro_agent: Agent) -> None:
 ])
 def test_parse_reply(text: str, thought: str, action: str) -> None:
     assert parse_reply(text) == (thought, action)
+
+
+@pytest.mark.parametrize("score", ["sum", "mean"])
+def test_greedy_choice_is_the_argmax_of_the_configured_score(micro_agent: Agent, score: str) -> None:
+    """`mean` divides each candidate's summed log-prob by its token count (no bias towards short actions)."""
+    policy = ConstrainedPolicy(micro_agent, temperature=0.0, seed=0, score=score)
+    checked = 0
+
+    def act(envs, slots):
+        nonlocal checked
+        actions = policy(envs, slots)
+        for slot, scores, action in zip(slots, policy.last_scores, actions, strict=True):
+            cands = slot.info["admissible_actions"]
+            lengths = torch.tensor([len(micro_agent.renderer.candidate(a)) for a in cands], dtype=scores.dtype)
+            value = scores / lengths if score == "mean" else scores
+            assert action == cands[int(torch.argmax(value))]
+            checked += 1
+        return actions
+
+    EnvPool(lambda: make_env("textcraft"), [0, 1]).run(act)
+    assert checked >= 2

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedse.report import claims_table, estimate, load_runs, markdown, metric, rank_table, results_table, verdict
+
+ENVS = ["maze", "wordle"]
+
+
+def doc(method: str, seed: int, maze: float, wordle: float, r: int = 8, n: int = 20) -> dict:
+    envs = {"maze": {"success": maze, "reward": maze, "n": n, "ci95": [0, 1]},
+            "wordle": {"success": wordle, "reward": wordle, "n": n, "ci95": [0, 1]}}
+    macro = (maze + wordle) / 2
+    clients = {e: {"bytes_sent": 1000 * r} for e in ENVS}
+    return {"method": method, "seed": seed, "profile": "quick", "lora_r": r, "envs": ENVS, "model": "tiny",
+            "rounds": [{"round": 0, "envs": envs, "micro": macro, "macro": macro,
+                        "macro_ci95": [macro - .1, macro + .1], "clients": clients}]}
+
+
+def test_estimate_uses_t_interval_over_seeds_and_own_interval_for_one_seed() -> None:
+    e = estimate([0.2, 0.4, 0.6], single_half=0.99)
+    assert e.mean == pytest.approx(0.4) and e.half == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
+    assert estimate([0.5], single_half=0.07).half == 0.07
+
+
+def test_tables_group_seeds_and_check_the_papers_orderings() -> None:
+    docs = [doc("fedse", s, 0.6 + s / 100, 0.5) for s in range(3)] + [doc("fedit", s, 0.2, 0.1 + s / 100)
+                                                                       for s in range(3)]
+    assert metric([d for d in docs if d["method"] == "fedse"], "maze").mean == pytest.approx(0.61)
+    table = results_table(docs)
+    assert table.index("| fedse |") < table.index("| fedit |")  # sorted by macro
+    assert "| 0,1,2 |" in table
+    claims = claims_table(docs)
+    assert "| fedse > fedit (micro) |" in claims and "| holds |" in claims
+    assert "fedse > local (micro)" in claims and "not run" in claims
+    assert verdict(0.05, 0.1) == "same direction, within noise" and verdict(-0.01, 0.1) == "does not hold"
+
+
+def test_rank_sweep_reports_megabytes_per_client() -> None:
+    docs = [doc("fedse", 0, 0.3, 0.3, r=2), doc("fedse", 0, 0.4, 0.4, r=8)]
+    table = rank_table(docs)
+    assert "| 2 |" in table and "| 0.002 |" in table and "47.0 / 19.1" in table
+    assert "fedse r=2" in markdown(docs)
+
+
+def test_load_runs_names_the_bad_folder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match=r"no metrics\.json"):
+        load_runs([tmp_path / "a"])
+    (tmp_path / "a" / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_runs([tmp_path / "a"])
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({"rounds": []}))
+    with pytest.raises(ValueError, match="holds no finished round"):
+        load_runs([tmp_path / "a"])
