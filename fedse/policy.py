@@ -45,6 +45,8 @@ class PolicySpec(BaseModel):
     batch_size: int = Field(16, ge=1, description="episodes per forward pass")
     score: str = Field("sum", pattern="^(sum|mean)$",
                        description="constrained: a candidate's log-prob summed over its tokens, or their mean")
+    history_turns: int | None = Field(None, ge=1, description="keep at most this many recent turns; null = all "
+                                      "that fit in the context")
 
     def resolved_mode(self, agent: Agent) -> str:
         if self.mode != "auto":
@@ -52,12 +54,14 @@ class PolicySpec(BaseModel):
         return "constrained" if agent.name.startswith("tiny") else "react"
 
 
-def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool) -> list[int]:
+def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool, keep_turns: int | None = None,
+                   ) -> list[int]:
     """The prompt for the slot's next action, rebuilt from its history and fitted to `budget` tokens."""
-    return episode_window(agent, slot, budget, constrained)[0]
+    return episode_window(agent, slot, budget, constrained, keep_turns)[0]
 
 
-def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool) -> tuple[list[int], int]:
+def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool, keep_turns: int | None = None,
+                   ) -> tuple[list[int], int]:
     """The prompt and how many of the oldest turns it leaves out (see `fit_window`)."""
     r = agent.renderer
     head = r.system() + r.user(slot.first_observation)
@@ -67,7 +71,7 @@ def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool) -> 
         content, close = r.reply(action, thought)
         turns.append(r.assistant_open() + content + close + r.user(observation))
     tail = r.assistant_open() + (r.const(ACTION_PREFIX) if constrained else [])
-    ids, dropped = fit_window(turns, head, budget - len(tail))
+    ids, dropped = fit_window(turns, head, budget - len(tail), keep_turns=keep_turns)
     return ids + tail, dropped
 
 
@@ -75,9 +79,10 @@ class ConstrainedPolicy:
     """Scores the admissible actions with a per-episode KV cache shared by all candidates."""
 
     def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536,
-                 score: str = "sum") -> None:
+                 score: str = "sum", keep_turns: int | None = None) -> None:
         self.agent = agent
         self.score = score
+        self.keep_turns = keep_turns
         self.temperature = temperature
         self.gen = torch.Generator().manual_seed(seed)
         self.budget = min(context, agent.context)
@@ -93,6 +98,7 @@ class ConstrainedPolicy:
         self.absorbed = [0] * len(slots)  # history entries already in the cache (or pending)
         self.pending: list[list[int]] = [[] for _ in slots]
         self.dropped = [0] * len(slots)  # turns each cached row's window leaves out
+        self.restart = [True] * len(slots)  # rows whose next delta is their whole (re)fitted window
 
     def _align(self, slots: list[Slot]) -> None:
         """Keep the cache rows of the slots still running; a different set of episodes starts afresh."""
@@ -111,16 +117,25 @@ class ConstrainedPolicy:
         self.absorbed = [self.absorbed[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
         self.dropped = [self.dropped[i] for i in keep]
+        self.restart = [self.restart[i] for i in keep]
         self.slots = list(slots)
+
+    def _restart_row(self, i: int) -> None:
+        """Forget row i's cached tokens (masked out from now on) and feed its new window from position 0."""
+        self.valid[i] = False
+        self.length[i] = 0
+        self.pending[i] = []
+        self.restart[i] = True
 
     def _deltas(self, windows: list[tuple[list[int], int]]) -> list[list[int]]:
         """Tokens each row needs appended before its next decision (everything since the last one)."""
         r = self.agent.renderer
         deltas = []
         for i, slot in enumerate(self.slots):
-            if self.cache is None:
+            if self.cache is None or self.restart[i]:
                 deltas.append(windows[i][0])
                 self.dropped[i] = windows[i][1]
+                self.restart[i] = False
                 continue
             new = slot.history[self.absorbed[i]:]
             ids = list(self.pending[i])
@@ -138,9 +153,12 @@ class ConstrainedPolicy:
         self._align(slots)
         candidates = [list(s.info["admissible_actions"]) for s in slots]
         cand_ids = [[self.agent.renderer.candidate(a) for a in cands] for cands in candidates]
-        windows = [episode_window(self.agent, s, self.budget, constrained=True) for s in slots]
-        if self.cache is not None and any(w[1] != self.dropped[i] for i, w in enumerate(windows)):
-            self._reset_cache(slots)  # a window dropped old turns: rebuild the rows (rare, by hysteresis)
+        windows = [episode_window(self.agent, s, self.budget, True, self.keep_turns) for s in slots]
+        moved = [i for i, (_, dropped) in enumerate(windows) if dropped != self.dropped[i]]
+        if self.cache is not None and len(moved) == len(slots):
+            self._reset_cache(slots)  # every window dropped turns (episodes in lockstep): start afresh
+        for i in moved if self.cache is not None else []:
+            self._restart_row(i)  # its window dropped old turns (rare, by hysteresis): re-encode that row
         deltas = self._deltas(windows)
         longest = max(len(c) for cs in cand_ids for c in cs)
         if self.cache is not None and (self.valid.shape[1] > 4 * self.budget or any(
@@ -260,8 +278,9 @@ class ReactPolicy:
     """Free generation of `Thought: … Action: …` with the KV cache; the action is parsed from the text."""
 
     def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536,
-                 max_new_tokens: int = 64) -> None:
+                 max_new_tokens: int = 64, keep_turns: int | None = None) -> None:
         self.agent = agent
+        self.keep_turns = keep_turns
         self.temperature = temperature
         self.seed = seed
         self.budget = min(context, agent.context) - max_new_tokens
@@ -271,7 +290,7 @@ class ReactPolicy:
     @torch.no_grad()
     def __call__(self, envs: Sequence[TextEnv], slots: list[Slot]) -> list[str]:
         tok = self.agent.tokenizer
-        prompts = [episode_tokens(self.agent, s, self.budget, constrained=False) for s in slots]
+        prompts = [episode_tokens(self.agent, s, self.budget, False, self.keep_turns) for s in slots]
         width = max(len(p) for p in prompts)
         pad = tok.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -310,5 +329,5 @@ def make_policy(agent: Agent, spec: PolicySpec, greedy: bool, seed: int = 0) -> 
     """The policy `spec` asks for; greedy for evaluation, `spec.temperature` for exploration."""
     temperature = 0.0 if greedy else spec.temperature
     if spec.resolved_mode(agent) == "constrained":
-        return ConstrainedPolicy(agent, temperature, seed, spec.context, spec.score)
-    return ReactPolicy(agent, temperature, seed, spec.context, spec.max_new_tokens)
+        return ConstrainedPolicy(agent, temperature, seed, spec.context, spec.score, spec.history_turns)
+    return ReactPolicy(agent, temperature, seed, spec.context, spec.max_new_tokens, spec.history_turns)

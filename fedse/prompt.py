@@ -94,23 +94,27 @@ class Renderer:
 
 
 def fit_window(turns: list[list[int]], head: list[int], budget: int, refill: float = 0.5,
-               ) -> tuple[list[int], int]:
+               keep_turns: int | None = None) -> tuple[list[int], int]:
     """Head (system + first observation) plus the most recent turns, within `budget` tokens.
 
     Why this policy: the first observation holds the instruction and must survive; recent turns hold the
     state; the middle of a long episode is what an agent can best afford to forget. Turns are dropped with
-    hysteresis: replaying the episode turn by turn, whenever the window would exceed `budget` the oldest
-    turns go until it fits in `refill · budget`. The window then grows again for several turns, so a KV cache
-    of it stays valid instead of being rebuilt at every step, and the result is still a pure function of the
-    turns (the cached and uncached scorers see the same prompt). Returns the ids and how many turns were
-    dropped.
+    hysteresis, replaying the episode turn by turn: (1) beyond `keep_turns` turns, the oldest go in blocks of
+    `keep_turns // 2`; (2) whenever the window would still exceed `budget` tokens, the oldest go until it fits
+    in `refill · budget`. Between drops the window only grows, so a KV cache of it stays valid instead of
+    being rebuilt at every step; rule (1) depends on the turn count alone, so episodes that run in lockstep
+    drop together (one rebuild for the batch). The result is a pure function of the turns: the cached and
+    uncached scorers see the same prompt. Returns the ids and how many turns were dropped.
     """
     starts = [0]
     for turn in turns:
         starts.append(starts[-1] + len(turn))
     target = int(budget * refill)
+    block = max(1, (keep_turns or 0) // 2)
     dropped = 0
     for t in range(1, len(turns) + 1):
+        if keep_turns is not None and t > keep_turns:
+            dropped = max(dropped, -(-(t - keep_turns) // block) * block)
         if len(head) + starts[t] - starts[dropped] > budget:
             while dropped < t and len(head) + starts[t] - starts[dropped] > target:
                 dropped += 1

@@ -9,20 +9,21 @@ from fedse.model import Agent
 from fedse.policy import ConstrainedPolicy, episode_tokens, parse_reply, score_naive
 
 
-@pytest.mark.parametrize("env", ["maze", "wordle", "webshop"])
-def test_cached_scores_equal_padded_naive_scores(micro_agent: Agent, env: str) -> None:
+@pytest.mark.parametrize(("env", "keep"), [("maze", None), ("wordle", None), ("webshop", None), ("maze", 2),
+                                           ("webshop", 4)])
+def test_cached_scores_equal_padded_naive_scores(micro_agent: Agent, env: str, keep: int | None) -> None:
     """The shared-cache scorer is an optimisation only: same log-probs as scoring prompt+candidate rows."""
     torch.manual_seed(0)
     for p in micro_agent.model.parameters():  # make LoRA non-trivial so the adapter is in the numbers too
         if p.requires_grad:
             p.data.normal_(0, 0.05)
-    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0)
+    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, keep_turns=keep)
     worst = 0.0
     decisions = 0
 
     def act(envs, slots):
         nonlocal worst, decisions
-        prompts = [episode_tokens(micro_agent, s, policy.budget, True) for s in slots]
+        prompts = [episode_tokens(micro_agent, s, policy.budget, True, keep) for s in slots]
         cands = [[micro_agent.renderer.candidate(a) for a in s.info["admissible_actions"]] for s in slots]
         actions = policy(envs, slots)
         for cached, naive in zip(policy.last_scores, score_naive(micro_agent, prompts, cands), strict=True):
