@@ -34,13 +34,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class State:
     params: Path = Path("params.yaml")
+    overrides: tuple[str, ...] = ()
     _config: Config | None = None
 
     @classmethod
     def config(cls) -> Config:
         """The config, read once per process on first use."""
         if cls._config is None:
-            cls._config = load_config(cls.params)
+            cls._config = load_config(cls.params, overrides=list(cls.overrides))
         return cls._config
 
 
@@ -61,8 +62,11 @@ def clear_errors(fn: F) -> F:
 
 @app.callback()
 def main(params: Path = typer.Option(Path("params.yaml"), "--params", envvar="FEDSE_PARAMS",
-                                     help="params file (defaults apply when ./params.yaml is absent)")) -> None:
+                                     help="params file (defaults apply when ./params.yaml is absent)"),
+         sets: list[str] = typer.Option(None, "--set", help="override a parameter for any command, e.g. "
+                                        "learner.epochs=4 (repeatable)")) -> None:
     State.params = params
+    State.overrides = tuple(sets or ())
     State._config = None
 
 
@@ -286,7 +290,7 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
     from fedse.methods import method as known_method
     from fedse.plots import run_curves
 
-    extra = list(sets or [])
+    extra = [*State.overrides, *(sets or [])]
     if method is not None:
         known_method(method)
         extra.append(f"federation.method={method}")

@@ -139,6 +139,9 @@ class Federation:
 
     def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None) -> None:
         self.agent, self.cfg, self.out = agent, cfg, Path(out)
+        if self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out "
+                             "or delete it")
         self.method = method(cfg.federation.method)
         self.progress = progress or Silent()
         self.seed = cfg.seed

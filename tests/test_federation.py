@@ -92,6 +92,12 @@ def test_explore_ids_are_fresh_per_round_and_never_validation_or_test() -> None:
     assert all(cls.split_of(i) == "train" for i in a + b)
 
 
+def test_a_used_run_folder_is_refused(micro_spec, seeds, tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(smoke(micro_spec, seeds, "fedse"), tmp_path)
+
+
 def test_missing_seed_file_is_one_clear_line(micro_spec, tmp_path: Path) -> None:
     cfg = smoke(micro_spec, tmp_path / "nowhere", "fedse")
     with pytest.raises(ValueError, match=r"maze\.jsonl: seed trajectories not found"):
