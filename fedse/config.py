@@ -73,6 +73,8 @@ class FederationConfig(Strict):
     explore_episodes: int = Field(default=64, ge=0, description="train tasks each client plays per round")
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
     eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
+    final_eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env after the first "
+                                            "and the last round (null = as eval_episodes)")
     max_buffer: int | None = Field(default=None, ge=1, description="train on at most the newest N; null = all")
     out: Path = Path("runs")
 

@@ -124,11 +124,19 @@ def local_train(agent: Agent, cfg: Config, start: AdapterState, data: list[Traje
     return adapter_state(agent), stats
 
 
-def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int,
+def eval_task_ids(cfg: Config, env: str, round: int) -> list[int]:
+    """The first N test tasks (the same ones every round); more of them after the first and last round, so
+    the start and end of a run are measured more tightly than the curve between them."""
+    fed = cfg.federation
+    edge = round in (0, fed.rounds - 1) and fed.final_eval_episodes is not None
+    return list(env_class(env).test_ids)[:fed.final_eval_episodes if edge else fed.eval_episodes]
+
+
+def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int, round: int,
                      advance: Callable[[int], None] | None = None) -> EnvScore:
-    """Greedy success on the env's first `eval_episodes` test tasks (the same tasks every round)."""
+    """Greedy success on this round's evaluation tasks of the env."""
     set_adapter_state(agent, state, origin="evaluated adapter")
-    ids = list(env_class(env).test_ids)[:cfg.federation.eval_episodes]
+    ids = eval_task_ids(cfg, env, round)
     return score(rollout(agent, env, ids, cfg.policy, greedy=True, seed=seed, env_options=cfg.envs.options.get(env),
                          advance=advance))
 
@@ -227,14 +235,11 @@ class Federation:
                 state = next(c for c in self.clients if c.name == env).state or self.initial
             else:
                 state = global_state
-            job = self.progress.start(f"round {round}: evaluating {env}", len(self._eval_ids(env)))
-            per_env[env] = evaluate_adapter(self.agent, self.cfg, state, env, self.seed,
+            job = self.progress.start(f"round {round}: evaluating {env}", len(eval_task_ids(self.cfg, env, round)))
+            per_env[env] = evaluate_adapter(self.agent, self.cfg, state, env, self.seed, round,
                                             advance=lambda n, job=job: self.progress.update(job, advance=n))
             self.progress.finish(job)
         record.update(summarise(per_env))
-
-    def _eval_ids(self, env: str) -> list[int]:
-        return list(env_class(env).test_ids)[:self.cfg.federation.eval_episodes]
 
     def _with(self, state: AdapterState) -> Agent:
         set_adapter_state(self.agent, state, origin="global adapter")
@@ -247,6 +252,7 @@ class Federation:
             "model": self.agent.name, "lora_r": self.cfg.model.lora.r, "envs": list(self.cfg.envs.names),
             "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
                          "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
+                         "final_eval_episodes": fed.final_eval_episodes,
                          "max_buffer": fed.max_buffer, "learner": self.cfg.learner.model_dump()},
             "rounds": self.rounds,
         }

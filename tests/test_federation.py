@@ -58,10 +58,12 @@ def test_fedse_rounds_grow_the_buffer_and_publish_a_global_adapter(micro_spec, s
 
 
 def test_no_history_trains_only_on_this_rounds_data(micro_spec, seeds, tmp_path: Path) -> None:
-    doc = run(smoke(micro_spec, seeds, "no_history"), tmp_path)
+    doc = run(smoke(micro_spec, seeds, "no_history", rounds=3, final_eval_episodes=3), tmp_path)
     for env in ENVS:
         c1 = doc["rounds"][1]["clients"][env]
         assert c1["trained_on"] == c1["added"] < c1["buffer"]
+        # the first and last rounds are evaluated on more test tasks than the ones between
+        assert [r["envs"][env]["n"] for r in doc["rounds"]] == [3, 2, 3]
 
 
 def test_static_baselines_neither_explore_nor_mix(micro_spec, seeds, tmp_path: Path) -> None:
