@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def run_curves(doc: dict[str, Any], path: Path) -> Path:
@@ -52,6 +53,7 @@ def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> 
 
 def _style(ax: Any, title: str) -> None:
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test success")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

@@ -43,9 +43,9 @@ class PolicySpec(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     context: int = Field(1536, ge=128, description="prompt token budget (capped by the model's window)")
     batch_size: int = Field(16, ge=1, description="episodes per forward pass")
-    score: str = Field("sum", pattern="^(sum|mean)$",
+    score: str = Field("mean", pattern="^(sum|mean)$",
                        description="constrained: a candidate's log-prob summed over its tokens, or their mean")
-    history_turns: int | None = Field(None, ge=1, description="keep at most this many recent turns; null = all "
+    history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "
                                       "that fit in the context")
 
     def resolved_mode(self, agent: Agent) -> str:

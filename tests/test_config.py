@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedse.config import PAPER_SEED_COUNTS, Config, ConfigError, load_config
 
@@ -10,8 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_params_file_is_valid_and_matches_the_defaults() -> None:
-    assert load_config(ROOT / "params.yaml") == Config()
+    """The file's base values are the code's defaults; only its profile choice and profiles are extra."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = Config.model_validate(raw)
+    assert base == Config().model_copy(update={"profile": raw["profile"], "profiles": raw["profiles"]})
     assert Config().seed_data.counts == PAPER_SEED_COUNTS
+    for name in ("smoke", "quick", "full", "paper"):
+        assert load_config(ROOT / "params.yaml", profile=name).profile == name
+
+
+def test_profiles_merge_over_the_file_and_set_overrides_win() -> None:
+    quick = load_config(ROOT / "params.yaml", profile="quick")
+    assert quick.federation.rounds == 3 and quick.learner.lr == 0.003 and quick.model.lora.r == 8
+    assert quick.learner.max_grad_norm == Config().learner.max_grad_norm  # untouched keys keep the base value
+    paper = load_config(ROOT / "params.yaml", profile="paper",
+                        overrides=["model.lora.r=16", "federation.rounds=5", "envs.names=[maze]"])
+    assert paper.model.preset == "Qwen/Qwen2.5-7B-Instruct" and paper.policy.mode == "react"
+    assert paper.model.lora.r == 16 and paper.federation.rounds == 5 and paper.envs.names == ["maze"]
 
 
 def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
