@@ -7,7 +7,7 @@ keys are errors so that a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -73,6 +73,8 @@ class FederationConfig(Strict):
     explore_episodes: int = Field(default=64, ge=0, description="train tasks each client plays per round")
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
     eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
+    eval_split: Literal["test", "val"] = Field(default="test", description="val: calibrate a profile without "
+                                              "touching test tasks")
     final_eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env after the first "
                                             "and the last round (null = as eval_episodes)")
     max_buffer: int | None = Field(default=None, ge=1, description="train on at most the newest N; null = all")

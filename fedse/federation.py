@@ -129,7 +129,9 @@ def eval_task_ids(cfg: Config, env: str, round: int) -> list[int]:
     the start and end of a run are measured more tightly than the curve between them."""
     fed = cfg.federation
     edge = round in (0, fed.rounds - 1) and fed.final_eval_episodes is not None
-    return list(env_class(env).test_ids)[:fed.final_eval_episodes if edge else fed.eval_episodes]
+    cls = env_class(env)
+    ids = cls.test_ids if fed.eval_split == "test" else cls.validation_ids()
+    return list(ids)[:fed.final_eval_episodes if edge else fed.eval_episodes]
 
 
 def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int, round: int,
@@ -253,6 +255,7 @@ class Federation:
             "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
                          "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                          "final_eval_episodes": fed.final_eval_episodes,
+                         "eval_split": fed.eval_split,
                          "max_buffer": fed.max_buffer, "learner": self.cfg.learner.model_dump()},
             "rounds": self.rounds,
         }

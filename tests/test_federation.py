@@ -87,6 +87,16 @@ def test_no_filter_keeps_failures(micro_spec, seeds, tmp_path: Path) -> None:
         assert c["successes_trained_on"] == 6 + round(c["explore_success"] * 4)
 
 
+def test_eval_split_val_uses_validation_ids(micro_spec) -> None:
+    from fedse.federation import eval_task_ids
+
+    cfg = load_config("params.yaml", profile="smoke", overrides=["federation.eval_split=val"])
+    ids = eval_task_ids(cfg, "maze", 0)
+    assert len(ids) == 4 and all(env_class("maze").split_of(i) == "val" for i in ids)
+    test = load_config("params.yaml", profile="smoke")
+    assert all(env_class("maze").split_of(i) == "test" for i in eval_task_ids(test, "maze", 1))
+
+
 def test_explore_ids_are_fresh_per_round_and_never_validation_or_test() -> None:
     a, b = explore_task_ids("maze", 0, 50, 0), explore_task_ids("maze", 1, 50, 0)
     assert a != b and a == explore_task_ids("maze", 0, 50, 0) and len(set(a)) == 50
