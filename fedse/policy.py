@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +55,14 @@ class PolicySpec(BaseModel):
         return "constrained" if agent.name.startswith("tiny") else "react"
 
 
+@dataclass
+class Rendered:
+    """Token ids of an episode's head and of each finished turn, extended as the episode goes on."""
+
+    head: list[int] | None = None
+    turns: list[list[int]] = field(default_factory=list)
+
+
 def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool, keep_turns: int | None = None,
                    ) -> list[int]:
     """The prompt for the slot's next action, rebuilt from its history and fitted to `budget` tokens."""
@@ -61,15 +70,22 @@ def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool, kee
 
 
 def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool, keep_turns: int | None = None,
-                   ) -> tuple[list[int], int]:
-    """The prompt and how many of the oldest turns it leaves out (see `fit_window`)."""
+                   rendered: Rendered | None = None) -> tuple[list[int], int]:
+    """The prompt and how many of the oldest turns it leaves out (see `fit_window`).
+
+    `rendered` carries the slot's already tokenised head and turns between calls (histories only grow), so
+    acting does not re-tokenise a whole episode at every step.
+    """
     r = agent.renderer
-    head = r.system() + r.user(slot.first_observation)
-    turns = []
-    for i, (action, observation) in enumerate(slot.history):
+    memo = rendered if rendered is not None else Rendered()
+    if memo.head is None:
+        memo.head = r.system() + r.user(slot.first_observation)
+    for i in range(len(memo.turns), len(slot.history)):
+        action, observation = slot.history[i]
         thought = slot.thoughts[i] if i < len(slot.thoughts) else ""
         content, close = r.reply(action, thought)
-        turns.append(r.assistant_open() + content + close + r.user(observation))
+        memo.turns.append(r.assistant_open() + content + close + r.user(observation))
+    head, turns = memo.head, memo.turns
     tail = r.assistant_open() + (r.const(ACTION_PREFIX) if constrained else [])
     ids, dropped = fit_window(turns, head, budget - len(tail), keep_turns=keep_turns)
     return ids + tail, dropped
@@ -99,6 +115,7 @@ class ConstrainedPolicy:
         self.pending: list[list[int]] = [[] for _ in slots]
         self.dropped = [0] * len(slots)  # turns each cached row's window leaves out
         self.restart = [True] * len(slots)  # rows whose next delta is their whole (re)fitted window
+        self.rendered = [Rendered() for _ in slots]  # tokenised history per row
 
     def _align(self, slots: list[Slot]) -> None:
         """Keep the cache rows of the slots still running; a different set of episodes starts afresh."""
@@ -118,6 +135,7 @@ class ConstrainedPolicy:
         self.pending = [self.pending[i] for i in keep]
         self.dropped = [self.dropped[i] for i in keep]
         self.restart = [self.restart[i] for i in keep]
+        self.rendered = [self.rendered[i] for i in keep]
         self.slots = list(slots)
 
     def _restart_row(self, i: int) -> None:
@@ -153,7 +171,8 @@ class ConstrainedPolicy:
         self._align(slots)
         candidates = [list(s.info["admissible_actions"]) for s in slots]
         cand_ids = [[self.agent.renderer.candidate(a) for a in cands] for cands in candidates]
-        windows = [episode_window(self.agent, s, self.budget, True, self.keep_turns) for s in slots]
+        windows = [episode_window(self.agent, s, self.budget, True, self.keep_turns, memo)
+                   for s, memo in zip(slots, self.rendered, strict=True)]
         moved = [i for i, (_, dropped) in enumerate(windows) if dropped != self.dropped[i]]
         if self.cache is not None and len(moved) == len(slots):
             self._reset_cache(slots)  # every window dropped turns (episodes in lockstep): start afresh
