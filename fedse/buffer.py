@@ -11,14 +11,12 @@ leaves the previous round's buffer readable and complete.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fedse.atomic import write_json
 from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
 
 RECORDS = "buffer.jsonl"
@@ -68,24 +66,3 @@ class Buffer:
         }
         write_json(self.root / f"manifest_{round}.json", manifest)
         return manifest
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Atomic JSON write: readers see the old file or the new one, never a prefix."""
-    write_text(path, json.dumps(payload, indent=1))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

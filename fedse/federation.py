@@ -22,7 +22,8 @@ from typing import Any, Protocol
 import torch
 
 from fedse.aggregate import average, state_bytes
-from fedse.buffer import Buffer, success_filter, write_json
+from fedse.atomic import write_json
+from fedse.buffer import Buffer, success_filter
 from fedse.config import Config
 from fedse.envs.registry import env_class
 from fedse.evaluate import EnvScore, score, summarise

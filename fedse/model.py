@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedse.atomic import atomic_dir
 from fedse.prompt import Renderer
 from fedse.tiny import TinySpec
 
@@ -209,22 +208,11 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 
 def save_adapter(agent: Agent, out_dir: Path, metadata: dict[str, Any] | None = None) -> str:
     """Write the adapter in PEFT format atomically (temp folder, then rename); returns its state hash."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         agent.model.save_pretrained(tmp)
         digest = state_hash(adapter_state(agent))
         (tmp / "fedse.json").write_text(json.dumps({"base": agent.name, "sha256": digest, **(metadata or {})},
                                                    indent=2))
-        backup = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            out_dir.rename(backup)
-        tmp.rename(out_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return digest
 
 

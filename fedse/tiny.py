@@ -14,14 +14,13 @@ import hashlib
 import json
 import math
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedse.atomic import atomic_dir
 from fedse.prompt import SPECIAL_TOKENS, Renderer
 
 PAD = "<|pad|>"
@@ -144,9 +143,7 @@ def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] |
     model = architecture(spec, tokenizer)
     blocks = pack(Renderer(tokenizer), episodes, spec.block)
     losses = pretrain(model, blocks, spec, advance)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "fedse_tiny.json").write_text(json.dumps({
@@ -154,12 +151,6 @@ def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] |
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)],
         }, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

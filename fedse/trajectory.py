@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from fedse.atomic import atomic_file
 
 
 class Turn(BaseModel):
@@ -61,20 +61,11 @@ def content_hash(traj: Trajectory) -> str:
 
 def write_jsonl(path: Path, trajectories: Iterable[Trajectory]) -> int:
     """Write all records to `path` atomically (temp file + rename); returns the count written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for traj in trajectories:
-                fh.write(traj.model_dump_json() + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        for traj in trajectories:
+            fh.write(traj.model_dump_json() + "\n")
+            count += 1
     return count
 
 
