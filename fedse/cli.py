@@ -287,12 +287,10 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
             sets: list[str] = typer.Option(None, "--set", help="override a parameter, e.g. model.lora.r=4")) -> None:
     """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
     from fedse.federation import Federation
-    from fedse.methods import method as known_method
     from fedse.plots import run_curves
 
     extra = [*State.overrides, *(sets or [])]
     if method is not None:
-        known_method(method)
         extra.append(f"federation.method={method}")
     if seed is not None:
         extra.append(f"seed={seed}")
@@ -326,7 +324,7 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each wi
                out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and curves.png")) \
         -> None:
     """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves."""
-    from fedse.buffer import write_text
+    from fedse.atomic import write_text
     from fedse.plots import method_curves
     from fedse.report import label, load_runs, markdown
 

@@ -103,10 +103,15 @@ class ConstrainedPolicy:
         self.gen = torch.Generator().manual_seed(seed)
         self.budget = min(context, agent.context)
         self.last_scores: list[torch.Tensor] = []
+        self.slots: list[Slot] = []
+        self.rendered: list[Rendered] = []
         self._reset_cache([])
 
     # ------------------------------------------------------------------ cache bookkeeping
     def _reset_cache(self, slots: list[Slot]) -> None:
+        # tokenised histories outlive the KV cache: a slot still running keeps its memo
+        memos = {id(s): m for s, m in zip(self.slots, self.rendered, strict=True)}
+        self.rendered = [memos.get(id(s), Rendered()) for s in slots]
         self.slots = list(slots)
         self.cache: Any = None
         self.valid = torch.zeros(len(slots), 0, dtype=torch.bool)  # which cached positions are real tokens
@@ -115,7 +120,6 @@ class ConstrainedPolicy:
         self.pending: list[list[int]] = [[] for _ in slots]
         self.dropped = [0] * len(slots)  # turns each cached row's window leaves out
         self.restart = [True] * len(slots)  # rows whose next delta is their whole (re)fitted window
-        self.rendered = [Rendered() for _ in slots]  # tokenised history per row
 
     def _align(self, slots: list[Slot]) -> None:
         """Keep the cache rows of the slots still running; a different set of episodes starts afresh."""
