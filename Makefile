@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run check test lint bench clean
+.PHONY: setup run results check test lint bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -25,6 +25,23 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	$(BIN)/fedse run --profile quick --method fedse
+
+## results: the whole results table on the tiny model (README "Results"): quick profile x 3 seeds x every
+## method and ablation, the LoRA rank sweep (1 seed), the full profile (fedse, fedit; 1 seed), then the reports
+## in reports/quick and reports/full. Finished runs (complete metrics.json) are kept, so it resumes.
+METHODS := fedse fedit local centralized pretrained no_filter no_history weighted
+RUN_ONE = out=runs/$(1); \
+	if grep -qs '"complete": true' $$out/metrics.json; then echo "kept $$out"; \
+	else rm -rf $$out && $(BIN)/fedse run --out $$out $(2) || exit 1; fi
+results: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
+	for seed in 0 1 2; do for m in $(METHODS); do \
+		$(call RUN_ONE,quick/$$m-s$$seed,--profile quick --method $$m --seed $$seed); done; done
+	for r in 2 4 16 32; do \
+		$(call RUN_ONE,quick/fedse-r$$r-s0,--profile quick --method fedse --seed 0 --set model.lora.r=$$r); done
+	for m in fedse fedit; do $(call RUN_ONE,full/$$m-s0,--profile full --method $$m --seed 0); done
+	$(BIN)/fedse report runs/quick/* --out reports/quick
+	$(BIN)/fedse report runs/full/* --out reports/full
 
 ## check: the five environments (expert vs random success, steps/s)
 check: setup

@@ -323,13 +323,21 @@ def run_name(cfg: Config) -> str:
 def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each with a metrics.json)"),
                out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and curves.png")) \
         -> None:
-    """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves."""
-    from fedse.atomic import write_text
+    """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves.
+
+    Each run's metrics.json is copied to `OUT/runs/<run>.json`, so the report can be rebuilt from OUT alone:
+    `fedse report OUT/runs/*.json --out OUT`.
+    """
+    from fedse.atomic import write_json, write_text
     from fedse.plots import method_curves
-    from fedse.report import label, load_runs, markdown
+    from fedse.report import labeller, load_runs, markdown
 
     docs = load_runs(runs)
-    plot = method_curves(docs, out_dir / "curves.png", label=label)
+    for path, doc in zip(runs, docs, strict=True):  # the small metrics files travel with the report (reviewable)
+        name = path.name if path.is_dir() else path.stem
+        if not (path.is_file() and path.resolve().parent == (out_dir / "runs").resolve()):
+            write_json(out_dir / "runs" / f"{name}.json", doc)
+    plot = method_curves(docs, out_dir / "curves.png", label=labeller(docs))
     text = markdown(docs, plot)
     write_text(out_dir / "results.md", text)
     out.print(text, markup=False, highlight=False)

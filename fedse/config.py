@@ -69,6 +69,8 @@ class FederationConfig(Strict):
     """The round loop (fedse/federation.py): how many rounds, how much exploring, how much evaluating."""
 
     method: str = "fedse"
+    clients: list[str] | None = Field(default=None, description="the environments that take part, one client "
+                                      "each; null = all of envs.names")
     rounds: int = Field(default=20, ge=1)
     explore_episodes: int = Field(default=64, ge=0, description="train tasks each client plays per round")
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
@@ -100,6 +102,18 @@ class Config(Strict):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _clients_are_envs(self) -> Config:
+        unknown = [c for c in self.federation.clients or [] if c not in self.envs.names]
+        if unknown:
+            raise ValueError(f"federation.clients: {', '.join(unknown)} not in envs.names {self.envs.names}")
+        return self
+
+    def client_envs(self) -> list[str]:
+        """The environments of this federation, in envs.names order (one client each)."""
+        chosen = self.federation.clients
+        return [n for n in self.envs.names if chosen is None or n in chosen]
 
 
 class ConfigError(ValueError):

@@ -157,7 +157,7 @@ class Federation:
         self.progress = progress or Silent()
         self.seed = cfg.seed
         self.initial = adapter_state(agent)
-        names = cfg.envs.names
+        names = cfg.client_envs()
         groups = [(POOLED, list(names))] if self.method.pooled else [(n, [n]) for n in names]
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name)) for name, envs in groups]
         if self.method.pooled and self.method.explore:
@@ -233,7 +233,7 @@ class Federation:
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
         """The global adapter on every env; for `local`, each client's own adapter on its own env."""
         per_env: dict[str, EnvScore] = {}
-        for env in self.cfg.envs.names:
+        for env in self.cfg.client_envs():
             if self.method.train and not self.method.federated and not self.method.pooled:
                 state = next(c for c in self.clients if c.name == env).state or self.initial
             else:
@@ -252,7 +252,7 @@ class Federation:
         fed = self.cfg.federation
         return {
             "method": self.method.name, "profile": self.cfg.profile, "seed": self.seed, "complete": complete,
-            "model": self.agent.name, "lora_r": self.cfg.model.lora.r, "envs": list(self.cfg.envs.names),
+            "model": self.agent.name, "lora_r": self.cfg.model.lora.r, "envs": self.cfg.client_envs(),
             "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
                          "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                          "final_eval_episodes": fed.final_eval_episodes,

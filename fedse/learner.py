@@ -31,7 +31,7 @@ class LearnerSpec(BaseModel):
 
     lr: float = Field(1e-3, gt=0)
     epochs: float = Field(2, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_len: int = Field(1024, ge=32)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)

@@ -43,7 +43,7 @@ class PolicySpec(BaseModel):
     temperature: float = Field(1.0, ge=0, description="exploration temperature; evaluation is greedy")
     max_new_tokens: int = Field(64, ge=1)
     context: int = Field(1536, ge=128, description="prompt token budget (capped by the model's window)")
-    batch_size: int = Field(16, ge=1, description="episodes per forward pass")
+    batch_size: int = Field(4, ge=1, description="episodes per forward pass")
     score: str = Field("mean", pattern="^(sum|mean)$",
                        description="constrained: a candidate's log-prob summed over its tokens, or their mean")
     history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "

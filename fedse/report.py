@@ -67,6 +67,13 @@ def label(doc: dict[str, Any]) -> str:
     return doc["method"] if r == 8 else f"{doc['method']} r={r}"
 
 
+def labeller(docs: list[dict[str, Any]]) -> Any:
+    """`label`, plus the profile when the runs mix profiles (quick and full runs are different experiments)."""
+    if len({d.get("profile") for d in docs}) < 2:
+        return label
+    return lambda d: f"{label(d)} ({d.get('profile')})"
+
+
 def final(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["rounds"][-1]
 
@@ -101,9 +108,10 @@ def metric(docs: list[dict[str, Any]], key: str) -> Estimate:
 
 
 def group(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    name = labeller(docs)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for doc in docs:
-        groups[label(doc)].append(doc)
+        groups[name(doc)].append(doc)
     return dict(groups)
 
 
@@ -113,7 +121,7 @@ def results_table(docs: list[dict[str, Any]]) -> str:
     envs = docs[0]["envs"]
     head = ["method", *envs, "micro", "macro", "seeds", "rounds"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, runs in sorted(groups.items(), key=lambda kv: -metric(kv[1], "macro").mean):
+    for name, runs in sorted(groups.items(), key=lambda kv: (-metric(kv[1], "macro").mean, kv[0])):
         cells = [str(metric(runs, k)) for k in [*envs, "micro", "macro"]]
         seeds = ",".join(str(d["seed"]) for d in sorted(runs, key=lambda d: d["seed"]))
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | {len(runs[0]['rounds'])} |")
@@ -133,6 +141,37 @@ def claims_table(docs: list[dict[str, Any]]) -> str:
         rows.append(f"| {left} > {right} ({key}) | {paper} | {a.mean:.3f} vs {b.mean:.3f} | {diff:+.3f} ± {half:.3f} "
                     f"| {verdict(diff, half)} |")
     return "\n".join(rows)
+
+
+def improvement(runs: list[dict[str, Any]]) -> tuple[float, float, float, float]:
+    """Macro success after the first round and after the last, and their paired difference ± 95% CI.
+
+    Both are measured on the same `final_eval_episodes` tasks. Over several seeds the interval is the t
+    interval of the per-seed differences; for one run it is the normal interval of a difference of two
+    independent binomial proportions per environment, averaged over environments.
+    """
+    firsts = [d["rounds"][0]["macro"] for d in runs]
+    lasts = [final(d)["macro"] for d in runs]
+    diffs = [b - a for a, b in zip(firsts, lasts, strict=True)]
+    first, last = runs[0]["rounds"][0], final(runs[0])
+    var = sum(_binvar(first["envs"][e]) + _binvar(last["envs"][e]) for e in first["envs"]) / len(first["envs"]) ** 2
+    est = estimate(diffs, Z95 * math.sqrt(var))
+    return sum(firsts) / len(firsts), sum(lasts) / len(lasts), est.mean, est.half
+
+
+def _binvar(env: dict[str, Any]) -> float:
+    return env["success"] * (1 - env["success"]) / max(env["n"], 1)
+
+
+def improvement_table(docs: list[dict[str, Any]]) -> str:
+    """Does each trained method's global adapter improve on its own round-0 adapter (macro, same tasks)?"""
+    rows = ["| method | round 0 macro | final macro | final − round 0 | verdict |", "|---|---|---|---|---|"]
+    for name, runs in sorted(group(docs).items()):
+        if len(runs[0]["rounds"]) < 2:
+            continue
+        first, last, diff, half = improvement(runs)
+        rows.append(f"| {name} | {first:.3f} | {last:.3f} | {diff:+.3f} ± {half:.3f} | {verdict(diff, half)} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def verdict(diff: float, half: float) -> str:
@@ -167,6 +206,11 @@ def markdown(docs: list[dict[str, Any]], plot: Path | None = None) -> str:
     parts = [f"# fedse results (profile {', '.join(profiles)}; model {docs[0].get('model')})", "",
              "Final-round test success, mean ± 95% CI over seeds (one seed: that run's binomial interval).", "",
              results_table(docs), "", "## The paper's orderings on our environments", "", claims_table(docs)]
+    progress = improvement_table(docs)
+    if progress:
+        parts += ["", "## Improvement over the round-0 adapter", "",
+                  "Macro test success on the same tasks after round 0 and after the last round; the interval is "
+                  "over seeds (paired), or the binomial one for a single run.", "", progress]
     ranks = rank_table(docs)
     if ranks:
         parts += ["", "## LoRA rank sweep (Fed-SE)", "", ranks]

@@ -123,7 +123,7 @@ def test_run_then_report_through_the_cli(micro_params: Path, tmp_path: Path) -> 
     """`fedse run` (smoke profile, two envs) writes metrics and a plot; `fedse report` tables two methods."""
     seeds = tmp_path / "seeds"
     assert run("seed", "--out", str(seeds), "--env", "maze", "--env", "wordle", "--count", "8").exit_code == 0
-    common = ["--profile", "smoke", "--set", "envs.names=[maze, wordle]", "--set", f"seed_data.dir={seeds}",
+    common = ["--profile", "smoke", "--set", "federation.clients=[maze, wordle]", "--set", f"seed_data.dir={seeds}",
               "--set", "federation.eval_episodes=2", "--set", "federation.explore_episodes=2"]
     for method in ("fedse", "fedit"):
         result = run("--params", str(micro_params), "run", "--method", method, "--seed", "3",
@@ -139,6 +139,13 @@ def test_run_then_report_through_the_cli(micro_params: Path, tmp_path: Path) -> 
     assert "| fedse |" in table and "| fedit |" in table and "fedse > fedit (micro)" in table
     assert "fedse > local (micro) | 73.2 vs 65.7: federation beats training alone | not run" in table
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+    assert "## Improvement over the round-0 adapter" in table
+    # the copied metrics rebuild the same report from the report folder alone
+    copies = sorted((tmp_path / "report" / "runs").glob("*.json"))
+    assert [c.name for c in copies] == ["fedit.json", "fedse.json"]
+    again = run("report", *map(str, copies), "--out", str(tmp_path / "report"))
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "report" / "results.md").read_text() == table
 
 
 @pytest.mark.parametrize(("args", "message"), [

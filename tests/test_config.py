@@ -22,7 +22,9 @@ def test_shipped_params_file_is_valid_and_matches_the_defaults() -> None:
 
 def test_profiles_merge_over_the_file_and_set_overrides_win() -> None:
     quick = load_config(ROOT / "params.yaml", profile="quick")
-    assert quick.federation.rounds == 3 and quick.learner.lr == 0.003 and quick.model.lora.r == 8
+    assert quick.federation.rounds == 4 and quick.learner.lr == 0.003 and quick.model.lora.r == 8
+    assert quick.client_envs() == ["textcraft", "maze", "wordle"] and len(quick.envs.names) == 5
+    assert load_config(ROOT / "params.yaml", profile="full").client_envs() == quick.envs.names
     assert quick.learner.max_grad_norm == Config().learner.max_grad_norm  # untouched keys keep the base value
     paper = load_config(ROOT / "params.yaml", profile="paper",
                         overrides=["model.lora.r=16", "federation.rounds=5", "envs.names=[maze]"])
@@ -42,6 +44,7 @@ def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest
     ("check: {episodes: 0}\n", "check.episodes: Input should be greater than or equal to 1"),
     ("envs: {names: [maze, chess]}\n", "unknown environment"),
     ("seed_data: {counts: {maze: -3}}\n", "seed counts must be"),
+    ("federation: {clients: [maze, chess]}\n", r"federation.clients: chess not in envs.names"),
 ])
 def test_bad_params_give_one_line_naming_the_field(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "params.yaml"

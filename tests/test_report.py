@@ -5,7 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from fedse.report import claims_table, estimate, load_runs, markdown, metric, rank_table, results_table, verdict
+from fedse.report import (
+    claims_table,
+    estimate,
+    improvement,
+    improvement_table,
+    load_runs,
+    markdown,
+    metric,
+    rank_table,
+    results_table,
+    verdict,
+)
 
 ENVS = ["maze", "wordle"]
 
@@ -56,3 +67,27 @@ def test_load_runs_names_the_bad_folder(tmp_path: Path) -> None:
     (tmp_path / "a" / "metrics.json").write_text(json.dumps({"rounds": []}))
     with pytest.raises(ValueError, match="holds no finished round"):
         load_runs([tmp_path / "a"])
+
+
+def two_rounds(method: str, seed: int, start: float, end: float, profile: str = "quick") -> dict:
+    d = doc(method, seed, start, start)
+    last = doc(method, seed, end, end)["rounds"][0] | {"round": 1}
+    return d | {"profile": profile, "rounds": d["rounds"] + [last]}
+
+
+def test_improvement_pairs_round_zero_and_final_per_seed() -> None:
+    runs = [two_rounds("fedse", s, 0.1, 0.3 + s / 100) for s in range(3)]
+    first, last, diff, half = improvement(runs)
+    assert (first, last) == pytest.approx((0.1, 0.31)) and diff == pytest.approx(0.21)
+    assert half == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3)  # t interval of the paired differences
+    table = improvement_table([*runs, doc("pretrained", 0, 0.1, 0.1)])
+    assert "| fedse | 0.100 | 0.310 | +0.210 ± " in table and "| holds |" in table and "pretrained" not in table
+    # one run: the binomial interval of two independent proportions (n=20 per env, 2 envs)
+    _, _, diff, half = improvement([two_rounds("fedse", 0, 0.1, 0.15)])
+    assert half == pytest.approx(1.96 * ((0.09 + 0.1275) / 20 * 2) ** 0.5 / 2, rel=1e-3)
+    assert verdict(diff, half) == "same direction, within noise"
+
+
+def test_mixed_profiles_are_reported_as_separate_rows() -> None:
+    table = results_table([two_rounds("fedse", 0, 0.1, 0.2), two_rounds("fedse", 0, 0.1, 0.4, profile="full")])
+    assert "| fedse (quick) |" in table and "| fedse (full) |" in table
