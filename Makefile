@@ -28,20 +28,21 @@ run: setup
 
 ## results: the whole results table on the tiny model (README "Results"): quick profile x 3 seeds x every
 ## method and ablation, the LoRA rank sweep (1 seed), the full profile (fedse, fedit; 1 seed), then the reports
-## in reports/quick and reports/full. Finished runs (complete metrics.json) are kept, so it resumes.
+## reports/quick and reports/full. Each finished run's metrics.json is kept as reports/<profile>/runs/<run>.json
+## (committed, reviewable); runs found there are not run again, so an interrupted `make results` resumes.
 METHODS := fedse fedit local centralized pretrained no_filter no_history weighted
-RUN_ONE = out=runs/$(1); \
-	if grep -qs '"complete": true' $$out/metrics.json; then echo "kept $$out"; \
-	else rm -rf $$out && $(BIN)/fedse run --out $$out $(2) || exit 1; fi
+RUN_ONE = kept=reports/$(1)/runs/$(2).json; out=runs/$(1)/$(2); \
+	if grep -qs '"complete": true' $$kept; then echo "kept $$kept"; \
+	else rm -rf $$out && $(BIN)/fedse run --profile $(1) --out $$out $(3) \
+		&& mkdir -p reports/$(1)/runs && cp $$out/metrics.json $$kept || exit 1; fi
 results: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	for seed in 0 1 2; do for m in $(METHODS); do \
-		$(call RUN_ONE,quick/$$m-s$$seed,--profile quick --method $$m --seed $$seed); done; done
-	for r in 2 4 16 32; do \
-		$(call RUN_ONE,quick/fedse-r$$r-s0,--profile quick --method fedse --seed 0 --set model.lora.r=$$r); done
-	for m in fedse fedit; do $(call RUN_ONE,full/$$m-s0,--profile full --method $$m --seed 0); done
-	$(BIN)/fedse report runs/quick/* --out reports/quick
-	$(BIN)/fedse report runs/full/* --out reports/full
+		$(call RUN_ONE,quick,$$m-s$$seed,--method $$m --seed $$seed); done; done
+	for r in 2 4 16 32; do $(call RUN_ONE,quick,fedse-r$$r-s0,--method fedse --seed 0 --set model.lora.r=$$r); done
+	for m in fedse fedit; do $(call RUN_ONE,full,$$m-s0,--method $$m --seed 0); done
+	$(BIN)/fedse report reports/quick/runs/*.json --out reports/quick
+	$(BIN)/fedse report reports/full/runs/*.json --out reports/full
 
 ## check: the five environments (expert vs random success, steps/s)
 check: setup

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,14 +102,18 @@ def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int
                    round=round, env_options=cfg.envs.options.get(env), advance=advance)
 
 
-def client_data(buffer: Buffer, fresh: list[Trajectory], round: int, how: Method,
+def keep(fresh: list[Trajectory], how: Method) -> list[Trajectory]:
+    """The success filter, or (w/o filter) every episode."""
+    return list(fresh) if how.keep_failures else success_filter(fresh)
+
+
+def client_data(buffer: Buffer, kept: list[Trajectory], round: int, how: Method,
                 seeds: list[Trajectory]) -> tuple[list[Trajectory], dict[str, Any]]:
-    """Filter this round's episodes into the buffer; return what the client trains on and the manifest.
+    """Put this round's kept episodes in the buffer; return what the client trains on and the manifest.
 
     With history (Fed-SE) that is the whole cumulative buffer; without, only this round's new records (the
-    seeds count as round 0's data). Without the filter, failed episodes enter the buffer as well.
+    seeds count as round 0's data).
     """
-    kept = list(fresh) if how.keep_failures else success_filter(fresh)
     added = buffer.add((seeds if round == 0 else []) + kept)
     manifest = buffer.commit(round, added)
     data = buffer.records if how.history else added
@@ -144,6 +148,63 @@ def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, s
                          advance=advance))
 
 
+def client_groups(cfg: Config, how: Method) -> list[tuple[str, list[str]]]:
+    """(client name, its environments): one client per environment, or one pooled client (centralized)."""
+    names = cfg.client_envs()
+    if how.pooled and how.explore:
+        raise ValueError(f"method {how.name}: a pooled client cannot explore several environments")
+    return [(POOLED, list(names))] if how.pooled else [(n, [n]) for n in names]
+
+
+def start_state(how: Method, global_state: AdapterState, own: AdapterState | None,
+                initial: AdapterState) -> AdapterState:
+    """Where a client's round starts: the broadcast global adapter, or (no server) its own previous one."""
+    return global_state if how.federated else (own if own is not None else initial)
+
+
+def client_seeds(cfg: Config, envs: list[str], round: int) -> list[Trajectory]:
+    """The expert seeds enter the buffer in round 0 only."""
+    return [t for env in envs for t in seed_records(cfg, env)] if round == 0 else []
+
+
+def update_stats(how: Method, fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory],
+                 stats: TrainStats, state: AdapterState) -> dict[str, Any]:
+    """Every per-client number recorded for a round (metrics.json, MLflow)."""
+    return {
+        "explored": len(fresh), "explore_success": _rate(fresh), "added": manifest["added"],
+        "buffer": manifest["count"], "trained_on": len(data), "successes_trained_on": successes(data),
+        "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
+        "loss_last": stats.loss_last, "train_seconds": stats.seconds,
+        "bytes_sent": state_bytes(state) if how.federated else 0, "adapter_sha256": state_hash(state),
+    }
+
+
+def successes(data: list[Trajectory]) -> int:
+    """The weight of a client's upload under weighted averaging: successful trajectories it trained on."""
+    return sum(t.success for t in data)
+
+
+def next_global(how: Method, updates: Iterable[tuple[str, AdapterState, int]],
+                global_state: AdapterState) -> AdapterState:
+    """The server step: the (weighted) mean of the uploads; without a server the updates are only consumed
+    (local keeps each client's own adapter; centralized's single client is the model)."""
+    if how.federated:
+        weighted = how.aggregation == "weighted"
+        return average((name, state, float(weight) if weighted else 1.0) for name, state, weight in updates)
+    last = global_state
+    for _, state, _ in updates:
+        last = state
+    return last if how.pooled else global_state
+
+
+def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state: AdapterState,
+               initial: AdapterState) -> AdapterState:
+    """The adapter scored on `env`: the global one, or for `local` that env's own client's adapter."""
+    if how.train and not how.federated and not how.pooled:
+        return own.get(env, initial)
+    return global_state
+
+
 # ------------------------------------------------------------------ the plain driver
 class Federation:
     """Runs `cfg.federation.rounds` rounds of one method and writes `out/metrics.json` after every round."""
@@ -157,11 +218,8 @@ class Federation:
         self.progress = progress or Silent()
         self.seed = cfg.seed
         self.initial = adapter_state(agent)
-        names = cfg.client_envs()
-        groups = [(POOLED, list(names))] if self.method.pooled else [(n, [n]) for n in names]
-        self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name)) for name, envs in groups]
-        if self.method.pooled and self.method.explore:
-            raise ValueError(f"method {self.method.name}: a pooled client cannot explore several environments")
+        self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
+                        for name, envs in client_groups(cfg, self.method)]
         self.rounds: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
@@ -182,14 +240,7 @@ class Federation:
     def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
         """Client updates streamed into the aggregator; returns the next global adapter."""
         how = self.method
-        updates = self._client_updates(round, global_state)
-        if how.federated:
-            weighted = how.aggregation == "weighted"
-            new = average((name, state, float(weight) if weighted else 1.0) for name, state, weight in updates)
-        else:
-            for _ in updates:  # local/centralized: each client keeps its own adapter
-                pass
-            new = self.clients[0].state if how.pooled else global_state
+        new = next_global(how, self._client_updates(round, global_state), global_state)
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
         if how.federated or how.pooled:
             digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
@@ -201,7 +252,7 @@ class Federation:
         """Each client's round, one at a time, so the aggregator holds one upload at a time."""
         how = self.method
         for client in self.clients:
-            start = global_state if how.federated else (client.state or self.initial)
+            start = start_state(how, global_state, client.state, self.initial)
             fresh: list[Trajectory] = []
             if how.explore:
                 job = self.progress.start(f"round {round}: {client.name} explores",
@@ -209,8 +260,8 @@ class Federation:
                 fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
                                 advance=lambda n, job=job: self.progress.update(job, advance=n))
                 self.progress.finish(job)
-            seeds = [t for env in client.envs for t in seed_records(self.cfg, env)] if round == 0 else []
-            data, manifest = client_data(client.buffer, fresh, round, how, seeds)
+            data, manifest = client_data(client.buffer, keep(fresh, how), round, how,
+                                         client_seeds(self.cfg, client.envs, round))
             label = f"round {round}: {client.name} trains on {len(data)} trajectories"
             job = self.progress.start(label, None)
 
@@ -220,24 +271,15 @@ class Federation:
             state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
             self.progress.finish(job)
             client.state = state
-            successes = sum(t.success for t in data)
-            client.stats = {
-                "explored": len(fresh), "explore_success": _rate(fresh), "added": manifest["added"],
-                "buffer": manifest["count"], "trained_on": len(data), "successes_trained_on": successes,
-                "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
-                "loss_last": stats.loss_last, "train_seconds": stats.seconds,
-                "bytes_sent": state_bytes(state) if how.federated else 0, "adapter_sha256": state_hash(state),
-            }
-            yield client.name, state, successes
+            client.stats = update_stats(how, fresh, manifest, data, stats, state)
+            yield client.name, state, successes(data)
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
         """The global adapter on every env; for `local`, each client's own adapter on its own env."""
+        own = {c.name: c.state for c in self.clients if c.state is not None}
         per_env: dict[str, EnvScore] = {}
         for env in self.cfg.client_envs():
-            if self.method.train and not self.method.federated and not self.method.pooled:
-                state = next(c for c in self.clients if c.name == env).state or self.initial
-            else:
-                state = global_state
+            state = eval_state(self.method, env, own, global_state, self.initial)
             job = self.progress.start(f"round {round}: evaluating {env}", len(eval_task_ids(self.cfg, env, round)))
             per_env[env] = evaluate_adapter(self.agent, self.cfg, state, env, self.seed, round,
                                             advance=lambda n, job=job: self.progress.update(job, advance=n))
@@ -249,17 +291,21 @@ class Federation:
         return self.agent
 
     def document(self, complete: bool) -> dict[str, Any]:
-        fed = self.cfg.federation
-        return {
-            "method": self.method.name, "profile": self.cfg.profile, "seed": self.seed, "complete": complete,
-            "model": self.agent.name, "lora_r": self.cfg.model.lora.r, "envs": self.cfg.client_envs(),
-            "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
-                         "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
-                         "final_eval_episodes": fed.final_eval_episodes,
-                         "eval_split": fed.eval_split,
-                         "max_buffer": fed.max_buffer, "learner": self.cfg.learner.model_dump()},
-            "rounds": self.rounds,
-        }
+        return document(self.cfg, self.agent.name, self.rounds, complete)
+
+
+def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    """The metrics.json of a run (the same whichever driver ran it): settings, then one record per round."""
+    fed = cfg.federation
+    return {
+        "method": fed.method, "profile": cfg.profile, "seed": cfg.seed, "complete": complete,
+        "model": model, "lora_r": cfg.model.lora.r, "envs": cfg.client_envs(),
+        "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
+                     "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
+                     "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
+                     "max_buffer": fed.max_buffer, "learner": cfg.learner.model_dump()},
+        "rounds": rounds,
+    }
 
 
 def _rate(trajectories: list[Trajectory]) -> float | None:

@@ -57,6 +57,9 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
             raise ValueError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not doc.get("rounds"):
             raise ValueError(f"{file}: holds no finished round")
+        if not doc.get("complete", False):
+            raise ValueError(f"{file}: the run did not finish ({len(doc['rounds'])} rounds recorded); finish or "
+                             "delete it")
         docs.append(doc)
     return docs
 

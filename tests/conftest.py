@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,15 @@ def micro_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
 def micro_agent(micro_spec: ModelSpec) -> Agent:
     """A fresh agent (base + zero-effect LoRA) on the cached micro base; built once per session."""
     return load_agent(micro_spec)
+
+
+@pytest.fixture()
+def micro_params(tmp_path: Path, micro_spec) -> Path:
+    """The repository's params (profiles included), pointed at the session's micro model (same spec, cache)."""
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["model"] = json.loads(micro_spec.model_dump_json())
+    path.write_text(yaml.safe_dump(params))
+    return path

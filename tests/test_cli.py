@@ -73,18 +73,6 @@ def test_seed_writes_jsonl_per_env(tmp_path: Path) -> None:
     assert not (tmp_path / "babyai.jsonl").exists()
 
 
-@pytest.fixture()
-def micro_params(tmp_path: Path, micro_spec) -> Path:
-    """The repository's params (profiles included), pointed at the session's micro model (same spec, cache)."""
-    import yaml
-
-    path = tmp_path / "params.yaml"
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["model"] = json.loads(micro_spec.model_dump_json())
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
 def test_train_then_eval_through_the_cli(micro_params: Path, tmp_path: Path) -> None:
     seeds = tmp_path / "seeds"
     assert run("seed", "--out", str(seeds), "--env", "maze", "--count", "4").exit_code == 0

@@ -27,6 +27,7 @@ def doc(method: str, seed: int, maze: float, wordle: float, r: int = 8, n: int =
     macro = (maze + wordle) / 2
     clients = {e: {"bytes_sent": 1000 * r} for e in ENVS}
     return {"method": method, "seed": seed, "profile": "quick", "lora_r": r, "envs": ENVS, "model": "tiny",
+            "complete": True,
             "rounds": [{"round": 0, "envs": envs, "micro": macro, "macro": macro,
                         "macro_ci95": [macro - .1, macro + .1], "clients": clients}]}
 
@@ -66,6 +67,9 @@ def test_load_runs_names_the_bad_folder(tmp_path: Path) -> None:
         load_runs([tmp_path / "a"])
     (tmp_path / "a" / "metrics.json").write_text(json.dumps({"rounds": []}))
     with pytest.raises(ValueError, match="holds no finished round"):
+        load_runs([tmp_path / "a"])
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(doc("fedse", 0, 0.1, 0.1) | {"complete": False}))
+    with pytest.raises(ValueError, match=r"did not finish \(1 rounds recorded\)"):
         load_runs([tmp_path / "a"])
 
 

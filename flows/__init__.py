@@ -1,0 +1,1 @@
+"""The Prefect flow `fedse` (the Fed-SE round loop) and its deployment `round-loop`: composition only."""

@@ -1,0 +1,105 @@
+"""MLflow tracking: one parent run per experiment (a flow run), one nested run per round.
+
+Everything goes through `MlflowClient` with explicit run ids, never the fluent API's thread-local "active
+run", because tasks run in worker threads or processes.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fedse.config import Config
+from mlflow import MlflowClient
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a flow run records itself: the tracking URI, the experiment, and the parent run."""
+
+    uri: str
+    experiment_id: str
+    run_id: str
+    name: str  # experiment name, e.g. fedse-smoke
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The settings a reader compares runs by, flattened to MLflow params (strings, ≤ 6000 chars)."""
+    fed = cfg.federation
+    params: dict[str, Any] = {"method": fed.method, "profile": cfg.profile, "seed": cfg.seed,
+                              "model": cfg.model.preset, "clients": ",".join(cfg.client_envs())}
+    params |= {f"federation.{k}": v for k, v in fed.model_dump(exclude={"out", "method", "clients"}).items()}
+    params |= {f"learner.{k}": v for k, v in cfg.learner.model_dump().items()}
+    params |= {f"lora.{k}": v for k, v in cfg.model.lora.model_dump().items()}
+    return {k: str(v) for k, v in params.items()}
+
+
+@task(name="track-experiment", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tracking:
+    """The experiment (created once) and this flow run's parent MLflow run, with params and tags."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    name = f"{cfg.federation.method}-s{cfg.seed}"
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "method": cfg.federation.method, "profile": str(cfg.profile), "seed": str(cfg.seed),
+        "prefect.flow_run_id": flow_run, MLFLOW_RUN_NAME: name})
+    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat_params(cfg).items()])
+    return Tracking(uri, experiment_id, run.info.run_id, experiment)
+
+
+def _param(key: str, value: str) -> Any:
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def round_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A round's record (as in metrics.json) as flat MLflow metric names."""
+    metrics = {"micro": record["micro"], "macro": record["macro"]}
+    metrics |= {f"success.{env}": s["success"] for env, s in record["envs"].items()}
+    for client, stats in record.get("clients", {}).items():
+        for key in ("explored", "explore_success", "added", "buffer", "trained_on", "successes_trained_on",
+                    "steps", "tokens", "loss_first", "loss_last", "train_seconds", "bytes_sent"):
+            value = stats.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                metrics[f"client.{client}.{key}"] = float(value)
+    if "seconds" in record:
+        metrics["round_seconds"] = record["seconds"]
+    return metrics
+
+
+@task(name="track-round", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      task_run_name="track-round-{round}")
+def log_round(tracking: Tracking, round: int, record: dict[str, Any]) -> str:
+    """A nested run for the round (its metrics), and the same metrics on the parent at step = round."""
+    from mlflow.entities import Metric
+
+    client = tracking.client()
+    run = client.create_run(tracking.experiment_id, run_name=f"round-{round}", tags={
+        MLFLOW_PARENT_RUN_ID: tracking.run_id, "round": str(round), MLFLOW_RUN_NAME: f"round-{round}"})
+    metrics = round_metrics(record)
+    stamp = _now_ms()
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])
+    client.log_batch(tracking.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@task(name="track-finish", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def finish(tracking: Tracking, metrics_path: str, status: str = "FINISHED") -> None:
+    client = tracking.client()
+    client.log_artifact(tracking.run_id, metrics_path)
+    client.set_terminated(tracking.run_id, status=status)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

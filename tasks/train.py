@@ -1,0 +1,21 @@
+"""Task `train`: local SFT from the round's start adapter on the client's data; returns the upload.
+
+Tagged `gpu`: a Prefect concurrency limit on that tag (`make serve` creates one of 1) queues train tasks for
+the device while other clients' rollouts go on.
+"""
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fedse.config import Config
+from fedse.federation import AdapterState, local_train
+from fedse.learner import TrainStats
+from tasks.agent import borrowed
+from tasks.buffer import ClientData
+
+
+@task(name="train", tags=["gpu"], retries=1, cache_policy=NO_CACHE, task_run_name="train-{client}-round-{round}")
+def train(cfg: Config, start: AdapterState, data: ClientData, round: int,
+          client: str) -> tuple[AdapterState, TrainStats]:
+    with borrowed(cfg) as agent:
+        return local_train(agent, cfg, start, data.records, cfg.seed * 1_000 + round)

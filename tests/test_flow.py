@@ -1,0 +1,80 @@
+"""The Prefect flow `fedse` on the micro model: a real (harness) Prefect API and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect import task
+from prefect.testing.utilities import prefect_test_harness
+
+from fedse.cli import app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def seeds(tmp_path: Path) -> Path:
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "seeds"
+    result = CliRunner().invoke(app, ["seed", "--out", str(folder), "--env", "maze", "--env", "wordle",
+                                      "--count", "6"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def smoke_sets(seeds: Path) -> list[str]:
+    return ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=6",
+            "federation.explore_episodes=2", "federation.eval_episodes=2"]
+
+
+def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Path, seeds: Path,
+                                                                tmp_path: Path) -> None:
+    from flows.round_loop import round_loop
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    state = round_loop(method="fedse", profile="smoke", seed=1, params=str(micro_params), sets=smoke_sets(seeds),
+                       out=str(tmp_path / "run"), tracking_uri=uri, experiment="t", return_state=True)
+    assert state.is_completed()
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert doc["complete"] and doc["method"] == "fedse" and len(doc["rounds"]) == 2
+    assert set(doc["rounds"][1]["clients"]) == {"maze", "wordle"} and doc["envs"] == ["maze", "wordle"]
+    assert (tmp_path / "run" / "buffers" / "maze" / "manifest_1.json").exists()
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["method"] == "fedse" and parent.data.params["clients"] == "maze,wordle"
+    assert {r.data.tags["round"] for r in runs if "round" in r.data.tags} == {"0", "1"}
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "macro")] == [0, 1]
+    versions = client.search_model_versions("name='fedse-global'")
+    assert sorted(v.tags["round"] for v in versions) == ["0", "1"]
+    shas = {r["global"]["sha256"] for r in doc["rounds"]}
+    assert {v.tags["adapter_sha256"] for v in versions} == shas
+    champion = client.get_registered_model("fedse-global").aliases["champion"]
+    best = max(versions, key=lambda v: float(v.tags["macro"]))
+    assert champion == best.version
+
+
+@task(name="train")
+def broken_train(*args, **kwargs):
+    raise RuntimeError("client crashed")
+
+
+def test_a_failing_client_fails_the_flow(micro_params: Path, seeds: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.round_loop as loop
+
+    monkeypatch.setattr(loop, "train", broken_train)
+    state = loop.round_loop(method="fedit", profile="smoke", params=str(micro_params), sets=smoke_sets(seeds),
+                            out=str(tmp_path / "run"), return_state=True)
+    assert state.is_failed()
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no round was recorded as complete
