@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run results check test lint bench clean
+.PHONY: setup run results serve stop check test lint bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -43,6 +43,15 @@ results: setup
 	for m in fedse fedit; do $(call RUN_ONE,full,$$m-s0,--method $$m --seed 0); done
 	$(BIN)/fedse report reports/quick/runs/*.json --out reports/quick
 	$(BIN)/fedse report reports/full/runs/*.json --out reports/full
+
+## serve: a Prefect server, an MLflow server (SQLite under mlflow/) and the served deployment fedse/round-loop,
+## all on 127.0.0.1; prints their URLs and records their pids in .serve/pids.json
+serve: setup
+	$(BIN)/python -m flows.stack up
+
+## stop: stop exactly the processes `make serve` started
+stop:
+	$(BIN)/python -m flows.stack down
 
 ## check: the five environments (expert vs random success, steps/s)
 check: setup

@@ -344,6 +344,44 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each wi
     out.print(f"table: {out_dir / 'results.md'}\nplot:  {plot}")
 
 
+@app.command("compare")
+@clear_errors
+def compare_cmd(model: str = typer.Option("fedse-global", "--model", help="registered model name"),
+                uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                        help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default the served "
+                                        "http://127.0.0.1:5000]"),
+                as_json: bool = typer.Option(False, "--json", help="print one JSON list")) -> None:
+    """Registered global adapters side by side: success per env, micro/macro, method, round, alias.
+
+    The one command that reaches the MLOps layer (`tasks/`, MLflow); the library modules never import it.
+    """
+    from tasks.compare import versions
+
+    uri = uri or "http://127.0.0.1:5000"
+    try:
+        rows = versions(uri, model)
+    except Exception as exc:  # an unreachable server surfaces as many exception types: one line for all
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(f"{uri}: cannot read the MLflow registry ({type(exc).__name__}); is the server up "
+                         "(make serve)?") from None
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    envs = sorted({e for r in rows for e in r["success"]})
+    table = Table("version", "alias", "experiment", "method", "round", "seed", *envs, "micro", "macro",
+                  title=f"{model} ({uri})")
+    for r in rows:
+        table.add_row(str(r["version"]), ",".join(r["aliases"]), r["experiment"] or "", r["method"] or "",
+                      str(r["round"]), str(r["seed"]), *(_cell(r["success"].get(e)) for e in envs),
+                      _cell(r["micro"]), _cell(r["macro"]))
+    out.print(table)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 class RichProgress:
     """The library's progress protocol drawn as rich progress bars."""
 

@@ -90,6 +90,15 @@ class FederationConfig(Strict):
         return self
 
 
+class OrchestrationConfig(Strict):
+    """How the Prefect flow runs the round (read by flows/, never by the library's algorithm)."""
+
+    task_runner: Literal["thread", "process"] = Field(default="thread", description="thread pool (default; one "
+                                                      "model in memory) or process pool (a model per worker)")
+    workers: int = Field(default=4, ge=1)
+    gpu_slots: int = Field(default=1, ge=1, description="train tasks (tag gpu) running at once")
+
+
 class Config(Strict):
     seed: int = 0
     profile: str | None = None
@@ -102,6 +111,7 @@ class Config(Strict):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _clients_are_envs(self) -> Config:

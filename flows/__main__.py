@@ -1,0 +1,3 @@
+from flows.serve import main
+
+main()

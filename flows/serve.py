@@ -1,0 +1,33 @@
+"""Serve deployment `round-loop` of flow `fedse` (`python -m flows`), against the Prefect API in the
+environment (PREFECT_API_URL; `make serve` starts one).
+
+The task runner comes from `orchestration:` in params.yaml, read once here. Train tasks carry the tag `gpu`;
+its concurrency limit (`orchestration.gpu_slots`) is created (or updated) on the server before serving.
+"""
+
+import os
+
+from prefect.client.orchestration import get_client
+
+from fedse.config import load_config
+from flows.round_loop import round_loop, task_runner
+
+DEPLOYMENT = "round-loop"
+
+
+def gpu_limit(slots: int) -> None:
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=slots)
+
+
+def main() -> None:
+    params = os.environ.get("FEDSE_PARAMS", "params.yaml")
+    cfg = load_config(params)
+    gpu_limit(cfg.orchestration.gpu_slots)
+    flow = round_loop.with_options(task_runner=task_runner(cfg.orchestration.task_runner, cfg.orchestration.workers))
+    defaults = {"params": params, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    flow.serve(name=DEPLOYMENT, parameters=defaults, description="Fed-SE round loop: python -m flows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The served stack on one machine: a Prefect server, an MLflow server and the `round-loop` deployment.
+
+`python -m flows.stack up` starts each on 127.0.0.1 (state under the repository: `.prefect/`, `mlflow/`),
+waits until each answers, records their pids in `.serve/pids.json` and prints the URLs; `down` stops exactly
+those processes (each was started in its own process group, which is what is signalled). `make serve` and
+`make stop` call these; the integration tests use `up`/`down` with free ports.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Stack:
+    root: Path = ROOT
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    extra_env: dict[str, str] | None = None  # e.g. FEDSE_PARAMS for the served deployment
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".serve"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def env(self) -> dict[str, str]:
+        """What every process of the stack (and a user's shell) needs to talk to it."""
+        return os.environ | {
+            "PREFECT_HOME": str(self.root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_uri,
+        } | (self.extra_env or {})
+
+    def up(self, timeout: float = 180) -> dict[str, int]:
+        if (self.state / "pids.json").exists():
+            raise RuntimeError(f"{self.state / 'pids.json'}: a stack is already up (make stop first)")
+        self.state.mkdir(exist_ok=True)
+        (self.root / "mlflow").mkdir(exist_ok=True)
+        bin_dir = Path(sys.executable).parent
+        env = self.env()
+        pids: dict[str, int] = {}
+        try:
+            pids["prefect"] = self._start("prefect", [str(bin_dir / "prefect"), "server", "start", "--host",
+                                                      "127.0.0.1", "--port", str(self.prefect_port)], env)
+            self._init_mlflow_db()
+            pids["mlflow"] = self._start("mlflow", [
+                str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+                "--backend-store-uri", self._db_uri(), "--artifacts-destination",
+                str(self.root / "mlflow" / "artifacts"), "--workers", "1"], env)
+            self._wait(f"{self.prefect_api}/health", "Prefect server", timeout)
+            self._wait(f"{self.mlflow_uri}/health", "MLflow server", timeout)
+            pids["deployment"] = self._start("deployment", [sys.executable, "-m", "flows"], env)
+            self._write(pids)
+            self._wait_deployment(timeout)
+        except BaseException:
+            self._write(pids)
+            self.down()
+            raise
+        return pids
+
+    def down(self) -> list[str]:
+        """Stop the recorded processes (their process groups), newest first; returns what was stopped."""
+        path = self.state / "pids.json"
+        if not path.exists():
+            return []
+        pids = json.loads(path.read_text())
+        stopped = []
+        for name, pid in reversed(list(pids.items())):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                stopped.append(name)
+            except ProcessLookupError:
+                continue
+        for pid in pids.values():
+            _reap(pid)
+        path.unlink()
+        return stopped
+
+    def _db_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
+
+    def _init_mlflow_db(self) -> None:
+        """Create or upgrade the schema once, before the server's workers touch the file."""
+        subprocess.run([str(Path(sys.executable).parent / "mlflow"), "db", "upgrade", self._db_uri()], check=True,
+                       capture_output=True)
+
+    def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> int:
+        log = (self.state / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        return proc.pid
+
+    def _write(self, pids: dict[str, int]) -> None:
+        (self.state / "pids.json").write_text(json.dumps(pids))
+
+    def _wait(self, url: str, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s (log: {self.state})")
+
+    def _wait_deployment(self, timeout: float) -> None:
+        url = f"{self.prefect_api}/deployments/name/fedse/round-loop"
+        self._wait(url, "deployment fedse/round-loop", timeout)
+
+
+def _reap(pid: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    stack = Stack(prefect_port=int(os.environ.get("FEDSE_PREFECT_PORT", 4200)),
+                  mlflow_port=int(os.environ.get("FEDSE_MLFLOW_PORT", 5000)))
+    if argv[:1] == ["up"]:
+        try:
+            stack.up()
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"Prefect UI/API  {stack.prefect_api.removesuffix('/api')}\nMLflow          {stack.mlflow_uri}\n"
+              f"deployment      fedse/round-loop (served; log .serve/deployment.log)\n"
+              f"to use it:       export PREFECT_API_URL={stack.prefect_api} MLFLOW_TRACKING_URI={stack.mlflow_uri}")
+        return 0
+    if argv[:1] == ["down"]:
+        stopped = stack.down()
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    print("usage: python -m flows.stack up|down", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
