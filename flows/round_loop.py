@@ -22,8 +22,7 @@ from fedse.config import Config, load_config
 from fedse.evaluate import summarise
 from fedse.federation import AdapterState, client_groups, document, eval_state, start_state, successes, update_stats
 from fedse.methods import method as method_of
-from fedse.model import adapter_state
-from tasks.agent import borrowed
+from tasks.agent import borrowed, fresh_adapter
 from tasks.aggregate import aggregate
 from tasks.buffer import update_buffer
 from tasks.evaluate import evaluate
@@ -63,8 +62,9 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     folder = run_folder(cfg, out, flow_run)
     tracking = open_experiment(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run) \
         if tracking_uri else None
+    initial = fresh_adapter(cfg)
     with borrowed(cfg) as agent:
-        initial, model = adapter_state(agent), agent.name
+        model = agent.name
     groups = client_groups(cfg, how)
     total = cfg.federation.rounds if how.train else 1
     progress = create_progress_artifact(0.0, key=_key(f"fedse-progress-{flow_run}"),

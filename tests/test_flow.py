@@ -78,3 +78,16 @@ def test_a_failing_client_fails_the_flow(micro_params: Path, seeds: Path, tmp_pa
                             out=str(tmp_path / "run"), return_state=True)
     assert state.is_failed()
     assert not (tmp_path / "run" / "metrics.json").exists()  # no round was recorded as complete
+
+
+def test_a_second_run_in_the_same_process_starts_from_the_fresh_adapter(micro_params: Path, seeds: Path,
+                                                                       tmp_path: Path) -> None:
+    """A served deployment runs many flow runs in one process; none may inherit the previous one's adapter."""
+    from flows.round_loop import round_loop
+
+    docs = []
+    for name in ("a", "b"):
+        round_loop(method="fedit", profile="smoke", seed=4, params=str(micro_params), sets=smoke_sets(seeds),
+                   out=str(tmp_path / name))
+        docs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
