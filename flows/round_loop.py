@@ -31,6 +31,7 @@ from tasks.register import register
 from tasks.rollout import rollout
 from tasks.track import finish, log_round, open_experiment
 from tasks.train import train
+from tasks.version_buffer import version_buffer
 
 
 def configure(params: str, profile: str | None, method_name: str | None, seed: int | None,
@@ -54,7 +55,7 @@ def run_folder(cfg: Config, out: str | None, flow_run: str) -> Path:
 @flow(name="fedse", log_prints=True)
 def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, params: str = "params.yaml",
                sets: list[str] | None = None, out: str | None = None, tracking_uri: str | None = None,
-               experiment: str | None = None) -> dict[str, Any]:
+               experiment: str | None = None, dvc_repo: str | None = None) -> dict[str, Any]:
     """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json."""
     cfg = configure(params, profile, method, seed, sets)
     how = method_of(cfg.federation.method)
@@ -73,9 +74,10 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     for round in range(total):
         started = time.perf_counter()
         record: dict[str, Any] = {"round": round}
-        adapter = None
+        adapter, buffers = None, {}
         if how.train:
-            global_state, adapter = one_round(cfg, groups, round, global_state, own, initial, folder, record)
+            global_state, adapter, buffers = one_round(cfg, groups, round, global_state, own, initial, folder,
+                                                       record, dvc_repo)
         record.update(evaluate_all(cfg, round, global_state, own, initial))
         record["seconds"] = time.perf_counter() - started
         rounds.append(record)
@@ -83,7 +85,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
         if tracking is not None:
             round_run = log_round(tracking, round, record)
             if adapter is not None:
-                version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, {})
+                version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers)
                 get_run_logger().info("round %d: registered fedse-global version %s", round, version)
         create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
                               description=f"{how.name} round {round}: success per environment")
@@ -95,9 +97,11 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
 
 
 def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,
-              own: dict[str, AdapterState], initial: AdapterState, folder: Path,
-              record: dict[str, Any]) -> tuple[AdapterState, dict[str, Any] | None]:
-    """Map the client chain, collect every result (a failure raises here), then aggregate."""
+              own: dict[str, AdapterState], initial: AdapterState, folder: Path, record: dict[str, Any],
+              dvc_repo: str | None) -> tuple[AdapterState, dict[str, Any] | None, dict[str, str]]:
+    """Map the client chain, collect every result (a failure raises here), then aggregate.
+
+    Returns the new global adapter, where it was saved, and the DVC hash of each client's buffer version."""
     how = method_of(cfg.federation.method)
     chains = []
     for name, envs in groups:
@@ -105,9 +109,13 @@ def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, glob
         fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else []
         kept = success_filter.submit(fresh, how.name, name, round)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
-        chains.append((name, fresh, data, train.submit(cfg, start, data, round, name)))
-    updates, stats = [], {}
-    for name, fresh, data, trained in chains:
+        versioned = version_buffer.submit(dvc_repo, str(folder / "buffers" / name), name, round,
+                                          wait_for=[data]) if dvc_repo else None
+        chains.append((name, fresh, data, train.submit(cfg, start, data, round, name), versioned))
+    updates, stats, buffers = [], {}, {}
+    for name, fresh, data, trained, versioned in chains:
+        if versioned is not None:
+            buffers[name] = versioned.result()
         state, train_stats = trained.result()
         fresh_list = fresh.result() if hasattr(fresh, "result") else fresh
         client_data = data.result()
@@ -118,7 +126,9 @@ def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, glob
     new, adapter = aggregate.submit(cfg, updates, global_state, round, str(folder)).result()
     if adapter is not None:
         record["global"] = {"sha256": adapter["sha256"], "bytes": adapter["bytes"]}
-    return new, adapter
+    if buffers:
+        record["buffers_dvc"] = buffers
+    return new, adapter, buffers
 
 
 def evaluate_all(cfg: Config, round: int, global_state: AdapterState, own: dict[str, AdapterState],

@@ -25,7 +25,7 @@ def main() -> None:
     cfg = load_config(params)
     gpu_limit(cfg.orchestration.gpu_slots)
     flow = round_loop.with_options(task_runner=task_runner(cfg.orchestration.task_runner, cfg.orchestration.workers))
-    defaults = {"params": params, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    defaults = {"params": params, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"), "dvc_repo": os.getcwd()}
     flow.serve(name=DEPLOYMENT, parameters=defaults, description="Fed-SE round loop: python -m flows")
 
 

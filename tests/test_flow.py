@@ -37,12 +37,17 @@ def smoke_sets(seeds: Path) -> list[str]:
 
 def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Path, seeds: Path,
                                                                 tmp_path: Path) -> None:
+    from dvc.repo import Repo
+
     from flows.round_loop import round_loop
     from mlflow import MlflowClient
+    from tasks.version_buffer import in_cache
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Repo.init(str(tmp_path / "dvc"), no_scm=True).close()
     state = round_loop(method="fedse", profile="smoke", seed=1, params=str(micro_params), sets=smoke_sets(seeds),
-                       out=str(tmp_path / "run"), tracking_uri=uri, experiment="t", return_state=True)
+                       out=str(tmp_path / "run"), tracking_uri=uri, experiment="t", return_state=True,
+                       dvc_repo=str(tmp_path / "dvc"))
     assert state.is_completed()
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert doc["complete"] and doc["method"] == "fedse" and len(doc["rounds"]) == 2
@@ -59,6 +64,13 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
     assert sorted(v.tags["round"] for v in versions) == ["0", "1"]
     shas = {r["global"]["sha256"] for r in doc["rounds"]}
     assert {v.tags["adapter_sha256"] for v in versions} == shas
+    # lineage: each version names the DVC version of every client buffer that fed it, and the cache holds it
+    for v in versions:
+        lineage = {k.removeprefix("buffer."): h for k, h in v.tags.items() if k.startswith("buffer.")}
+        assert set(lineage) == {"maze", "wordle"}
+        assert lineage == doc["rounds"][int(v.tags["round"])]["buffers_dvc"]
+        assert all(in_cache(str(tmp_path / "dvc"), h) for h in lineage.values())
+    assert doc["rounds"][0]["buffers_dvc"]["maze"] != doc["rounds"][1]["buffers_dvc"]["maze"]  # it grew
     champion = client.get_registered_model("fedse-global").aliases["champion"]
     best = max(versions, key=lambda v: float(v.tags["macro"]))
     assert champion == best.version

@@ -24,7 +24,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from dvc.repo import Repo
+
     root = tmp_path_factory.mktemp("stack")
+    Repo.init(str(root), no_scm=True).close()  # the served deployment versions buffers in its folder's DVC repo
     running = Stack(root=root, prefect_port=free_port(), mlflow_port=free_port(),
                     extra_env={"OMP_NUM_THREADS": "1"})
     running.up()
@@ -60,4 +63,7 @@ def test_deployment_run_completes_and_registers_versions(stack: Stack, micro_par
     assert [r["round"] for r in rows] == [0, 1] and all(r["method"] == "fedse" for r in rows)
     assert {r["adapter_sha256"] for r in rows} == {r["global"]["sha256"] for r in doc["rounds"]}
     assert sum("champion" in r["aliases"] for r in json.loads(result.stdout)) == 1
+    from tasks.version_buffer import in_cache
+
+    assert all(set(r["buffers"]) == {"maze"} and in_cache(str(stack.root), r["buffers"]["maze"]) for r in rows)
     assert os.environ["PREFECT_API_URL"] == stack.prefect_api

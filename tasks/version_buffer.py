@@ -1,0 +1,52 @@
+"""Task `version_buffer`: snapshot a client's buffer folder into the DVC cache; its DVC hash names that
+version (the `buffer.<client>` tag of every adapter it fed: lineage from adapter back to data).
+
+The hash is the one `dvc add` would write (md5 of the folder's `.dir` listing); the files land in the
+repository's DVC cache, so `dvc` can check that version out or push it. A run folder is git-ignored, where
+`dvc add` refuses to write a `.dvc` file, hence the DVC data API. One DVC operation at a time per process.
+"""
+
+import threading
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+_one_at_a_time = threading.Lock()
+
+
+@task(name="version_buffer", retries=1, cache_policy=NO_CACHE, task_run_name="version-buffer-{client}-round-{round}")
+def version_buffer(repo: str, root: str, client: str, round: int) -> str:
+    """Store the buffer folder `root` in the cache of the DVC repository `repo`; returns its hash."""
+    from dvc.fs import LocalFileSystem
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.transfer import transfer
+
+    with _one_at_a_time:
+        dvc = Repo(repo)
+        try:
+            cache = dvc.cache.local
+            staging, _, obj = build(cache, str(Path(root).resolve()), LocalFileSystem(), "md5")
+            result = transfer(staging, cache, {obj.hash_info}, shallow=False, hardlink=False)
+            if result.failed:
+                raise RuntimeError(f"{root}: {len(result.failed)} objects did not reach the DVC cache {cache.path}")
+            return obj.hash_info.value
+        finally:
+            dvc.close()
+
+
+def in_cache(repo: str, digest: str) -> bool:
+    """Whether the DVC cache of `repo` holds that version (the folder listing and every file in it)."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    dvc = Repo(repo)
+    try:
+        cache = dvc.cache.local
+        if not cache.exists(digest):
+            return False
+        return all(cache.exists(entry.value) for _, _, entry in Tree.load(cache, HashInfo("md5", digest)))
+    finally:
+        dvc.close()
