@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,18 +40,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_deployment_run_completes_and_registers_versions(stack: Stack, micro_params: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in stack.env().items():
-        if key.startswith(("PREFECT_", "MLFLOW_")):
-            monkeypatch.setenv(key, value)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
     seeds = tmp_path / "seeds"
     runner = CliRunner()
     assert runner.invoke(app, ["seed", "--out", str(seeds), "--env", "maze", "--count", "4"]).exit_code == 0
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={
-        "method": "fedse", "profile": "smoke", "seed": 2, "params": str(micro_params), "out": str(tmp_path / "run"),
-        "sets": ["federation.clients=[maze]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
-                 "federation.explore_episodes=2", "federation.eval_episodes=2"]})
+    # Prefect reads its settings into a context once per process: set the API there, not only in os.environ
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={
+            "method": "fedse", "profile": "smoke", "seed": 2, "params": str(micro_params),
+            "out": str(tmp_path / "run"),
+            "sets": ["federation.clients=[maze]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
+                     "federation.explore_episodes=2", "federation.eval_episodes=2"]})
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert doc["complete"] and len(doc["rounds"]) == 2
@@ -66,4 +68,3 @@ def test_deployment_run_completes_and_registers_versions(stack: Stack, micro_par
     from tasks.version_buffer import in_cache
 
     assert all(set(r["buffers"]) == {"maze"} and in_cache(str(stack.root), r["buffers"]["maze"]) for r in rows)
-    assert os.environ["PREFECT_API_URL"] == stack.prefect_api
