@@ -103,3 +103,18 @@ def test_a_second_run_in_the_same_process_starts_from_the_fresh_adapter(micro_pa
                    out=str(tmp_path / name))
         docs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
+
+
+def test_the_process_pool_runner_gives_the_same_adapters(micro_params: Path, seeds: Path, tmp_path: Path) -> None:
+    """orchestration.task_runner=process: every worker loads its own model from the same seed, so the run
+    is the thread runner's, adapter for adapter."""
+    from flows.round_loop import round_loop, task_runner
+
+    docs = []
+    for kind in ("thread", "process"):
+        flow = round_loop.with_options(task_runner=task_runner(kind, 2))
+        state = flow(method="fedit", profile="smoke", seed=5, params=str(micro_params), sets=smoke_sets(seeds),
+                     out=str(tmp_path / kind), return_state=True)
+        assert state.is_completed(), state
+        docs.append(json.loads((tmp_path / kind / "metrics.json").read_text()))
+    assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
