@@ -22,9 +22,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	touch $(STAMP)
 
 ## run: expert seeds (DVC stage `seed`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model
+## through the Prefect flow (temporary local API, MLflow in mlflow/mlflow.db, buffers in the DVC cache)
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
-	$(BIN)/fedse run --profile quick --method fedse
+	$(BIN)/python -m flows.experiment --profile quick --method fedse
 
 ## results: the whole results table on the tiny model (README "Results"): quick profile x 3 seeds x every
 ## method and ablation, the LoRA rank sweep (1 seed), the full profile (fedse, fedit; 1 seed), then the reports

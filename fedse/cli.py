@@ -287,7 +287,6 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
             sets: list[str] = typer.Option(None, "--set", help="override a parameter, e.g. model.lora.r=4")) -> None:
     """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
     from fedse.federation import Federation
-    from fedse.plots import run_curves
 
     extra = [*State.overrides, *(sets or [])]
     if method is not None:
@@ -300,16 +299,24 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
     with _progress() as bar:
         agent = _agent(None, bar)
         doc = Federation(agent, cfg, out_dir, progress=RichProgress(bar)).run()
+    summarise_run(doc, out_dir)
+
+
+def summarise_run(doc: dict[str, Any], out_dir: Path) -> Path:
+    """The final round as a table, the learning-curve PNG written next to metrics.json; returns the plot."""
+    from fedse.plots import run_curves
+
     plot = run_curves(doc, out_dir / "curves.png")
     last = doc["rounds"][-1]
     table = Table("env", "success", "95% CI", "n", title=f"{doc['method']} after {len(doc['rounds'])} round(s) "
-                  f"(profile {cfg.profile}, seed {cfg.seed})")
+                  f"(profile {doc['profile']}, seed {doc['seed']})")
     for name, s in last["envs"].items():
         table.add_row(name, f"{s['success']:.3f}", f"{s['ci95'][0]:.2f}–{s['ci95'][1]:.2f}", str(s["n"]))
     table.add_row("micro", f"{last['micro']:.3f}", "", "")
     table.add_row("macro", f"{last['macro']:.3f}", f"{last['macro_ci95'][0]:.2f}–{last['macro_ci95'][1]:.2f}", "")
     out.print(table)
     out.print(f"metrics: {out_dir / 'metrics.json'}\nplot:    {plot}")
+    return plot
 
 
 def run_name(cfg: Config) -> str:

@@ -93,7 +93,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     if tracking is not None:
         finish(tracking, str(folder / "metrics.json"))
     print(f"metrics: {folder / 'metrics.json'}")
-    return document(cfg, model, rounds, complete=True)
+    return document(cfg, model, rounds, complete=True) | {"out": str(folder)}
 
 
 def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,

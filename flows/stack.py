@@ -60,8 +60,8 @@ class Stack:
             self._init_mlflow_db()
             pids["mlflow"] = self._start("mlflow", [
                 str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-                "--backend-store-uri", self._db_uri(), "--artifacts-destination",
-                str(self.root / "mlflow" / "artifacts"), "--workers", "1"], env)
+                "--backend-store-uri", self._db_uri(), "--default-artifact-root",
+                (self.root / "mlflow" / "artifacts").as_uri(), "--no-serve-artifacts", "--workers", "1"], env)
             self._wait(f"{self.prefect_api}/health", "Prefect server", timeout)
             self._wait(f"{self.mlflow_uri}/health", "MLflow server", timeout)
             pids["deployment"] = self._start("deployment", [sys.executable, "-m", "flows"], env)

@@ -6,6 +6,7 @@ run", because tasks run in worker threads or processes.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -45,13 +46,22 @@ def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tr
     """The experiment (created once) and this flow run's parent MLflow run, with params and tags."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment,
+                                                                               artifact_location=artifacts_for(uri))
     name = f"{cfg.federation.method}-s{cfg.seed}"
     run = client.create_run(experiment_id, run_name=name, tags={
         "method": cfg.federation.method, "profile": str(cfg.profile), "seed": str(cfg.seed),
         "prefect.flow_run_id": flow_run, MLFLOW_RUN_NAME: name})
     client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat_params(cfg).items()])
     return Tracking(uri, experiment_id, run.info.run_id, experiment)
+
+
+def artifacts_for(uri: str) -> str | None:
+    """Artifacts of a store used without a server (sqlite:///…/mlflow.db) go next to it, in `artifacts/`;
+    a server decides its own (`make serve`: mlflow/artifacts as well, so both ways read the same files)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
 
 
 def _param(key: str, value: str) -> Any:

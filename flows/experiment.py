@@ -1,0 +1,46 @@
+"""One experiment through the flow on this machine, no servers needed: `python -m flows.experiment`.
+
+Prefect runs on a temporary local API, MLflow tracks into `mlflow/mlflow.db` (SQLite), buffers are versioned
+in the project's DVC cache. Prints the final table, then where the metrics, the plot and the MLflow runs are.
+This is what `make run` calls.
+
+    python -m flows.experiment [--method fedse] [--profile quick] [--seed 0] [--out DIR] [--set key=value ...]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedse.cli import summarise_run
+from fedse.config import ConfigError
+from flows.round_loop import round_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="fedse")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default=None, help="run folder [runs/flows/<method>-<profile>-s<seed>-<run id>]")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override, e.g. model.lora.r=4")
+    parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}")
+    args = parser.parse_args(argv)
+    (ROOT / "mlflow").mkdir(exist_ok=True)
+    try:
+        doc = round_loop(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
+                         sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT))
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    folder = Path(doc["out"])
+    summarise_run(doc, folder)
+    print(f"mlflow:  {args.tracking_uri} (experiment fedse-{doc['profile']}; `mlflow ui --backend-store-uri "
+          f"{args.tracking_uri}`)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
