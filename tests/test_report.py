@@ -33,8 +33,10 @@ def doc(method: str, seed: int, maze: float, wordle: float, r: int = 8, n: int =
 
 
 def test_estimate_uses_t_interval_over_seeds_and_own_interval_for_one_seed() -> None:
-    e = estimate([0.2, 0.4, 0.6], single_half=0.99)
+    e = estimate([0.2, 0.4, 0.6], single_half=0.09)
     assert e.mean == pytest.approx(0.4) and e.half == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
+    # seeds that agree exactly keep their sampling error (binomial half-width / sqrt(n))
+    assert estimate([0.3, 0.3], single_half=0.2).half == pytest.approx(0.2 / 2 ** 0.5)
     assert estimate([0.5], single_half=0.07).half == 0.07
 
 
@@ -83,7 +85,9 @@ def test_improvement_pairs_round_zero_and_final_per_seed() -> None:
     runs = [two_rounds("fedse", s, 0.1, 0.3 + s / 100) for s in range(3)]
     first, last, diff, half = improvement(runs)
     assert (first, last) == pytest.approx((0.1, 0.31)) and diff == pytest.approx(0.21)
-    assert half == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3)  # t interval of the paired differences
+    # the t interval of the paired differences (0.025) is floored by one run's binomial interval / sqrt(3)
+    binomial = 1.96 * (2 * (0.1 * 0.9 / 20 + 0.3 * 0.7 / 20) / 4) ** 0.5
+    assert half == pytest.approx(max(4.303 * 0.01 / 3 ** 0.5, binomial / 3 ** 0.5), rel=1e-3)
     table = improvement_table([*runs, doc("pretrained", 0, 0.1, 0.1)])
     assert "| fedse | 0.100 | 0.310 | +0.210 ± " in table and "| holds |" in table and "pretrained" not in table
     # one run: the binomial interval of two independent proportions (n=20 per env, 2 envs)
