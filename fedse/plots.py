@@ -55,7 +55,8 @@ def _style(ax: Any, title: str) -> None:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test success")
-    ax.set_ylim(-0.02, 1.02)
+    # near-floor results should not look flat: zoom to the data, never past 0–1
+    ax.set_ylim(-0.02, min(1.02, max(0.25, ax.dataLim.y1 * 1.15)))
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, ncol=2, loc="upper left")
