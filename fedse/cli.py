@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedse.config import Config, ConfigError, load_config
+from fedse.config import Config, ConfigError, load_config, run_config
 from fedse.model import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -288,12 +288,7 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
     """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
     from fedse.federation import Federation
 
-    extra = [*State.overrides, *(sets or [])]
-    if method is not None:
-        extra.append(f"federation.method={method}")
-    if seed is not None:
-        extra.append(f"seed={seed}")
-    cfg = load_config(State.params, profile=profile, overrides=extra)
+    cfg = run_config(State.params, profile, method, seed, [*State.overrides, *(sets or [])])
     State._config = cfg
     out_dir = out_dir or cfg.federation.out / run_name(cfg)
     with _progress() as bar:

@@ -130,6 +130,18 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message is one line naming the file and the field."""
 
 
+def run_config(path: Path | str | None, profile: str | None, method: str | None, seed: int | None,
+               sets: list[str] | None) -> Config:
+    """The config of one run: `load_config` with the run's method and seed as the last overrides (what
+    `fedse run` and the flow both take)."""
+    extra = list(sets or [])
+    if method is not None:
+        extra.append(f"federation.method={method}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    return load_config(path, profile=profile, overrides=extra)
+
+
 def load_config(path: Path | str | None = "params.yaml", profile: str | None = None,
                 overrides: list[str] | None = None) -> Config:
     """Config from `path`, then the profile's settings, then `key.path=value` overrides, validated once.

@@ -18,9 +18,10 @@ from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from fedse.atomic import write_json
-from fedse.config import Config, load_config
+from fedse.config import Config, run_config
 from fedse.evaluate import summarise
 from fedse.federation import AdapterState, client_groups, document, eval_state, start_state, successes, update_stats
+from fedse.methods import Method
 from fedse.methods import method as method_of
 from tasks.agent import borrowed, fresh_adapter
 from tasks.aggregate import aggregate
@@ -32,16 +33,6 @@ from tasks.rollout import rollout
 from tasks.track import finish, log_round, open_experiment
 from tasks.train import train
 from tasks.version_buffer import version_buffer
-
-
-def configure(params: str, profile: str | None, method_name: str | None, seed: int | None,
-              sets: list[str] | None) -> Config:
-    extra = list(sets or [])
-    if method_name is not None:
-        extra.append(f"federation.method={method_name}")
-    if seed is not None:
-        extra.append(f"seed={seed}")
-    return load_config(params, profile=profile, overrides=extra)
 
 
 def run_folder(cfg: Config, out: str | None, flow_run: str) -> Path:
@@ -57,7 +48,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
                sets: list[str] | None = None, out: str | None = None, tracking_uri: str | None = None,
                experiment: str | None = None, dvc_repo: str | None = None) -> dict[str, Any]:
     """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json."""
-    cfg = configure(params, profile, method, seed, sets)
+    cfg = run_config(params, profile, method, seed, sets)
     how = method_of(cfg.federation.method)
     flow_run = str(get_run_context().flow_run.id)
     folder = run_folder(cfg, out, flow_run)
@@ -76,9 +67,9 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
         record: dict[str, Any] = {"round": round}
         adapter, buffers = None, {}
         if how.train:
-            global_state, adapter, buffers = one_round(cfg, groups, round, global_state, own, initial, folder,
-                                                       record, dvc_repo)
-        record.update(evaluate_all(cfg, round, global_state, own, initial))
+            global_state, adapter, buffers = one_round(cfg, how, groups, round, global_state, own, initial,
+                                                       folder, record, dvc_repo)
+        record.update(evaluate_all(cfg, how, round, global_state, own, initial))
         record["seconds"] = time.perf_counter() - started
         rounds.append(record)
         write_json(folder / "metrics.json", document(cfg, model, rounds, complete=round == total - 1))
@@ -96,18 +87,17 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     return document(cfg, model, rounds, complete=True) | {"out": str(folder)}
 
 
-def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,
+def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,
               own: dict[str, AdapterState], initial: AdapterState, folder: Path, record: dict[str, Any],
               dvc_repo: str | None) -> tuple[AdapterState, dict[str, Any] | None, dict[str, str]]:
     """Map the client chain, collect every result (a failure raises here), then aggregate.
 
     Returns the new global adapter, where it was saved, and the DVC hash of each client's buffer version."""
-    how = method_of(cfg.federation.method)
     chains = []
     for name, envs in groups:
         start = start_state(how, global_state, own.get(name), initial)
-        fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else []
-        kept = success_filter.submit(fresh, how.name, name, round)
+        fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else None
+        kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
         versioned = version_buffer.submit(dvc_repo, str(folder / "buffers" / name), name, round,
                                           wait_for=[data]) if dvc_repo else None
@@ -117,7 +107,7 @@ def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, glob
         if versioned is not None:
             buffers[name] = versioned.result()
         state, train_stats = trained.result()
-        fresh_list = fresh.result() if hasattr(fresh, "result") else fresh
+        fresh_list = fresh.result() if fresh is not None else []
         client_data = data.result()
         own[name] = state
         stats[name] = update_stats(how, fresh_list, client_data.manifest, client_data.records, train_stats, state)
@@ -131,9 +121,8 @@ def one_round(cfg: Config, groups: list[tuple[str, list[str]]], round: int, glob
     return new, adapter, buffers
 
 
-def evaluate_all(cfg: Config, round: int, global_state: AdapterState, own: dict[str, AdapterState],
+def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterState, own: dict[str, AdapterState],
                  initial: AdapterState) -> dict[str, Any]:
-    how = method_of(cfg.federation.method)
     futures = {env: evaluate.submit(cfg, eval_state(how, env, own, global_state, initial), env, round)
                for env in cfg.client_envs()}
     return summarise({env: future.result() for env, future in futures.items()})

@@ -4,9 +4,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow import MlflowClient
 from tasks.register import MODEL
 
 

@@ -5,16 +5,18 @@ run", because tasks run in worker threads or processes.
 """
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedse.config import Config
-from mlflow import MlflowClient
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tr
     run = client.create_run(experiment_id, run_name=name, tags={
         "method": cfg.federation.method, "profile": str(cfg.profile), "seed": str(cfg.seed),
         "prefect.flow_run_id": flow_run, MLFLOW_RUN_NAME: name})
-    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat_params(cfg).items()])
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat_params(cfg).items()])
     return Tracking(uri, experiment_id, run.info.run_id, experiment)
 
 
@@ -62,12 +64,6 @@ def artifacts_for(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
-
-
-def _param(key: str, value: str) -> Any:
-    from mlflow.entities import Param
-
-    return Param(key, value)
 
 
 def round_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -89,13 +85,11 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
       task_run_name="track-round-{round}")
 def log_round(tracking: Tracking, round: int, record: dict[str, Any]) -> str:
     """A nested run for the round (its metrics), and the same metrics on the parent at step = round."""
-    from mlflow.entities import Metric
-
     client = tracking.client()
     run = client.create_run(tracking.experiment_id, run_name=f"round-{round}", tags={
         MLFLOW_PARENT_RUN_ID: tracking.run_id, "round": str(round), MLFLOW_RUN_NAME: f"round-{round}"})
     metrics = round_metrics(record)
-    stamp = _now_ms()
+    stamp = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])
     client.log_batch(tracking.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id)
@@ -108,8 +102,3 @@ def finish(tracking: Tracking, metrics_path: str, status: str = "FINISHED") -> N
     client.log_artifact(tracking.run_id, metrics_path)
     client.set_terminated(tracking.run_id, status=status)
 
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)

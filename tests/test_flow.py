@@ -38,9 +38,9 @@ def smoke_sets(seeds: Path) -> list[str]:
 def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Path, seeds: Path,
                                                                 tmp_path: Path) -> None:
     from dvc.repo import Repo
+    from mlflow import MlflowClient
 
     from flows.round_loop import round_loop
-    from mlflow import MlflowClient
     from tasks.version_buffer import in_cache
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
