@@ -240,7 +240,7 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
              episodes: int = typer.Option(None, "--episodes", min=1, help="first N tasks per env [all]"),
              split: str = typer.Option("test", "--split", help="test (report) or val (held-out train ids: tune)"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Greedy success and mean reward on held-out tasks, with micro/macro averages and 95% intervals.
+    """Success and mean reward on held-out tasks (at policy.eval_temperature), micro/macro averages, 95% intervals.
 
     `--split val` scores the validation ids instead (train-distribution tasks no seed or client uses), which
     is where hyperparameters are chosen; test tasks are for reporting only.
@@ -261,7 +261,7 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
             cls = env_class(name)
             ids = list(cls.test_ids if split == "test" else cls.validation_ids())[:n]
             job = bar.add_task(f"evaluating {name}", total=len(ids))
-            records = rollout(agent, name, ids, cfg.policy, greedy=True, seed=cfg.seed,
+            records = rollout(agent, name, ids, cfg.policy, evaluation=True, seed=cfg.seed,
                               env_options=env_options(name), advance=lambda k, job=job: bar.advance(job, k))
             per_env[name] = score(records)
     result = summarise(per_env)
@@ -325,13 +325,14 @@ def run_name(cfg: Config) -> str:
 def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each with a metrics.json)"),
                out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and curves.png")) \
         -> None:
-    """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves.
+    """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves
+    (curves.png, and curves.csv for `dvc plots show`).
 
     Each run's metrics.json is copied to `OUT/runs/<run>.json`, so the report can be rebuilt from OUT alone:
     `fedse report OUT/runs/*.json --out OUT`.
     """
     from fedse.atomic import write_json, write_text
-    from fedse.plots import method_curves
+    from fedse.plots import curves_csv, method_curves
     from fedse.report import labeller, load_runs, markdown
 
     docs = load_runs(runs)
@@ -340,6 +341,7 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each wi
         if not (path.is_file() and path.resolve().parent == (out_dir / "runs").resolve()):
             write_json(out_dir / "runs" / f"{name}.json", doc)
     plot = method_curves(docs, out_dir / "curves.png", label=labeller(docs))
+    curves_csv(docs, out_dir / "curves.csv", label=labeller(docs))  # the same lines for `dvc plots show`
     text = markdown(docs, plot)
     write_text(out_dir / "results.md", text)
     out.print(text, markup=False, highlight=False)

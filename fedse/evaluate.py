@@ -1,4 +1,5 @@
-"""Held-out evaluation: greedy episodes on an environment's test tasks, summarised with uncertainty.
+"""Held-out evaluation: episodes on an environment's test tasks (greedy, or at `policy.eval_temperature`), with
+uncertainty.
 
 Micro average weights environments by their test-set sizes (the paper's "Avg"); macro weighs each
 environment equally. Intervals are Wilson score intervals (95%) for per-environment success, which stay

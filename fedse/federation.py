@@ -98,8 +98,8 @@ def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int
     """Play this round's train tasks with the broadcast adapter at the exploration temperature."""
     set_adapter_state(agent, state, origin="global adapter")
     ids = explore_task_ids(env, round, cfg.federation.explore_episodes, seed)
-    return rollout(agent, env, ids, cfg.policy, greedy=False, seed=seed * 1_000 + round, adapter_hash=state_hash(state),
-                   round=round, env_options=cfg.envs.options.get(env), advance=advance)
+    return rollout(agent, env, ids, cfg.policy, evaluation=False, seed=seed * 1_000 + round,
+                   adapter_hash=state_hash(state), round=round, env_options=cfg.envs.options.get(env), advance=advance)
 
 
 def keep(fresh: list[Trajectory], how: Method) -> list[Trajectory]:
@@ -144,7 +144,7 @@ def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, s
     """Greedy success on this round's evaluation tasks of the env."""
     set_adapter_state(agent, state, origin="evaluated adapter")
     ids = eval_task_ids(cfg, env, round)
-    return score(rollout(agent, env, ids, cfg.policy, greedy=True, seed=seed, env_options=cfg.envs.options.get(env),
+    return score(rollout(agent, env, ids, cfg.policy, evaluation=True, seed=seed, env_options=cfg.envs.options.get(env),
                          advance=advance))
 
 

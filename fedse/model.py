@@ -38,6 +38,8 @@ class LoraSpec(BaseModel):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target: str | list[str] = "all-linear"
+    freeze_a: bool = Field(False, description="train B only (A stays at its shared random init), so the mean of "
+                           "the clients' adapters is exactly the mean of their weight updates (FFA-LoRA)")
 
 
 class ModelSpec(BaseModel):
@@ -156,7 +158,12 @@ def attach_lora(model: Any, lora: LoraSpec, seed: int = 0) -> Any:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target,
                         task_type="CAUSAL_LM")
     # new LoRA modules start in training mode: without eval() their dropout would make acting random
-    return get_peft_model(model, config).eval()
+    peft_model = get_peft_model(model, config).eval()
+    if lora.freeze_a:  # averaging B_k A_k separately is then exact: mean(B_k) A = mean(B_k A)
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model
 
 
 def load_agent(spec: ModelSpec, adapter: Path | None = None, seed: int = 0,

@@ -28,23 +28,51 @@ def run_curves(doc: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
-    """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max)."""
+def mean_curves(docs: list[dict[str, Any]], label: Any = None) -> dict[str, tuple[list[int], list[list[float]]]]:
+    """Per label: the rounds every run of it reached, and each round's macro success of every run."""
     label = label or (lambda d: d["method"])
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for doc in docs:
         groups[label(doc)].append(doc)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    curves = {}
     for name, runs in sorted(groups.items()):
         length = min(len(d["rounds"]) for d in runs)
-        rounds = [runs[0]["rounds"][i]["round"] for i in range(length)]
-        series = [[d["rounds"][i]["macro"] for d in runs] for i in range(length)]
+        curves[name] = ([runs[0]["rounds"][i]["round"] for i in range(length)],
+                        [[d["rounds"][i]["macro"] for d in runs] for i in range(length)])
+    return curves
+
+
+def curves_csv(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
+    """The PNG's lines as a table for `dvc plots show`: one row per round, one column per method (mean over
+    seeds). A method evaluated once (the untrained base) holds its value on every round, as its line does."""
+    curves = mean_curves(docs, label)
+    last = max((rounds[-1] for rounds, _ in curves.values()), default=0)
+    lines = ["round," + ",".join(curves)]
+    for r in range(last + 1):
+        cells = []
+        for rounds, series in curves.values():
+            i = rounds.index(r) if r in rounds else (0 if len(rounds) == 1 else None)
+            cells.append("" if i is None else f"{sum(series[i]) / len(series[i]):.4f}")
+        lines.append(f"{r}," + ",".join(cells))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
+    """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, (rounds, series) in mean_curves(docs, label).items():
+        n = len(series[0])
         mean = [sum(s) / len(s) for s in series]
-        if length == 1:  # e.g. the pretrained base: a flat reference line
-            ax.axhline(mean[0], ls="--", lw=1.2, color="grey", label=f"{name} (n={len(runs)})")
+        if len(rounds) == 1:  # e.g. the pretrained base: a flat reference line
+            ax.axhline(mean[0], ls="--", lw=1.2, color="grey", label=f"{name} (n={n})")
             continue
-        line = ax.plot(rounds, mean, marker="o", ms=3, lw=1.6, label=f"{name} (n={len(runs)})")[0]
-        if len(runs) > 1:
+        line = ax.plot(rounds, mean, marker="o", ms=3, lw=1.6, label=f"{name} (n={n})")[0]
+        if n > 1:
             ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12,
                             color=line.get_color())
     _style(ax, "macro test success per round (mean over seeds; band = min–max)")

@@ -40,7 +40,9 @@ class PolicySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: str = Field("auto", pattern="^(auto|constrained|react)$")
-    temperature: float = Field(1.0, ge=0, description="exploration temperature; evaluation is greedy")
+    temperature: float = Field(1.0, ge=0, description="exploration temperature")
+    eval_temperature: float = Field(0.0, ge=0, description="evaluation temperature; 0 = greedy (seeded otherwise, "
+                                    "the same seed every round so rounds are compared on the same draws)")
     max_new_tokens: int = Field(64, ge=1)
     context: int = Field(1536, ge=128, description="prompt token budget (capped by the model's window)")
     batch_size: int = Field(4, ge=1, description="episodes per forward pass")
@@ -48,6 +50,9 @@ class PolicySpec(BaseModel):
                        description="constrained: a candidate's log-prob summed over its tokens, or their mean")
     history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "
                                       "that fit in the context")
+
+    def temperature_for(self, evaluation: bool) -> float:
+        return self.eval_temperature if evaluation else self.temperature
 
     def resolved_mode(self, agent: Agent) -> str:
         if self.mode != "auto":
@@ -348,9 +353,9 @@ def parse_reply(text: str) -> tuple[str, str]:
     return thought, action
 
 
-def make_policy(agent: Agent, spec: PolicySpec, greedy: bool, seed: int = 0) -> Any:
-    """The policy `spec` asks for; greedy for evaluation, `spec.temperature` for exploration."""
-    temperature = 0.0 if greedy else spec.temperature
+def make_policy(agent: Agent, spec: PolicySpec, evaluation: bool, seed: int = 0) -> Any:
+    """The policy `spec` asks for, at its evaluation or its exploration temperature."""
+    temperature = spec.temperature_for(evaluation)
     if spec.resolved_mode(agent) == "constrained":
         return ConstrainedPolicy(agent, temperature, seed, spec.context, spec.score, spec.history_turns)
     return ReactPolicy(agent, temperature, seed, spec.context, spec.max_new_tokens, spec.history_turns)

@@ -16,16 +16,16 @@ from fedse.policy import PolicySpec, make_policy
 from fedse.trajectory import Trajectory
 
 
-def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySpec, greedy: bool, seed: int,
+def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySpec, evaluation: bool, seed: int,
             adapter_hash: str | None = None, round: int | None = None, env_options: dict[str, Any] | None = None,
             advance: Callable[[int], None] | None = None) -> list[Trajectory]:
     """Play each task once; `advance(n)` is called as chunks of n episodes finish."""
     records: list[Trajectory] = []
-    temperature = 0.0 if greedy else spec.temperature
+    temperature = spec.temperature_for(evaluation)
     for start in range(0, len(task_ids), spec.batch_size):
         chunk = list(task_ids[start:start + spec.batch_size])
         pool = EnvPool(lambda: make_env(env_name, **(env_options or {})), chunk)
-        pool.run(make_policy(agent, spec, greedy, seed + start))
+        pool.run(make_policy(agent, spec, evaluation, seed + start))
         records.extend(pool.trajectories(env_name, policy="agent", adapter_hash=adapter_hash, round=round,
                                          seed=seed, temperature=temperature))
         if advance:

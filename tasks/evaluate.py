@@ -1,6 +1,6 @@
-"""Task `evaluate`: greedy success of an adapter on one environment's evaluation tasks.
+"""Task `evaluate`: success of an adapter on one environment's evaluation tasks (at `policy.eval_temperature`).
 
-Safe to retry: greedy episodes on fixed task ids are deterministic.
+Safe to retry: episodes on fixed task ids with a fixed seed are deterministic.
 """
 
 from prefect import task

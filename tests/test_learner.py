@@ -50,3 +50,29 @@ def test_gradient_accumulation_counts_optimizer_steps(micro_agent: Agent) -> Non
     trajs = expert_trajectories("wordle", list(range(10_000, 10_008)))
     stats = train(micro_agent, trajs, LearnerSpec(epochs=1, batch_size=2, grad_accum=2), seed=0)
     assert stats.steps == 2
+
+
+def test_freeze_a_trains_only_b_so_averaging_adapters_averages_the_updates(micro_spec) -> None:
+    from fedse.model import adapter_state, load_agent, set_adapter_state
+
+    spec = micro_spec.model_copy(update={"lora": micro_spec.lora.model_copy(update={"freeze_a": True})})
+    agent = load_agent(spec)
+    start = adapter_state(agent)
+    deltas, states = [], []
+    for env in ("maze", "wordle"):  # two clients from the same broadcast adapter
+        set_adapter_state(agent, start, origin="start")
+        train(agent, expert_trajectories(env, list(range(10_000, 10_004))), LearnerSpec(lr=5e-3, epochs=1), seed=0)
+        states.append(adapter_state(agent))
+    for key in start:
+        if "lora_A" in key:
+            assert all(torch.equal(s[key], start[key]) for s in states), key
+    assert any(not torch.equal(states[0][k], start[k]) for k in start if "lora_B" in k)
+    # with A shared, (mean of B_k) A == mean of (B_k A): the average adapter is the average weight update
+    a_keys = sorted(k for k in start if "lora_A" in k)
+    for a_key in a_keys:
+        b_key = a_key.replace("lora_A", "lora_B")
+        a = start[a_key]
+        for s in states:
+            deltas.append(s[b_key] @ a)
+        mean_b = (states[0][b_key] + states[1][b_key]) / 2
+        assert torch.allclose(mean_b @ a, (deltas[-2] + deltas[-1]) / 2, atol=1e-6)

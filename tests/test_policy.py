@@ -100,3 +100,13 @@ def test_greedy_choice_is_the_argmax_of_the_configured_score(micro_agent: Agent,
 
     EnvPool(lambda: make_env("textcraft"), [0, 1]).run(act)
     assert checked >= 2
+
+
+def test_evaluation_plays_at_the_evaluation_temperature(micro_agent: Agent) -> None:
+    from fedse.policy import PolicySpec, make_policy
+
+    spec = PolicySpec(temperature=1.0, eval_temperature=0.0)
+    assert make_policy(micro_agent, spec, evaluation=True).temperature == 0.0
+    assert make_policy(micro_agent, spec, evaluation=False).temperature == 1.0
+    sampled = PolicySpec(temperature=1.0, eval_temperature=0.7)
+    assert make_policy(micro_agent, sampled, evaluation=True).temperature == 0.7

@@ -99,3 +99,12 @@ def test_improvement_pairs_round_zero_and_final_per_seed() -> None:
 def test_mixed_profiles_are_reported_as_separate_rows() -> None:
     table = results_table([two_rounds("fedse", 0, 0.1, 0.2), two_rounds("fedse", 0, 0.1, 0.4, profile="full")])
     assert "| fedse (quick) |" in table and "| fedse (full) |" in table
+
+
+def test_curves_csv_holds_the_mean_macro_per_round_and_method(tmp_path: Path) -> None:
+    from fedse.plots import curves_csv
+
+    docs = [two_rounds("fedse", 0, 0.1, 0.3), two_rounds("fedse", 1, 0.2, 0.5), doc("pretrained", 0, 0.1, 0.1)]
+    rows = curves_csv(docs, tmp_path / "curves.csv").read_text().splitlines()
+    assert rows[0] == "round,fedse,pretrained"
+    assert rows[1] == "0,0.1500,0.1000" and rows[2] == "1,0.4000,0.1000"  # the base holds its one value
