@@ -27,22 +27,16 @@ run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	$(BIN)/python -m flows.experiment --profile quick --method fedse
 
-## results: the whole results table on the tiny model (README "Results"): quick profile x 3 seeds x every
-## method and ablation, the LoRA rank sweep (1 seed), the full profile (fedse, fedit; 1 seed), then the reports
-## reports/quick and reports/full. Each finished run's metrics.json is kept as reports/<profile>/runs/<run>.json
-## (committed, reviewable); runs found there are not run again, so an interrupted `make results` resumes.
-METHODS := fedse fedit local centralized pretrained no_filter no_history weighted
-RUN_ONE = kept=reports/$(1)/runs/$(2).json; out=runs/$(1)/$(2); \
-	if grep -qs '"complete": true' $$kept; then echo "kept $$kept"; \
-	else rm -rf $$out && $(BIN)/fedse run --profile $(1) --out $$out $(3) \
-		&& mkdir -p reports/$(1)/runs && cp $$out/metrics.json $$kept || exit 1; fi
+## results: the whole results table on the tiny model (README "Results"): `dvc repro` (the profile params.yaml
+## names, quick: every method x 3 seeds through the flow, the LoRA rank sweep, reports/quick), then the full profile
+## for fedse and fedit (seed 0) into reports/full. Runs already recorded in dvc.lock (or kept in reports/full/runs)
+## are not run again, so an interrupted `make results` resumes.
 results: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
-	for seed in 0 1 2; do for m in $(METHODS); do \
-		$(call RUN_ONE,quick,$$m-s$$seed,--method $$m --seed $$seed); done; done
-	for r in 2 4 16 32; do $(call RUN_ONE,quick,fedse-r$$r-s0,--method fedse --seed 0 --set model.lora.r=$$r); done
-	for m in fedse fedit; do $(call RUN_ONE,full,$$m-s0,--method $$m --seed 0); done
-	$(BIN)/fedse report reports/quick/runs/*.json --out reports/quick
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	for m in fedse fedit; do kept=reports/full/runs/$$m-s0.json; \
+		if grep -qs '"complete": true' $$kept; then echo "kept $$kept"; \
+		else rm -rf experiments/full/$$m-s0 && $(BIN)/python -m flows.experiment --profile full --method $$m --seed 0 \
+			--out experiments/full/$$m-s0 --keep $$kept || exit 1; fi; done
 	$(BIN)/fedse report reports/full/runs/*.json --out reports/full
 
 ## serve: a Prefect server, an MLflow server (SQLite under mlflow/) and the served deployment fedse/round-loop,

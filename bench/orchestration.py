@@ -6,7 +6,10 @@ order plain, flow, plain, flow (so machine noise hits both); ratio = best flow t
 deployment has one already running); MLflow tracking is off in both, so this is Prefect's own cost: task
 submission, state transitions and result handling per task.
 
-    python bench/orchestration.py [--profile smoke] [--clients maze,wordle] [--json]
+    python bench/orchestration.py [--profile smoke] [--clients maze,wordle] [--rounds N] [--repeats 2] [--json]
+
+`--rounds N` times only the first N rounds of the profile (each round costs the same tasks), so the quick
+profile's overhead can be measured without running two whole quick experiments per repeat.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--clients", default="maze,wordle")
+    parser.add_argument("--rounds", type=int, default=None, help="only the first N rounds of the profile")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sets = [f"federation.clients=[{args.clients}]"]
+    sets = [f"federation.clients=[{args.clients}]"] + ([f"federation.rounds={args.rounds}"] if args.rounds else [])
     cfg = load_config("params.yaml", profile=args.profile, overrides=sets)
     scratch = Path(tempfile.mkdtemp(prefix="fedse-bench-"))
     plain, flow = [], []

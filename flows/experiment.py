@@ -4,13 +4,18 @@ Prefect runs on a temporary local API, MLflow tracks into `mlflow/mlflow.db` (SQ
 in the project's DVC cache. Prints the final table, then where the metrics, the plot and the MLflow runs are.
 This is what `make run` calls.
 
-    python -m flows.experiment [--method fedse] [--profile quick] [--seed 0] [--out DIR] [--set key=value ...]
+    python -m flows.experiment [--method fedse] [--profile quick] [--seed 0] [--out DIR] [--keep FILE]
+                               [--set key=value ...]
+
+`--keep FILE` also writes the finished run's metrics to FILE (the `experiment` stages of dvc.yaml keep each
+run's small metrics file in git, beside the report, while the run folder goes to the DVC cache).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from fedse.atomic import write_json
 from fedse.cli import summarise_run
 from fedse.config import ConfigError
 from flows.round_loop import round_loop
@@ -25,6 +30,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default=None, help="run folder [runs/flows/<method>-<profile>-s<seed>-<run id>]")
+    parser.add_argument("--keep", type=Path, default=None, help="also write the finished run's metrics.json here")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override, e.g. model.lora.r=4")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}")
     args = parser.parse_args(argv)
@@ -36,6 +42,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     folder = Path(doc["out"])
+    if args.keep:
+        write_json(args.keep, {k: v for k, v in doc.items() if k != "out"})
     summarise_run(doc, folder)
     print(f"mlflow:  {args.tracking_uri} (experiment fedse-{doc['profile']}; `mlflow ui --backend-store-uri "
           f"{args.tracking_uri}`)")
