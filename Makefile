@@ -39,9 +39,11 @@ results: setup
 			--out experiments/full/$$m-s0 --keep $$kept || exit 1; fi; done
 	$(BIN)/fedse report reports/full/runs/*.json --out reports/full
 
-## serve: a Prefect server, an MLflow server (SQLite under mlflow/) and the served deployment fedse/round-loop,
-## all on 127.0.0.1; prints their URLs and records their pids in .serve/pids.json
+## serve: the expert seeds (DVC stage `seed`, skipped when up to date), then a Prefect server, an MLflow server
+## (SQLite under mlflow/) and the served deployment fedse/round-loop, all on 127.0.0.1; prints their URLs and
+## records their pids in .serve/pids.json
 serve: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	$(BIN)/python -m flows.stack up
 
 ## stop: stop exactly the processes `make serve` started

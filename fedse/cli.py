@@ -27,7 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 envs_app = typer.Typer(no_args_is_help=True, help="The five private environments.")
 app.add_typer(envs_app, name="envs")
 
-out = Console()
+# piped output (CI logs, `| less`) gets a wide page instead of rich's 80 columns, where tables fold to "…"
+out = Console(width=None if Console().is_terminal else 200)
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -104,11 +104,12 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
         chains.append((name, fresh, data, train.submit(cfg, start, data, round, name), versioned))
     updates, stats, buffers = [], {}, {}
     for name, fresh, data, trained, versioned in chains:
+        # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
+        fresh_list = fresh.result() if fresh is not None else []
+        client_data = data.result()
         if versioned is not None:
             buffers[name] = versioned.result()
         state, train_stats = trained.result()
-        fresh_list = fresh.result() if fresh is not None else []
-        client_data = data.result()
         own[name] = state
         stats[name] = update_stats(how, fresh_list, client_data.manifest, client_data.records, train_stats, state)
         updates.append((name, state, successes(client_data.records)))

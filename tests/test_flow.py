@@ -92,6 +92,18 @@ def test_a_failing_client_fails_the_flow(micro_params: Path, seeds: Path, tmp_pa
     assert not (tmp_path / "run" / "metrics.json").exists()  # no round was recorded as complete
 
 
+def test_an_upstream_failure_fails_the_flow_with_its_own_error(micro_params: Path, tmp_path: Path) -> None:
+    """A client without seed data: the flow run fails with the buffer's message, not a downstream 'not ready'."""
+    from flows.round_loop import round_loop
+
+    empty = tmp_path / "no-seeds"
+    empty.mkdir()
+    state = round_loop(method="fedit", profile="smoke", params=str(micro_params), sets=smoke_sets(empty),
+                       out=str(tmp_path / "run"), return_state=True)
+    assert state.is_failed()
+    assert "seed trajectories not found" in str(state.result(raise_on_failure=False))
+
+
 def test_a_second_run_in_the_same_process_starts_from_the_fresh_adapter(micro_params: Path, seeds: Path,
                                                                        tmp_path: Path) -> None:
     """A served deployment runs many flow runs in one process; none may inherit the previous one's adapter."""
