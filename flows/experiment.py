@@ -15,6 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from prefect.settings import (
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
+
 from fedse.atomic import write_json
 from fedse.cli import summarise_run
 from fedse.config import ConfigError
@@ -36,8 +42,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     (ROOT / "mlflow").mkdir(exist_ok=True)
     try:
-        doc = round_loop(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
-                         sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT))
+        # the temporary API gets 20 s to start by default: too few on a loaded 2-core machine (seen under
+        # `dvc exp run` beside another experiment); and it must not try to phone home (offline machines)
+        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180,
+                                 PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            doc = round_loop(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
+                             sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT))
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
