@@ -38,11 +38,13 @@ def find(root: Path, experiment: str) -> Path:
 
 
 def known(root: Path) -> list[tuple[str, Path]]:
-    """(experiment, its egress folder) for every log under `root`, newest first."""
+    """(experiment, its egress folder) of every log under `root`, newest first: `root` itself as an egress
+    folder, or the `egress/` folders of the runs below it."""
     root = Path(root)
-    logs = [p for p in root.glob("**/*.jsonl") if p.parent.parent.name == "egress" or p.parent.parent == root]
-    folders = {p.parent for p in logs}
-    return [(f.name, f.parent) for f in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True)]
+    logs = [p for p in root.glob("**/*.jsonl") if p.parent.parent in (root, root / "egress")
+            or p.parent.parent.name == "egress"]
+    folders = sorted({p.parent for p in logs}, key=lambda f: f.stat().st_mtime, reverse=True)
+    return [(f.name, f.parent) for f in folders]
 
 
 def log_path(audit_dir: Path, experiment: str, sender: str) -> Path:

@@ -177,7 +177,7 @@ class S3Backend:
     def __init__(self, endpoint: str | None, bucket: str, prefix: str, region: str, role: str,
                  credentials: dict[str, str]) -> None:
         self.endpoint, self.bucket, self.prefix, self.role = endpoint, bucket, _slash(prefix), role
-        self._client = _s3_client(endpoint, region, credentials)
+        self._client = s3_client(endpoint, region, credentials)
 
     def put(self, key: str, data: bytes) -> None:
         try:
@@ -211,7 +211,7 @@ class S3Backend:
         return TransportError(f"{self.describe()}: {action} {self.prefix}{key} as {self.role}: {_reason(exc)}")
 
 
-def _s3_client(endpoint: str | None, region: str, credentials: dict[str, str]) -> Any:
+def s3_client(endpoint: str | None, region: str, credentials: dict[str, str]) -> Any:
     """A boto3 S3 client that fails within seconds when the store is down (boto3 would retry for long)."""
     import boto3
     from botocore.config import Config as BotoConfig
