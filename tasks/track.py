@@ -53,6 +53,10 @@ def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tr
     """The experiment (created once) and this flow run's parent MLflow run, with params and tags."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
+    if found and found.artifact_location.startswith("mlflow-artifacts:") and not uri.startswith("http"):
+        raise ValueError(f"MLflow experiment {experiment} keeps its artifacts behind the MLflow server "
+                         f"({found.artifact_location}); track through the server (make serve, tracking URI "
+                         "http://127.0.0.1:5000) or use another experiment name")
     experiment_id = found.experiment_id if found else client.create_experiment(experiment,
                                                                                artifact_location=artifacts_for(uri))
     name = f"{cfg.federation.method}-s{cfg.seed}"
@@ -65,7 +69,7 @@ def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tr
 
 def artifacts_for(uri: str) -> str | None:
     """Artifacts of a store used without a server (sqlite:///…/mlflow.db) go next to it, in `artifacts/`;
-    a server decides its own (`make serve`: mlflow/artifacts as well, so both ways read the same files)."""
+    a server decides its own (`make serve`: bucket `mlflow` of its object store, proxied by the server)."""
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
