@@ -310,7 +310,11 @@ def summarise_run(doc: dict[str, Any], out_dir: Path) -> Path:
     table.add_row("micro", f"{last['micro']:.3f}", "", "")
     table.add_row("macro", f"{last['macro']:.3f}", f"{last['macro_ci95'][0]:.2f}–{last['macro_ci95'][1]:.2f}", "")
     out.print(table)
-    out.print(f"metrics: {out_dir / 'metrics.json'}\nplot:    {plot}")
+    out.print(f"metrics: {out_dir / 'metrics.json'}\nplot:    {plot}", highlight=False)
+    if "exchange" in doc:
+        ex = doc["exchange"]
+        out.print(f"adapters exchanged: {ex['uri']} ({ex['dtype']}; what left each client: fedse audit -e "
+                  f"{ex['experiment']})", highlight=False, soft_wrap=True)
     return plot
 
 

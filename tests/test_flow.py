@@ -53,6 +53,13 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
     assert doc["complete"] and doc["method"] == "fedse" and len(doc["rounds"]) == 2
     assert set(doc["rounds"][1]["clients"]) == {"maze", "wordle"} and doc["envs"] == ["maze", "wordle"]
     assert (tmp_path / "run" / "buffers" / "maze" / "manifest_1.json").exists()
+    # adapters went through the (default, local) exchange, and each client logged what it sent
+    exchange = doc["exchange"]
+    assert exchange["backend"] == "local" and exchange["uri"].startswith((tmp_path / "run" / "exchange").as_uri())
+    sent = tmp_path / "run" / "exchange" / exchange["experiment"] / "round_1"
+    assert sorted(p.name for p in sent.iterdir()) == ["client_maze", "client_wordle", "global"]
+    log = tmp_path / "run" / "egress" / exchange["experiment"] / "client_wordle.jsonl"
+    assert [json.loads(line)["round"] for line in log.read_text().splitlines()] == [0, 1]
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
