@@ -173,8 +173,8 @@ def client_seeds(cfg: Config, envs: list[str], round: int) -> list[Trajectory]:
     return [t for env in envs for t in seed_records(cfg, env)] if round == 0 else []
 
 
-def update_stats(how: Method, fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory],
-                 stats: TrainStats, state: AdapterState, upload: Upload | None = None) -> dict[str, Any]:
+def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory], stats: TrainStats,
+                 state: AdapterState, upload: Upload | None = None) -> dict[str, Any]:
     """Every per-client number recorded for a round (metrics.json, MLflow); `bytes_sent` is the size of the
     object the client uploaded (0 when nothing left it)."""
     return {
@@ -333,11 +333,11 @@ class Federation:
             self.progress.finish(job)
             client.state = state
             if self.exchange is None:
-                client.stats = update_stats(how, fresh, manifest, data, stats, state)
+                client.stats = update_stats(fresh, manifest, data, stats, state)
                 yield client.name, state, successes(data)
                 continue
             upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
-            client.stats = update_stats(how, fresh, manifest, data, stats, state, upload)
+            client.stats = update_stats(fresh, manifest, data, stats, state, upload)
             yield receive_update(self.exchange, round, client.name)
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:

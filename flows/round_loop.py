@@ -63,8 +63,8 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
                experiment: str | None = None, dvc_repo: str | None = None,
                transport: str | None = None) -> dict[str, Any]:
     """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json."""
-    cfg = run_config(params, profile, method, seed, [*(sets or []), *([f"transport.backend={transport}"]
-                                                                     if transport else [])])
+    chosen = [f"transport.backend={transport}"] if transport else []  # before `sets`: an explicit override wins
+    cfg = run_config(params, profile, method, seed, [*chosen, *(sets or [])])
     how = method_of(cfg.federation.method)
     flow_run = str(get_run_context().flow_run.id)
     folder = run_folder(cfg, out, flow_run)
@@ -134,7 +134,7 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
         own[name] = state
         if sent is not None:
             egress[name] = sent.result()
-        stats[name] = update_stats(how, fresh_list, client_data.manifest, client_data.records, train_stats, state,
+        stats[name] = update_stats(fresh_list, client_data.manifest, client_data.records, train_stats, state,
                                    egress.get(name))
         if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
             updates.append((name, state, successes(client_data.records)))

@@ -125,3 +125,17 @@ def test_the_process_pool_runner_gives_the_same_adapters(micro_params: Path, see
         assert state.is_completed(), state
         docs.append(json.loads((tmp_path / kind / "metrics.json").read_text()))
     assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
+
+
+def test_tracking_without_the_server_into_a_served_experiment_is_one_clear_error(tmp_path: Path) -> None:
+    """An experiment the served MLflow made keeps its artifacts behind the server (bucket mlflow); a run tracked
+    straight into the database could not log there, so it stops before its first round, in one line."""
+    from mlflow import MlflowClient
+
+    from fedse.config import load_config
+    from tasks.track import open_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("served", artifact_location="mlflow-artifacts:/artifacts/1")
+    with pytest.raises(ValueError, match="keeps its artifacts behind the MLflow server"):
+        open_experiment.fn(load_config("params.yaml", profile="smoke"), uri, "served", "flow-run")
