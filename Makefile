@@ -39,9 +39,10 @@ results: setup
 			--out experiments/full/$$m-s0 --keep $$kept || exit 1; fi; done
 	$(BIN)/fedse report reports/full/runs/*.json --out reports/full
 
-## serve: the expert seeds (DVC stage `seed`, skipped when up to date), then a Prefect server, an MLflow server
-## (SQLite under mlflow/) and the served deployment fedse/round-loop, all on 127.0.0.1; prints their URLs and
-## records their pids in .serve/pids.json
+## serve: the expert seeds (DVC stage `seed`, skipped when up to date), SeaweedFS (S3 object store: data in
+## .seaweedfs/, buckets fedse, mlflow, dvc, keys per role in .serve/), a Prefect server, an MLflow server (SQLite
+## under mlflow/, artifacts in bucket mlflow) and the served deployment fedse/round-loop (adapters exchanged through
+## S3), all on 127.0.0.1; bucket dvc becomes the DVC remote; prints their URLs and records their pids in .serve/pids.json
 serve: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	$(BIN)/python -m flows.stack up

@@ -1,7 +1,8 @@
 """Atomic writes: a reader sees the old file (or folder) or the new one, never a half-written one.
 
-Everything fedse persists (trajectory files, buffers, manifests, metrics, reports, adapters, the tiny model)
-goes through here: write under a temporary name in the same folder, flush, then rename over the target.
+Everything fedse persists (trajectory files, buffers, manifests, metrics, reports, adapters, exchanged adapter
+objects, the tiny model) goes through here: write under a temporary name in the same folder, flush, then rename
+over the target.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import IO, Any
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[IO[str]]:
-    """A text handle whose content replaces `path` only if the block finishes without raising."""
+def atomic_file(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
+    """A text (or binary) handle whose content replaces `path` only if the block finishes without raising."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -40,6 +41,12 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     write_text(path, json.dumps(payload, indent=1))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Binary content (an exchanged adapter object), replaced atomically like the text files."""
+    with atomic_file(path, binary=True) as fh:
+        fh.write(data)
 
 
 @contextmanager

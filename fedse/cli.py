@@ -311,7 +311,11 @@ def summarise_run(doc: dict[str, Any], out_dir: Path) -> Path:
     table.add_row("micro", f"{last['micro']:.3f}", "", "")
     table.add_row("macro", f"{last['macro']:.3f}", f"{last['macro_ci95'][0]:.2f}–{last['macro_ci95'][1]:.2f}", "")
     out.print(table)
-    out.print(f"metrics: {out_dir / 'metrics.json'}\nplot:    {plot}")
+    out.print(f"metrics: {out_dir / 'metrics.json'}\nplot:    {plot}", highlight=False)
+    if "exchange" in doc:
+        ex = doc["exchange"]
+        out.print(f"adapters exchanged: {ex['uri']} ({ex['dtype']}; what left each client: fedse audit -e "
+                  f"{ex['experiment']})", highlight=False, soft_wrap=True)
     return plot
 
 
@@ -381,6 +385,46 @@ def compare_cmd(model: str = typer.Option("fedse-global", "--model", help="regis
                       str(r["round"]), str(r["seed"]), *(_cell(r["success"].get(e)) for e in envs),
                       _cell(r["micro"]), _cell(r["macro"]))
     out.print(table)
+
+
+@app.command("audit")
+@clear_errors
+def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="the run's name in the store "
+                                             "(metrics.json: exchange.experiment); omitted: list the known ones"),
+              logs: Path = typer.Option(None, "--dir", help="where egress logs are [params: transport.audit_dir, "
+                                        "else the run folders under federation.out]"),
+              tensors: bool = typer.Option(False, "--tensors", help="also list every tensor's name and shape"),
+              as_json: bool = typer.Option(False, "--json", help="print the log entries as one JSON list")) -> None:
+    """What left each client per round: tensors, shapes, dtype, bytes, sha256 and the metadata sent.
+
+    Read from the clients' own egress logs (one JSON line per upload, written before the upload returns).
+    """
+    from fedse import audit
+
+    cfg = State.config()
+    root = logs or cfg.transport.audit_dir or cfg.federation.out
+    if experiment is None:
+        table = Table("experiment", "egress log", title=f"experiments with egress logs under {root}")
+        for name, folder in audit.known(root):
+            table.add_row(name, str(folder / name))
+        out.print(table)
+        return
+    entries = audit.read(audit.find(root, experiment), experiment)
+    if as_json:
+        print(json.dumps(entries))
+        return
+    table = Table("round", "sender", "tensors", "values", "dtype", "bytes", "sha256", "metadata", "destination",
+                  title=f"egress of {experiment}: every object that left a client (and the server's broadcasts)")
+    for entry in entries:
+        row = audit.summary(entry)
+        table.add_row(str(row["round"]), row["sender"], str(row["tensors"]), f"{row['values']:,}", row["dtype"],
+                      f"{row['bytes']:,}", row["sha256"][:16], json.dumps(row["metadata"]), row["destination"])
+    out.print(table)
+    if tensors:
+        for entry in entries:
+            show(f"round {entry['round']} {entry['sender']} ({entry['key']}):")
+            for name, shape in entry["tensors"].items():
+                show(f"  {name} {tuple(shape)} {entry['dtype']}")
 
 
 def _cell(value: float | None) -> str:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedse.learner import LearnerSpec
 from fedse.model import ModelSpec
 from fedse.policy import PolicySpec
+from fedse.transport import TransportSpec
 
 PAPER_SEED_COUNTS = {"babyai": 810, "webshop": 3930, "textcraft": 374, "maze": 215, "wordle": 955}
 
@@ -112,6 +113,7 @@ class Config(Strict):
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    transport: TransportSpec = Field(default_factory=TransportSpec)
 
     @model_validator(mode="after")
     def _clients_are_envs(self) -> Config:

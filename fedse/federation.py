@@ -4,6 +4,10 @@ One round t (DESIGN §1):
   broadcast φ_t → each client: explore its train tasks at temperature 1.0 → success filter → cumulative
   buffer → SFT from φ_t → upload φ_k → server: φ_{t+1} = mean_k φ_k → evaluate φ_{t+1} on every test set.
 
+Upload and broadcast go through `fedse.transport` (a folder by default, S3 when served): the server averages
+exactly the adapters it downloaded and verified, and a client starts round t+1 from the global adapter it
+downloaded; what each client sent is logged by `fedse.audit`.
+
 The pieces are small functions (`explore`, `client_data`, `local_train`, `evaluate_adapter`) so that the
 Prefect flow composes the very same calls as task boundaries; `Federation.run` composes them with plain
 calls. All clients share one frozen base model in memory and swap adapter tensors in and out of it: the
@@ -21,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedse import audit
 from fedse.aggregate import average, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, success_filter
@@ -32,6 +37,7 @@ from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
 from fedse.rollout import rollout
 from fedse.trajectory import Trajectory, read_jsonl
+from fedse.transport import Transport, Upload, experiment_name
 
 AdapterState = dict[str, torch.Tensor]
 POOLED = "pooled"
@@ -167,21 +173,71 @@ def client_seeds(cfg: Config, envs: list[str], round: int) -> list[Trajectory]:
     return [t for env in envs for t in seed_records(cfg, env)] if round == 0 else []
 
 
-def update_stats(how: Method, fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory],
-                 stats: TrainStats, state: AdapterState) -> dict[str, Any]:
-    """Every per-client number recorded for a round (metrics.json, MLflow)."""
+def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory], stats: TrainStats,
+                 state: AdapterState, upload: Upload | None = None) -> dict[str, Any]:
+    """Every per-client number recorded for a round (metrics.json, MLflow); `bytes_sent` is the size of the
+    object the client uploaded (0 when nothing left it)."""
     return {
         "explored": len(fresh), "explore_success": _rate(fresh), "added": manifest["added"],
         "buffer": manifest["count"], "trained_on": len(data), "successes_trained_on": successes(data),
         "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
         "loss_last": stats.loss_last, "train_seconds": stats.seconds,
-        "bytes_sent": state_bytes(state) if how.federated else 0, "adapter_sha256": state_hash(state),
+        "bytes_sent": upload.bytes if upload else 0, "adapter_sha256": state_hash(state),
+        **({"upload_sha256": upload.sha256, "transfer_dtype": upload.dtype} if upload else {}),
     }
 
 
 def successes(data: list[Trajectory]) -> int:
     """The weight of a client's upload under weighted averaging: successful trajectories it trained on."""
     return sum(t.success for t in data)
+
+
+# ------------------------------------------------------------------ the exchange (fedse.transport)
+def open_exchange(cfg: Config, folder: Path) -> Transport | None:
+    """The run's exchange, checked to be unused; None when no adapter travels (local, centralized,
+    pretrained: there is no server)."""
+    if not method(cfg.federation.method).federated:
+        return None
+    transport = Transport(cfg.transport, experiment_name(cfg.transport, folder), folder)
+    transport.check_fresh()
+    return transport
+
+
+def exchange_info(transport: Transport | None) -> dict[str, Any] | None:
+    """What metrics.json says about the exchange: where the adapters went and in which dtype."""
+    if transport is None:
+        return None
+    spec = transport.spec
+    return {"backend": spec.backend, "dtype": spec.dtype, "experiment": transport.experiment, "uri": transport.uri()}
+
+
+def send_update(transport: Transport, cfg: Config, folder: Path, round: int, client: str, state: AdapterState,
+                weight: int) -> Upload:
+    """Client side: upload the adapter, with the success count only when the server weighs by it (nothing
+    leaves a client that the server does not use), and log the upload in the client's egress log."""
+    metadata = {"successes": weight} if method(cfg.federation.method).aggregation == "weighted" else {}
+    upload = transport.upload(round, client, state, metadata)
+    audit.record(audit.egress_dir(cfg.transport.audit_dir, folder), upload, transport.uri())
+    return upload
+
+
+def receive_update(transport: Transport, round: int, client: str) -> tuple[str, AdapterState, int]:
+    """Server side: a client's upload as downloaded and verified, with the weight it sent (1 if none)."""
+    state, upload = transport.fetch_client(round, client)
+    return client, state, int(upload.metadata.get("successes", 1))
+
+
+def publish(transport: Transport, how: Method, round: int, state: AdapterState) -> tuple[AdapterState, Upload]:
+    """Server side: broadcast the new global adapter; returns it as the clients receive it."""
+    return transport.publish_global(round, state, {"method": how.name})
+
+
+def round_start(transport: Transport | None, how: Method, round: int, client: str, global_state: AdapterState,
+                own: AdapterState | None, initial: AdapterState) -> AdapterState:
+    """Client side: after the first round a federated client starts from the global adapter it downloads."""
+    if transport is not None and round > 0:
+        return transport.fetch_global(round - 1, client)
+    return start_state(how, global_state, own, initial)
 
 
 def next_global(how: Method, updates: Iterable[tuple[str, AdapterState, int]],
@@ -221,6 +277,7 @@ class Federation:
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
                         for name, envs in client_groups(cfg, self.method)]
         self.rounds: list[dict[str, Any]] = []
+        self.exchange = open_exchange(cfg, self.out)
 
     def run(self) -> dict[str, Any]:
         """All rounds (one evaluation of the base for `pretrained`); returns the metrics document."""
@@ -242,17 +299,21 @@ class Federation:
         how = self.method
         new = next_global(how, self._client_updates(round, global_state), global_state)
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
+        sent = None
+        if self.exchange is not None:
+            new, sent = publish(self.exchange, how, round, new)
         if how.federated or how.pooled:
             digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
                                   {"method": how.name, "round": round, "seed": self.seed})
-            record["global"] = {"sha256": digest, "bytes": state_bytes(new)}
+            record["global"] = {"sha256": digest, "bytes": state_bytes(new)} | (
+                {"bytes_sent": sent.bytes, "upload_sha256": sent.sha256} if sent else {})
         return new
 
     def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:
         """Each client's round, one at a time, so the aggregator holds one upload at a time."""
         how = self.method
         for client in self.clients:
-            start = start_state(how, global_state, client.state, self.initial)
+            start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
             fresh: list[Trajectory] = []
             if how.explore:
                 job = self.progress.start(f"round {round}: {client.name} explores",
@@ -271,8 +332,13 @@ class Federation:
             state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
             self.progress.finish(job)
             client.state = state
-            client.stats = update_stats(how, fresh, manifest, data, stats, state)
-            yield client.name, state, successes(data)
+            if self.exchange is None:
+                client.stats = update_stats(fresh, manifest, data, stats, state)
+                yield client.name, state, successes(data)
+                continue
+            upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
+            client.stats = update_stats(fresh, manifest, data, stats, state, upload)
+            yield receive_update(self.exchange, round, client.name)
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
         """The global adapter on every env; for `local`, each client's own adapter on its own env."""
@@ -291,10 +357,11 @@ class Federation:
         return self.agent
 
     def document(self, complete: bool) -> dict[str, Any]:
-        return document(self.cfg, self.agent.name, self.rounds, complete)
+        return document(self.cfg, self.agent.name, self.rounds, complete, exchange_info(self.exchange))
 
 
-def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bool,
+             exchange: dict[str, Any] | None = None) -> dict[str, Any]:
     """The metrics.json of a run (the same whichever driver ran it): settings, then one record per round."""
     fed = cfg.federation
     return {
@@ -304,6 +371,7 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
                      "max_buffer": fed.max_buffer, "learner": cfg.learner.model_dump()},
+        **({"exchange": exchange} if exchange else {}),
         "rounds": rounds,
     }
 

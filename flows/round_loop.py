@@ -1,9 +1,11 @@
 """Flow `fedse`: the round loop of `fedse.federation`, with every step a Prefect task.
 
-Each round maps the client chain rollout → filter → buffer → train over the clients, waits for all of them
-(any failed client fails the flow: every future's result is collected), then aggregates, registers and
-evaluates the global adapter; the next round starts only after this one's aggregation and registration have
-completed. It writes the same `metrics.json` as `fedse run`, so `fedse report` reads either.
+Each round maps the client chain (download_global →) rollout → filter → buffer → train → upload over the
+clients, waits for all of them (any failed client fails the flow: every future's result is collected), then
+aggregates (the server downloads the uploads from the exchange), registers and evaluates the global adapter;
+the next round starts only after this one's aggregation and registration have completed. It writes the same
+`metrics.json` as `fedse run`, so `fedse report` reads either. Parameter `transport` picks the exchange's
+backend (`s3` in the served deployment; default: params.yaml's `transport.backend`, a local folder).
 
 No `from __future__ import annotations` here: Prefect validates flow parameters from the annotations.
 """
@@ -20,13 +22,25 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from fedse.atomic import write_json
 from fedse.config import Config, run_config
 from fedse.evaluate import summarise
-from fedse.federation import AdapterState, client_groups, document, eval_state, start_state, successes, update_stats
+from fedse.federation import (
+    AdapterState,
+    client_groups,
+    document,
+    eval_state,
+    exchange_info,
+    open_exchange,
+    start_state,
+    successes,
+    update_stats,
+)
 from fedse.methods import Method
 from fedse.methods import method as method_of
+from fedse.transport import Transport, Upload
 from tasks.agent import borrowed, fresh_adapter
 from tasks.aggregate import aggregate
 from tasks.buffer import update_buffer
 from tasks.evaluate import evaluate
+from tasks.exchange import download_global, upload
 from tasks.filter import success_filter
 from tasks.register import register
 from tasks.rollout import rollout
@@ -46,12 +60,15 @@ def run_folder(cfg: Config, out: str | None, flow_run: str) -> Path:
 @flow(name="fedse", log_prints=True)
 def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, params: str = "params.yaml",
                sets: list[str] | None = None, out: str | None = None, tracking_uri: str | None = None,
-               experiment: str | None = None, dvc_repo: str | None = None) -> dict[str, Any]:
+               experiment: str | None = None, dvc_repo: str | None = None,
+               transport: str | None = None) -> dict[str, Any]:
     """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json."""
-    cfg = run_config(params, profile, method, seed, sets)
+    chosen = [f"transport.backend={transport}"] if transport else []  # before `sets`: an explicit override wins
+    cfg = run_config(params, profile, method, seed, [*chosen, *(sets or [])])
     how = method_of(cfg.federation.method)
     flow_run = str(get_run_context().flow_run.id)
     folder = run_folder(cfg, out, flow_run)
+    exchange = open_exchange(cfg, folder)
     tracking = open_experiment(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run) \
         if tracking_uri else None
     initial = fresh_adapter(cfg)
@@ -65,16 +82,16 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     for round in range(total):
         started = time.perf_counter()
         record: dict[str, Any] = {"round": round}
-        adapter, buffers = None, {}
+        adapter, buffers, egress = None, {}, {}
         if how.train:
-            global_state, adapter, buffers = one_round(cfg, how, groups, round, global_state, own, initial,
-                                                       folder, record, dvc_repo)
+            global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
+                                                               folder, record, dvc_repo, exchange)
         record.update(evaluate_all(cfg, how, round, global_state, own, initial))
         record["seconds"] = time.perf_counter() - started
         rounds.append(record)
-        write_json(folder / "metrics.json", document(cfg, model, rounds, complete=round == total - 1))
+        write_json(folder / "metrics.json", document(cfg, model, rounds, round == total - 1, exchange_info(exchange)))
         if tracking is not None:
-            round_run = log_round(tracking, round, record)
+            round_run = log_round(tracking, round, record, egress)
             if adapter is not None:
                 version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers)
                 get_run_logger().info("round %d: registered fedse-global version %s", round, version)
@@ -84,26 +101,31 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     if tracking is not None:
         finish(tracking, str(folder / "metrics.json"))
     print(f"metrics: {folder / 'metrics.json'}")
-    return document(cfg, model, rounds, complete=True) | {"out": str(folder)}
+    return document(cfg, model, rounds, True, exchange_info(exchange)) | {"out": str(folder)}
 
 
 def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,
               own: dict[str, AdapterState], initial: AdapterState, folder: Path, record: dict[str, Any],
-              dvc_repo: str | None) -> tuple[AdapterState, dict[str, Any] | None, dict[str, str]]:
+              dvc_repo: str | None, exchange: Transport | None) \
+        -> tuple[AdapterState, dict[str, Any] | None, dict[str, str], dict[str, Upload]]:
     """Map the client chain, collect every result (a failure raises here), then aggregate.
 
-    Returns the new global adapter, where it was saved, and the DVC hash of each client's buffer version."""
+    Returns the new global adapter, where it was saved, the DVC hash of each client's buffer version, and
+    what each client uploaded (its egress record)."""
     chains = []
     for name, envs in groups:
-        start = start_state(how, global_state, own.get(name), initial)
+        start = download_global.submit(exchange, round, name) if exchange is not None and round > 0 \
+            else start_state(how, global_state, own.get(name), initial)
         fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else None
         kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
         versioned = version_buffer.submit(dvc_repo, str(folder / "buffers" / name), name, round,
                                           wait_for=[data]) if dvc_repo else None
-        chains.append((name, fresh, data, train.submit(cfg, start, data, round, name), versioned))
-    updates, stats, buffers = [], {}, {}
-    for name, fresh, data, trained, versioned in chains:
+        trained = train.submit(cfg, start, data, round, name)
+        sent = upload.submit(exchange, cfg, str(folder), trained, data, round, name) if exchange else None
+        chains.append((name, fresh, data, trained, versioned, sent))
+    updates, stats, buffers, egress = [], {}, {}, {}
+    for name, fresh, data, trained, versioned, sent in chains:
         # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
         fresh_list = fresh.result() if fresh is not None else []
         client_data = data.result()
@@ -111,15 +133,20 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
             buffers[name] = versioned.result()
         state, train_stats = trained.result()
         own[name] = state
-        stats[name] = update_stats(how, fresh_list, client_data.manifest, client_data.records, train_stats, state)
-        updates.append((name, state, successes(client_data.records)))
+        if sent is not None:
+            egress[name] = sent.result()
+        stats[name] = update_stats(fresh_list, client_data.manifest, client_data.records, train_stats, state,
+                                   egress.get(name))
+        if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
+            updates.append((name, state, successes(client_data.records)))
     record["clients"] = stats
-    new, adapter = aggregate.submit(cfg, updates, global_state, round, str(folder)).result()
+    new, adapter = aggregate.submit(cfg, updates, global_state, round, str(folder), exchange,
+                                    [name for name, _ in groups]).result()
     if adapter is not None:
-        record["global"] = {"sha256": adapter["sha256"], "bytes": adapter["bytes"]}
+        record["global"] = {k: v for k, v in adapter.items() if k != "path"}
     if buffers:
         record["buffers_dvc"] = buffers
-    return new, adapter, buffers
+    return new, adapter, buffers, egress
 
 
 def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterState, own: dict[str, AdapterState],

@@ -3,6 +3,8 @@ environment (PREFECT_API_URL; `make serve` starts one).
 
 The task runner comes from `orchestration:` in params.yaml, read once here. Train tasks carry the tag `gpu`;
 its concurrency limit (`orchestration.gpu_slots`) is created (or updated) on the server before serving.
+With an object store in the environment (FEDSE_S3_ENDPOINT; `make serve` sets it) the deployment exchanges
+adapters through it: its default parameter `transport` is `s3`.
 """
 
 import os
@@ -25,7 +27,8 @@ def main() -> None:
     cfg = load_config(params)
     gpu_limit(cfg.orchestration.gpu_slots)
     flow = round_loop.with_options(task_runner=task_runner(cfg.orchestration.task_runner, cfg.orchestration.workers))
-    defaults = {"params": params, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"), "dvc_repo": os.getcwd()}
+    defaults = {"params": params, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"), "dvc_repo": os.getcwd(),
+                "transport": "s3" if os.environ.get("FEDSE_S3_ENDPOINT") else None}
     flow.serve(name=DEPLOYMENT, parameters=defaults, description="Fed-SE round loop: python -m flows")
 
 

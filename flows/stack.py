@@ -1,9 +1,15 @@
-"""The served stack on one machine: a Prefect server, an MLflow server and the `round-loop` deployment.
+"""The served stack on one machine: SeaweedFS (the federation's S3 object store), a Prefect server, an MLflow
+server and the `round-loop` deployment.
 
-`python -m flows.stack up` starts each on 127.0.0.1 (state under the repository: `.prefect/`, `mlflow/`),
-waits until each answers, records their pids in `.serve/pids.json` and prints the URLs; `down` stops exactly
-those processes (each was started in its own process group, which is what is signalled). `make serve` and
-`make stop` call these; the integration tests use `up`/`down` with free ports.
+`python -m flows.stack up` starts each on 127.0.0.1 (state under the repository: `.seaweedfs/`, `.prefect/`,
+`mlflow/`), waits until each answers, records their pids in `.serve/pids.json` and prints the URLs; `down`
+stops exactly those processes (each was started in its own process group, which is what is signalled).
+`make serve` and `make stop` call these; the integration tests use `up`/`down` with free ports.
+
+The object store (flows/seaweed.py) holds three buckets: `fedse`, the adapter exchange, with one identity per
+client and one for the server (keys in `.serve/s3-credentials.json`); `mlflow`, where the MLflow server keeps
+artifacts (proxied: clients need no S3 keys); `dvc`, the repository's DVC remote (`.dvc/config.local`). The
+served deployment exchanges adapters through it (flow parameter `transport=s3`).
 """
 
 import json
@@ -14,10 +20,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.seaweed import DEFAULT_PORTS, DVC, MLFLOW, SeaweedFS
+
 ROOT = Path(__file__).resolve().parents[1]
+DVC_REMOTE = "store"
 
 
 @dataclass
@@ -26,10 +35,21 @@ class Stack:
     prefect_port: int = 4200
     mlflow_port: int = 5000
     extra_env: dict[str, str] | None = None  # e.g. FEDSE_PARAMS for the served deployment
+    s3_port: int = 8333
+    seaweed_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
 
     @property
     def state(self) -> Path:
         return self.root / ".serve"
+
+    @property
+    def seaweed(self) -> SeaweedFS:
+        """The object store, with an identity for every client the params know of."""
+        from fedse.config import load_config
+
+        params = Path((self.extra_env or {}).get("FEDSE_PARAMS", self.root / "params.yaml"))
+        clients = load_config(params if params.exists() else None).envs.names
+        return SeaweedFS(self.root / ".seaweedfs", self.state, clients, self.s3_port, self.seaweed_ports)
 
     @property
     def prefect_api(self) -> str:
@@ -44,7 +64,7 @@ class Stack:
         return os.environ | {
             "PREFECT_HOME": str(self.root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_uri,
-        } | (self.extra_env or {})
+        } | self.seaweed.environment() | (self.extra_env or {})
 
     def up(self, timeout: float = 180) -> dict[str, int]:
         if (self.state / "pids.json").exists():
@@ -53,15 +73,22 @@ class Stack:
         (self.root / "mlflow").mkdir(exist_ok=True)
         bin_dir = Path(sys.executable).parent
         env = self.env()
+        store = self.seaweed
         pids: dict[str, int] = {}
         try:
+            store.write_identities()
+            store.data.mkdir(exist_ok=True)
+            pids["seaweedfs"] = self._start("seaweedfs", store.command(), env)
+            self._write(pids)
+            store.wait(timeout)
+            self._dvc_remote(store)
             pids["prefect"] = self._start("prefect", [str(bin_dir / "prefect"), "server", "start", "--host",
                                                       "127.0.0.1", "--port", str(self.prefect_port)], env)
             self._init_mlflow_db()
             pids["mlflow"] = self._start("mlflow", [
                 str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-                "--backend-store-uri", self._db_uri(), "--default-artifact-root",
-                (self.root / "mlflow" / "artifacts").as_uri(), "--no-serve-artifacts", "--workers", "1"], env)
+                "--backend-store-uri", self._db_uri(), "--serve-artifacts", "--artifacts-destination",
+                f"s3://{MLFLOW}/artifacts", "--workers", "1"], env | store.role_environment(MLFLOW))
             self._wait(f"{self.prefect_api}/health", "Prefect server", timeout)
             self._wait(f"{self.mlflow_uri}/health", "MLflow server", timeout)
             pids["deployment"] = self._start("deployment", [sys.executable, "-m", "flows"], env)
@@ -90,6 +117,17 @@ class Stack:
             _reap(pid)
         path.unlink()
         return stopped
+
+    def _dvc_remote(self, store: SeaweedFS) -> None:
+        """The repository's default DVC remote becomes bucket `dvc` of the store, with the dvc role's keys, in
+        `.dvc/config.local` (git-ignored: keys and a local endpoint never reach a commit)."""
+        keys = json.loads(store.credentials.read_text())["roles"][DVC]
+        dvc = str(Path(sys.executable).parent / "dvc")
+        for args in (["remote", "add", "--local", "--force", "--default", DVC_REMOTE, f"s3://{DVC}/cache"],
+                     ["remote", "modify", "--local", DVC_REMOTE, "endpointurl", store.endpoint],
+                     ["remote", "modify", "--local", DVC_REMOTE, "access_key_id", keys["access_key"]],
+                     ["remote", "modify", "--local", DVC_REMOTE, "secret_access_key", keys["secret_key"]]):
+            subprocess.run([dvc, *args], cwd=self.root, check=True, capture_output=True)
 
     def _db_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
@@ -140,16 +178,23 @@ def _reap(pid: int, timeout: float = 15) -> None:
 
 def main(argv: list[str]) -> int:
     stack = Stack(prefect_port=int(os.environ.get("FEDSE_PREFECT_PORT", 4200)),
-                  mlflow_port=int(os.environ.get("FEDSE_MLFLOW_PORT", 5000)))
+                  mlflow_port=int(os.environ.get("FEDSE_MLFLOW_PORT", 5000)),
+                  s3_port=int(os.environ.get("FEDSE_S3_PORT", 8333)))
     if argv[:1] == ["up"]:
         try:
             stack.up()
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"Prefect UI/API  {stack.prefect_api.removesuffix('/api')}\nMLflow          {stack.mlflow_uri}\n"
-              f"deployment      fedse/round-loop (served; log .serve/deployment.log)\n"
-              f"to use it:       export PREFECT_API_URL={stack.prefect_api} MLFLOW_TRACKING_URI={stack.mlflow_uri}")
+        store = stack.seaweed
+        exports = " ".join(f"{k}={v}" for k, v in store.environment().items())
+        print(f"Prefect UI/API  {stack.prefect_api.removesuffix('/api')}\nMLflow          {stack.mlflow_uri} "
+              f"(artifacts in s3://{MLFLOW}/artifacts)\n"
+              f"S3 (SeaweedFS)  {store.endpoint}: buckets fedse (adapter exchange), {MLFLOW}, {DVC} (DVC remote "
+              f"{DVC_REMOTE}); data .seaweedfs/, keys per role {store.credentials}\n"
+              f"deployment      fedse/round-loop (served, S3 transport; log .serve/deployment.log)\n"
+              f"to use it:       export PREFECT_API_URL={stack.prefect_api} MLFLOW_TRACKING_URI={stack.mlflow_uri} "
+              f"{exports}")
         return 0
     if argv[:1] == ["down"]:
         stopped = stack.down()

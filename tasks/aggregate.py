@@ -1,5 +1,7 @@
-"""Task `aggregate`: the server's step (FedAvg of the uploads, or the method's no-server rule), and the new
-global adapter written to the run folder in PEFT format."""
+"""Task `aggregate`: the server's step. For a federated method it downloads every client's upload through
+the exchange (verified against its manifest), averages them, and publishes the new global adapter there;
+otherwise it applies the method's no-server rule to the updates it is given. The global adapter is also
+written to the run folder in PEFT format."""
 
 from pathlib import Path
 from typing import Any
@@ -9,21 +11,29 @@ from prefect.cache_policies import NO_CACHE
 
 from fedse.aggregate import state_bytes
 from fedse.config import Config
-from fedse.federation import AdapterState, next_global
+from fedse.federation import AdapterState, next_global, publish, receive_update
 from fedse.methods import method
 from fedse.model import save_adapter, set_adapter_state
+from fedse.transport import Transport
 from tasks.agent import borrowed
 
 
 @task(name="aggregate", cache_policy=NO_CACHE, task_run_name="aggregate-round-{round}")
 def aggregate(cfg: Config, updates: list[tuple[str, AdapterState, int]], global_state: AdapterState,
-              round: int, out: str) -> tuple[AdapterState, dict[str, Any] | None]:
+              round: int, out: str, exchange: Transport | None = None,
+              senders: list[str] | None = None) -> tuple[AdapterState, dict[str, Any] | None]:
+    """`updates` for a method without server; `exchange` and `senders` (the clients to download) otherwise."""
     how = method(cfg.federation.method)
-    new = next_global(how, updates, global_state)
+    received = (receive_update(exchange, round, name) for name in senders or []) if exchange else updates
+    new = next_global(how, received, global_state)
+    sent = None
+    if exchange is not None:
+        new, sent = publish(exchange, how, round, new)
     if not (how.federated or how.pooled):
         return new, None
     with borrowed(cfg) as agent:
         set_adapter_state(agent, new, origin="global adapter")
         folder = Path(out) / "adapters" / f"round_{round}"
         digest = save_adapter(agent, folder, {"method": how.name, "round": round, "seed": cfg.seed})
-    return new, {"sha256": digest, "bytes": state_bytes(new), "path": str(folder)}
+    return new, {"sha256": digest, "bytes": state_bytes(new), "path": str(folder)} | (
+        {"bytes_sent": sent.bytes, "upload_sha256": sent.sha256} if sent else {})

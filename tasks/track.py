@@ -4,6 +4,7 @@ Everything goes through `MlflowClient` with explicit run ids, never the fluent A
 run", because tasks run in worker threads or processes.
 """
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedse.config import Config
+from fedse.transport import Upload
+
+TAG_CHUNK = 5000  # MLflow tag values hold at most 8000 characters
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ def flat_params(cfg: Config) -> dict[str, str]:
     params |= {f"federation.{k}": v for k, v in fed.model_dump(exclude={"out", "method", "clients"}).items()}
     params |= {f"learner.{k}": v for k, v in cfg.learner.model_dump().items()}
     params |= {f"lora.{k}": v for k, v in cfg.model.lora.model_dump().items()}
+    params |= {"transport.backend": cfg.transport.backend, "transport.dtype": cfg.transport.dtype}
     return {k: str(v) for k, v in params.items()}
 
 
@@ -48,6 +53,10 @@ def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tr
     """The experiment (created once) and this flow run's parent MLflow run, with params and tags."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
+    if found and found.artifact_location.startswith("mlflow-artifacts:") and not uri.startswith("http"):
+        raise ValueError(f"MLflow experiment {experiment} keeps its artifacts behind the MLflow server "
+                         f"({found.artifact_location}); track through the server (make serve, tracking URI "
+                         "http://127.0.0.1:5000) or use another experiment name")
     experiment_id = found.experiment_id if found else client.create_experiment(experiment,
                                                                                artifact_location=artifacts_for(uri))
     name = f"{cfg.federation.method}-s{cfg.seed}"
@@ -60,7 +69,7 @@ def open_experiment(cfg: Config, uri: str, experiment: str, flow_run: str) -> Tr
 
 def artifacts_for(uri: str) -> str | None:
     """Artifacts of a store used without a server (sqlite:///…/mlflow.db) go next to it, in `artifacts/`;
-    a server decides its own (`make serve`: mlflow/artifacts as well, so both ways read the same files)."""
+    a server decides its own (`make serve`: bucket `mlflow` of its object store, proxied by the server)."""
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
@@ -76,18 +85,38 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
             value = stats.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
                 metrics[f"client.{client}.{key}"] = float(value)
+    if "bytes_sent" in record.get("global", {}):
+        metrics["global.bytes_sent"] = float(record["global"]["bytes_sent"])
     if "seconds" in record:
         metrics["round_seconds"] = record["seconds"]
     return metrics
 
 
+def egress_tags(uploads: dict[str, Upload]) -> dict[str, str]:
+    """What left each client this round, as tags `egress.<sender>.<field>`: sha256, bytes, dtype, object key,
+    metadata (JSON), tensor count, and the tensor names and shapes as JSON split over `tensors.<i>` tags
+    (concatenate them in order)."""
+    tags: dict[str, str] = {}
+    for upload in uploads.values():
+        base = f"egress.{upload.sender}"
+        tags |= {f"{base}.sha256": upload.sha256, f"{base}.bytes": str(upload.bytes), f"{base}.dtype": upload.dtype,
+                 f"{base}.object": upload.key, f"{base}.metadata": json.dumps(upload.metadata, sort_keys=True),
+                 f"{base}.tensor_count": str(len(upload.tensors))}
+        listing = json.dumps(upload.tensors, separators=(",", ":"))
+        tags |= {f"{base}.tensors.{i // TAG_CHUNK}": listing[i:i + TAG_CHUNK]
+                 for i in range(0, len(listing), TAG_CHUNK)}
+    return tags
+
+
 @task(name="track-round", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="track-round-{round}")
-def log_round(tracking: Tracking, round: int, record: dict[str, Any]) -> str:
-    """A nested run for the round (its metrics), and the same metrics on the parent at step = round."""
+def log_round(tracking: Tracking, round: int, record: dict[str, Any], egress: dict[str, Upload] | None = None) -> str:
+    """A nested run for the round (its metrics, and what each client uploaded as `egress.*` tags), and the
+    same metrics on the parent at step = round."""
     client = tracking.client()
     run = client.create_run(tracking.experiment_id, run_name=f"round-{round}", tags={
-        MLFLOW_PARENT_RUN_ID: tracking.run_id, "round": str(round), MLFLOW_RUN_NAME: f"round-{round}"})
+        MLFLOW_PARENT_RUN_ID: tracking.run_id, "round": str(round), MLFLOW_RUN_NAME: f"round-{round}",
+        **egress_tags(egress or {})})
     metrics = round_metrics(record)
     stamp = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])

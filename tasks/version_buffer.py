@@ -50,3 +50,42 @@ def in_cache(repo: str, digest: str) -> bool:
         return all(cache.exists(entry.value) for _, _, entry in Tree.load(cache, HashInfo("md5", digest)))
     finally:
         dvc.close()
+
+
+def push(repo: str, digest: str, remote: str | None = None) -> int:
+    """Send a buffer version (its listing and every file) from the cache to a DVC remote (the default one:
+    `make serve` makes bucket `dvc` of its object store the default); returns how many objects moved. The
+    buffer's owner decides when: the flow only versions into the local cache."""
+    return _move(repo, digest, remote, "push")
+
+
+def pull(repo: str, digest: str, remote: str | None = None) -> int:
+    """Fetch a buffer version from a DVC remote into the cache (what `dvc pull` does for tracked outputs)."""
+    return _move(repo, digest, remote, "pull")
+
+
+def _move(repo: str, digest: str, remote: str | None, direction: str) -> int:
+    """Move the folder listing and every file it names (DVC transfers a listing's files only when they are
+    named too); pulling fetches the listing first to learn them."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    with _one_at_a_time:
+        dvc = Repo(repo)
+        try:
+            move = dvc.cloud.push if direction == "push" else dvc.cloud.pull
+            listing = HashInfo("md5", digest)
+            moved = 0
+            if direction == "pull":
+                moved += _checked(move([listing], remote=remote), repo, direction, digest)
+            ids = {listing, *(entry for _, _, entry in Tree.load(dvc.cache.local, listing))}
+            return moved + _checked(move(ids, remote=remote), repo, direction, digest)
+        finally:
+            dvc.close()
+
+
+def _checked(result, repo: str, direction: str, digest: str) -> int:
+    if result.failed:
+        raise RuntimeError(f"{repo}: {direction} of buffer version {digest}: {len(result.failed)} objects failed")
+    return len(result.transferred)

@@ -35,3 +35,15 @@ def micro_params(tmp_path: Path, micro_spec) -> Path:
     params["model"] = json.loads(micro_spec.model_dump_json())
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory):
+    """A real SeaweedFS S3 server on free 127.0.0.1 ports with one identity per role (flows/seaweed.py),
+    stopped at the end of the session."""
+    from flows.seaweed import on_free_ports, serving
+
+    root = tmp_path_factory.mktemp("seaweedfs")
+    clients = ["babyai", "webshop", "textcraft", "maze", "wordle"]
+    with serving(on_free_ports(root / "data", root / "state", clients)) as store:
+        yield store

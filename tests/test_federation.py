@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedse.config import Config, load_config
 from fedse.envs.registry import env_class
@@ -85,6 +86,37 @@ def test_no_filter_keeps_failures(micro_spec, seeds, tmp_path: Path) -> None:
         c = doc["rounds"][0]["clients"][env]
         assert c["added"] == 6 + 4  # every explored episode enters (they differ from the expert's)
         assert c["successes_trained_on"] == 6 + round(c["explore_success"] * 4)
+
+
+def test_the_server_averages_exactly_what_went_through_the_exchange(micro_spec, seeds, tmp_path: Path) -> None:
+    from fedse.aggregate import average
+    from fedse.model import state_hash
+
+    doc = run(smoke(micro_spec, seeds, "fedse", rounds=1), tmp_path)
+    exchange = tmp_path / "exchange" / doc["exchange"]["experiment"] / "round_0"
+    uploads = {env: read_adapter(exchange / f"client_{env}" / "adapter.safetensors") for env in ENVS}
+    for env, state in uploads.items():  # fp32: the upload is the client's trained adapter, bit for bit
+        assert state_hash(state) == doc["rounds"][0]["clients"][env]["adapter_sha256"]
+    mean = average((env, state, 1.0) for env, state in uploads.items())
+    saved = read_adapter(tmp_path / "adapters" / "round_0")
+    broadcast = read_adapter(exchange / "global" / "adapter.safetensors")
+    assert all(torch.equal(saved[k], mean[k]) and torch.equal(broadcast[k], mean[k]) for k in mean)
+    assert (tmp_path / "egress" / doc["exchange"]["experiment"] / "client_maze.jsonl").exists()
+
+
+def test_bf16_transfer_halves_the_bytes_and_clients_use_what_was_broadcast(micro_spec, seeds, tmp_path: Path) -> None:
+    fp32 = run(smoke(micro_spec, seeds, "fedse"), tmp_path / "fp32")
+    cfg = smoke(micro_spec, seeds, "fedse")
+    bf16 = run(cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"dtype": "bf16"})}),
+               tmp_path / "bf16")
+    for r32, r16 in zip(fp32["rounds"], bf16["rounds"], strict=True):
+        payload = r32["global"]["bytes"]  # the fp32 tensors; the rest of an object is its safetensors header
+        for sent32, sent16 in [(r32["global"]["bytes_sent"], r16["global"]["bytes_sent"])] + [
+                (r32["clients"][env]["bytes_sent"], r16["clients"][env]["bytes_sent"]) for env in ENVS]:
+            assert abs(sent32 - sent16 - payload / 2) < 0.01 * payload
+        assert all(r16["clients"][env]["transfer_dtype"] == "bf16" for env in ENVS)
+    g = read_adapter(tmp_path / "bf16" / "adapters" / "round_0")  # the evaluated global is the broadcast one
+    assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in g.values())
 
 
 def test_eval_split_val_uses_validation_ids(micro_spec) -> None:

@@ -53,6 +53,13 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
     assert doc["complete"] and doc["method"] == "fedse" and len(doc["rounds"]) == 2
     assert set(doc["rounds"][1]["clients"]) == {"maze", "wordle"} and doc["envs"] == ["maze", "wordle"]
     assert (tmp_path / "run" / "buffers" / "maze" / "manifest_1.json").exists()
+    # adapters went through the (default, local) exchange, and each client logged what it sent
+    exchange = doc["exchange"]
+    assert exchange["backend"] == "local" and exchange["uri"].startswith((tmp_path / "run" / "exchange").as_uri())
+    sent = tmp_path / "run" / "exchange" / exchange["experiment"] / "round_1"
+    assert sorted(p.name for p in sent.iterdir()) == ["client_maze", "client_wordle", "global"]
+    log = tmp_path / "run" / "egress" / exchange["experiment"] / "client_wordle.jsonl"
+    assert [json.loads(line)["round"] for line in log.read_text().splitlines()] == [0, 1]
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
@@ -130,3 +137,17 @@ def test_the_process_pool_runner_gives_the_same_adapters(micro_params: Path, see
         assert state.is_completed(), state
         docs.append(json.loads((tmp_path / kind / "metrics.json").read_text()))
     assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
+
+
+def test_tracking_without_the_server_into_a_served_experiment_is_one_clear_error(tmp_path: Path) -> None:
+    """An experiment the served MLflow made keeps its artifacts behind the server (bucket mlflow); a run tracked
+    straight into the database could not log there, so it stops before its first round, in one line."""
+    from mlflow import MlflowClient
+
+    from fedse.config import load_config
+    from tasks.track import open_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("served", artifact_location="mlflow-artifacts:/artifacts/1")
+    with pytest.raises(ValueError, match="keeps its artifacts behind the MLflow server"):
+        open_experiment.fn(load_config("params.yaml", profile="smoke"), uri, "served", "flow-run")

@@ -1,10 +1,15 @@
-"""Integration: the served stack (real Prefect server, real MLflow server, the served deployment) on
-127.0.0.1 with free ports, a smoke run through `fedse/round-loop`, then `fedse compare`; stopped afterwards."""
+"""Integration: the served stack (real SeaweedFS S3 server, real Prefect server, real MLflow server storing
+artifacts in S3, the served deployment) on 127.0.0.1 with free ports; a 2-round smoke run through
+`fedse/round-loop` with the S3 transport, then `fedse compare` and `fedse audit`; the bucket holds adapters
+only, a client cannot overwrite another's adapter or the global one, a canary planted in a client's buffer is
+found nowhere in the store or MLflow, buffer versions go to the DVC remote and back; stopped afterwards."""
 
 from __future__ import annotations
 
 import json
-import socket
+import re
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,13 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fedse.cli import app
+from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
+from flows.seaweed import free_ports
 from flows.stack import Stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,37 +28,100 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     root = tmp_path_factory.mktemp("stack")
     Repo.init(str(root), no_scm=True).close()  # the served deployment versions buffers in its folder's DVC repo
-    running = Stack(root=root, prefect_port=free_port(), mlflow_port=free_port(),
-                    extra_env={"OMP_NUM_THREADS": "1"})
+    prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
+    running = Stack(root=root, prefect_port=prefect, mlflow_port=mlflow, extra_env={"OMP_NUM_THREADS": "1"},
+                    s3_port=s3, seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
     running.up()
     try:
         yield running
     finally:
         stopped = running.down()
-        assert set(stopped) == {"prefect", "mlflow", "deployment"}
+        assert set(stopped) == {"seaweedfs", "prefect", "mlflow", "deployment"}
         assert not (root / ".serve" / "pids.json").exists()
 
 
-def test_deployment_run_completes_and_registers_versions(stack: Stack, micro_params: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def plant_canary(seeds: Path, env: str) -> str:
+    """Rewrite the env's seed file with a canary string in its first trajectory; returns the canary."""
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    records = list(read_jsonl(seeds / f"{env}.jsonl"))
+    first = records[0].model_dump()
+    first["turns"][0]["observation"] += f" {canary}"
+    write_jsonl(seeds / f"{env}.jsonl", [Trajectory.model_validate(first | {"content_hash": ""}), *records[1:]])
+    return canary
+
+
+def objects(stack: Stack, bucket: str) -> dict[str, bytes]:
+    s3 = stack.seaweed.client()
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            found[o["Key"]] = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+    return found
+
+
+def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack, micro_params: Path,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
     seeds = tmp_path / "seeds"
     runner = CliRunner()
-    assert runner.invoke(app, ["seed", "--out", str(seeds), "--env", "maze", "--count", "4"]).exit_code == 0
-    from prefect.deployments import run_deployment
+    for env in ("maze", "wordle"):
+        assert runner.invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"]).exit_code == 0
+    canary = plant_canary(seeds, "maze")
+    egress = tmp_path / "egress"
 
     # Prefect reads its settings into a context once per process: set the API there, not only in os.environ
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
-        flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={
+        flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={  # transport: the deployment's s3
             "method": "fedse", "profile": "smoke", "seed": 2, "params": str(micro_params),
             "out": str(tmp_path / "run"),
-            "sets": ["federation.clients=[maze]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
-                     "federation.explore_episodes=2", "federation.eval_episodes=2"]})
+            "sets": ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
+                     "federation.explore_episodes=2", "federation.eval_episodes=2", f"transport.audit_dir={egress}"]})
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert doc["complete"] and len(doc["rounds"]) == 2
+    experiment = doc["exchange"]["experiment"]
+    assert doc["exchange"] == {"backend": "s3", "dtype": "fp32", "experiment": experiment,
+                               "uri": f"s3://fedse/{experiment}"}
+    assert all(c["bytes_sent"] > 0 for r in doc["rounds"] for c in r["clients"].values())
+
+    # the exchange bucket holds adapters (tensors + manifest) only, laid out per round and sender
+    exchange = objects(stack, "fedse")
+    layout = re.compile(rf"{experiment}/round_[01]/(client_maze|client_wordle|global)/adapter\.(json|safetensors)")
+    assert len(exchange) == 12 and all(layout.fullmatch(k) for k in exchange)
+    for r, record in enumerate(doc["rounds"]):
+        for client, stats in record["clients"].items():
+            manifest = json.loads(exchange[f"{experiment}/round_{r}/client_{client}/adapter.json"])
+            assert manifest["sha256"] == stats["upload_sha256"] and manifest["metadata"] == {}
+    # MLflow keeps its artifacts in bucket mlflow (through the server), the registered adapters among them
+    artifacts = objects(stack, "mlflow")
+    assert artifacts and all(k.startswith("artifacts/") for k in artifacts)
+    assert sum(k.endswith("adapter/adapter_model.safetensors") for k in artifacts) == 2
+    assert any(k.endswith("/metrics.json") for k in artifacts)
+
+    # the canary was in maze's buffer, and is nowhere in the store (any bucket) or MLflow
+    buffer = b"".join(p.read_bytes() for p in (tmp_path / "run" / "buffers" / "maze").rglob("*.jsonl"))
+    assert canary.encode() in buffer
+    stored = {f"s3://{b}/{k}": v for b in ("fedse", "mlflow", "dvc") for k, v in objects(stack, b).items()}
+    mlflow_files = [p for p in (stack.root / "mlflow").rglob("*") if p.is_file()]
+    assert [k for k, v in stored.items() if canary.encode() in v] == []
+    assert [p for p in mlflow_files if canary.encode() in p.read_bytes()] == []
+
+    # isolation on the served store: client maze cannot overwrite wordle's adapter or the global one
+    maze = stack.seaweed.client("client_maze")
+    for key in (f"{experiment}/round_1/client_wordle/adapter.safetensors", f"{experiment}/round_1/global/adapter.json"):
+        with pytest.raises(Exception, match="AccessDenied"):
+            maze.put_object(Bucket="fedse", Key=key, Body=b"overwrite")
+        assert objects(stack, "fedse")[key] == exchange[key]
+
+    # what left each client, per round
+    audit = runner.invoke(app, ["audit", "--dir", str(egress), "-e", experiment, "--json"])
+    assert audit.exit_code == 0, audit.output
+    assert [(e["round"], e["sender"]) for e in json.loads(audit.stdout)] == [
+        (0, "client_maze"), (0, "client_wordle"), (1, "client_maze"), (1, "client_wordle")]
 
     result = runner.invoke(app, ["compare", "--json", "--tracking-uri", stack.mlflow_uri])
     assert result.exit_code == 0, result.output
@@ -65,6 +129,14 @@ def test_deployment_run_completes_and_registers_versions(stack: Stack, micro_par
     assert [r["round"] for r in rows] == [0, 1] and all(r["method"] == "fedse" for r in rows)
     assert {r["adapter_sha256"] for r in rows} == {r["global"]["sha256"] for r in doc["rounds"]}
     assert sum("champion" in r["aliases"] for r in json.loads(result.stdout)) == 1
-    from tasks.version_buffer import in_cache
+    from tasks.version_buffer import in_cache, pull, push
 
-    assert all(set(r["buffers"]) == {"maze"} and in_cache(str(stack.root), r["buffers"]["maze"]) for r in rows)
+    assert all(set(r["buffers"]) == {"maze", "wordle"} and in_cache(str(stack.root), r["buffers"]["maze"])
+               for r in rows)
+
+    # DVC's remote is bucket dvc of the same store: a buffer version goes there and comes back
+    version = rows[-1]["buffers"]["wordle"]
+    assert push(str(stack.root), version) > 0 and objects(stack, "dvc")
+    shutil.rmtree(stack.root / ".dvc" / "cache")
+    assert not in_cache(str(stack.root), version)
+    assert pull(str(stack.root), version) > 0 and in_cache(str(stack.root), version)
