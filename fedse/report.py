@@ -65,9 +65,11 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def label(doc: dict[str, Any]) -> str:
-    """Method name, plus the LoRA rank when it is not the paper's default of 8."""
+    """Method name, plus the LoRA rank when it is not the paper's default of 8 and the transfer dtype when the
+    adapters did not travel in fp32 (each is a different experiment, never pooled with the default)."""
     r = doc.get("lora_r", 8)
-    return doc["method"] if r == 8 else f"{doc['method']} r={r}"
+    dtype = (doc.get("exchange") or {}).get("dtype", "fp32")
+    return doc["method"] + (f" r={r}" if r != 8 else "") + (f" {dtype}" if dtype != "fp32" else "")
 
 
 def labeller(docs: list[dict[str, Any]]) -> Any:

@@ -108,3 +108,11 @@ def test_curves_csv_holds_the_mean_macro_per_round_and_method(tmp_path: Path) ->
     rows = curves_csv(docs, tmp_path / "curves.csv").read_text().splitlines()
     assert rows[0] == "round,fedse,pretrained"
     assert rows[1] == "0,0.1500,0.1000" and rows[2] == "1,0.4000,0.1000"  # the base holds its one value
+
+
+def test_runs_that_sent_bf16_adapters_are_their_own_row() -> None:
+    from fedse.report import label
+
+    assert label(doc("fedse", 0, 0.1, 0.1)) == "fedse"
+    assert label(doc("fedse", 0, 0.1, 0.1) | {"exchange": {"dtype": "fp32"}}) == "fedse"
+    assert label(doc("fedse", 0, 0.1, 0.1, r=4) | {"exchange": {"dtype": "bf16"}}) == "fedse r=4 bf16"
