@@ -41,7 +41,7 @@ class PolicySpec(BaseModel):
 
     mode: str = Field("auto", pattern="^(auto|constrained|react)$")
     temperature: float = Field(1.0, ge=0, description="exploration temperature")
-    eval_temperature: float = Field(0.0, ge=0, description="evaluation temperature; 0 = greedy (seeded otherwise, "
+    eval_temperature: float = Field(1.0, ge=0, description="evaluation temperature; 0 = greedy (seeded otherwise, "
                                     "the same seed every round so rounds are compared on the same draws)")
     max_new_tokens: int = Field(64, ge=1)
     context: int = Field(1536, ge=128, description="prompt token budget (capped by the model's window)")
