@@ -147,7 +147,7 @@ def eval_task_ids(cfg: Config, env: str, round: int) -> list[int]:
 
 def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int, round: int,
                      advance: Callable[[int], None] | None = None) -> EnvScore:
-    """Greedy success on this round's evaluation tasks of the env."""
+    """Success on this round's evaluation tasks of the env (at `policy.eval_temperature`)."""
     set_adapter_state(agent, state, origin="evaluated adapter")
     ids = eval_task_ids(cfg, env, round)
     return score(rollout(agent, env, ids, cfg.policy, evaluation=True, seed=seed, env_options=cfg.envs.options.get(env),
@@ -240,6 +240,13 @@ def round_start(transport: Transport | None, how: Method, round: int, client: st
     return start_state(how, global_state, own, initial)
 
 
+def global_record(digest: str, state: AdapterState, sent: Upload | None) -> dict[str, Any]:
+    """What a round records of its global adapter (both drivers): its hash and size, and what the server's
+    broadcast weighed on the wire when it went through the exchange."""
+    return {"sha256": digest, "bytes": state_bytes(state)} | (
+        {"bytes_sent": sent.bytes, "upload_sha256": sent.sha256} if sent else {})
+
+
 def next_global(how: Method, updates: Iterable[tuple[str, AdapterState, int]],
                 global_state: AdapterState) -> AdapterState:
     """The server step: the (weighted) mean of the uploads; without a server the updates are only consumed
@@ -305,8 +312,7 @@ class Federation:
         if how.federated or how.pooled:
             digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
                                   {"method": how.name, "round": round, "seed": self.seed})
-            record["global"] = {"sha256": digest, "bytes": state_bytes(new)} | (
-                {"bytes_sent": sent.bytes, "upload_sha256": sent.sha256} if sent else {})
+            record["global"] = global_record(digest, new, sent)
         return new
 
     def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:

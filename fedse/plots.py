@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from fedse.atomic import write_text
+
 
 def run_curves(doc: dict[str, Any], path: Path) -> Path:
     """One run: test success per environment and the macro average, per round."""
@@ -54,12 +56,8 @@ def curves_csv(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Pat
             i = rounds.index(r) if r in rounds else (0 if len(rounds) == 1 else None)
             cells.append("" if i is None else f"{sum(series[i]) / len(series[i]):.4f}")
         lines.append(f"{r}," + ",".join(cells))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    write_text(Path(path), "\n".join(lines) + "\n")
+    return Path(path)
 
 
 def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:

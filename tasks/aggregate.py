@@ -9,9 +9,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fedse.aggregate import state_bytes
 from fedse.config import Config
-from fedse.federation import AdapterState, next_global, publish, receive_update
+from fedse.federation import AdapterState, global_record, next_global, publish, receive_update
 from fedse.methods import method
 from fedse.model import save_adapter, set_adapter_state
 from fedse.transport import Transport
@@ -35,5 +34,4 @@ def aggregate(cfg: Config, updates: list[tuple[str, AdapterState, int]], global_
         set_adapter_state(agent, new, origin="global adapter")
         folder = Path(out) / "adapters" / f"round_{round}"
         digest = save_adapter(agent, folder, {"method": how.name, "round": round, "seed": cfg.seed})
-    return new, {"sha256": digest, "bytes": state_bytes(new), "path": str(folder)} | (
-        {"bytes_sent": sent.bytes, "upload_sha256": sent.sha256} if sent else {})
+    return new, global_record(digest, new, sent) | {"path": str(folder)}
