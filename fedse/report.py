@@ -181,10 +181,14 @@ def improvement_table(docs: list[dict[str, Any]]) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+TIE = 1e-9  # success rates are ratios of small counts: below this a difference is float rounding, not a sign
+
+
 def verdict(diff: float, half: float) -> str:
-    if diff - half > 0:
+    """A tie (0.169 vs 0.169 as 1e-17) is no direction; the table prints it as +0.000."""
+    if diff - half > TIE:
         return "holds"
-    if diff > 0:
+    if diff > TIE:
         return "same direction, within noise"
     return "does not hold"
 

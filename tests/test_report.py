@@ -51,6 +51,10 @@ def test_tables_group_seeds_and_check_the_papers_orderings() -> None:
     assert "| fedse > fedit (micro) |" in claims and "| holds |" in claims
     assert "fedse > local (micro)" in claims and "not run" in claims
     assert verdict(0.05, 0.1) == "same direction, within noise" and verdict(-0.01, 0.1) == "does not hold"
+    # equal means computed in two orders differ by float rounding; a tie has no direction
+    tie = (0.1 + 0.2) - 0.3  # 5.6e-17
+    assert tie > 0
+    assert verdict(tie, 0.1) == "does not hold" and verdict(tie, 0.0) == "does not hold"
 
 
 def test_rank_sweep_reports_megabytes_per_client() -> None:
