@@ -60,20 +60,45 @@ def curves_csv(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Pat
     return Path(path)
 
 
+def tasks_per_round(docs: list[dict[str, Any]]) -> dict[int, int]:
+    """Test tasks per env each round was scored on (the fewest over runs and envs).
+
+    Profiles score the first and last round on more tasks than the rounds between, so points of one curve are
+    not equally precise, nor scored on the same tasks; the plot has to say which are which.
+    """
+    sizes: dict[int, int] = {}
+    for doc in docs:
+        for r in doc["rounds"]:
+            n = min(int(e.get("n", 0)) for e in r["envs"].values())
+            sizes[r["round"]] = min(n, sizes.get(r["round"], n))
+    return sizes
+
+
 def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
-    """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max)."""
+    """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max).
+    Filled markers: rounds scored on the most test tasks; hollow: rounds scored on fewer."""
+    sizes = tasks_per_round(docs)
+    most = max(sizes.values(), default=0)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    tab20 = plt.get_cmap("tab20").colors
+    ax.set_prop_cycle(color=tab20[::2] + tab20[1::2])  # ten strong colours, then their light twins: 20 methods
     for name, (rounds, series) in mean_curves(docs, label).items():
         n = len(series[0])
         mean = [sum(s) / len(s) for s in series]
         if len(rounds) == 1:  # e.g. the pretrained base: a flat reference line
             ax.axhline(mean[0], ls="--", lw=1.2, color="grey", label=f"{name} (n={n})")
             continue
-        line = ax.plot(rounds, mean, marker="o", ms=3, lw=1.6, label=f"{name} (n={n})")[0]
+        line = ax.plot(rounds, mean, lw=1.6, label=f"{name} (n={n})")[0]
+        colour = line.get_color()
+        for r, m in zip(rounds, mean, strict=True):
+            ax.plot([r], [m], marker="o", ms=4, color=colour,
+                    markerfacecolor=colour if sizes.get(r) == most else "white")
         if n > 1:
-            ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12,
-                            color=line.get_color())
+            ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12, color=colour)
     _style(ax, "macro test success per round (mean over seeds; band = min–max)")
+    fewer = sorted({v for v in sizes.values() if v != most})
+    if fewer:
+        ax.set_xlabel(f"round (filled: {most} test tasks per env; hollow: {', '.join(map(str, fewer))})")
     return _save(fig, path)
 
 

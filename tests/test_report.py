@@ -120,3 +120,16 @@ def test_runs_that_sent_bf16_adapters_are_their_own_row() -> None:
     assert label(doc("fedse", 0, 0.1, 0.1)) == "fedse"
     assert label(doc("fedse", 0, 0.1, 0.1) | {"exchange": {"dtype": "fp32"}}) == "fedse"
     assert label(doc("fedse", 0, 0.1, 0.1, r=4) | {"exchange": {"dtype": "bf16"}}) == "fedse r=4 bf16"
+
+
+def test_tasks_per_round_tells_the_rounds_scored_on_fewer_tasks(tmp_path: Path) -> None:
+    from fedse.plots import method_curves, tasks_per_round
+
+    def run(seed: int, small: int) -> dict:
+        rounds = [{"round": t, "macro": 0.2, "envs": {"maze": {"success": 0.2, "n": 25 if t in (0, 2) else small},
+                                                        "wordle": {"success": 0.2, "n": 25}}} for t in range(3)]
+        return {"method": "fedse", "seed": seed, "rounds": rounds}
+
+    docs = [run(0, 10), run(1, 8)]
+    assert tasks_per_round(docs) == {0: 25, 1: 8, 2: 25}
+    assert method_curves(docs, tmp_path / "c.png").stat().st_size > 0
