@@ -88,11 +88,10 @@ def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> 
         if len(rounds) == 1:  # e.g. the pretrained base: a flat reference line
             ax.axhline(mean[0], ls="--", lw=1.2, color="grey", label=f"{name} (n={n})")
             continue
-        line = ax.plot(rounds, mean, lw=1.6, label=f"{name} (n={n})")[0]
+        line = ax.plot(rounds, mean, marker="o", ms=4, markerfacecolor="white", lw=1.6, label=f"{name} (n={n})")[0]
         colour = line.get_color()
-        for r, m in zip(rounds, mean, strict=True):
-            ax.plot([r], [m], marker="o", ms=4, color=colour,
-                    markerfacecolor=colour if sizes.get(r) == most else "white")
+        full = [(r, m) for r, m in zip(rounds, mean, strict=True) if sizes.get(r) == most]
+        ax.plot([r for r, _ in full], [m for _, m in full], "o", ms=4, color=colour)  # fill the precise rounds
         if n > 1:
             ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12, color=colour)
     _style(ax, "macro test success per round (mean over seeds; band = min–max)")
