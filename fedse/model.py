@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
+    alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target: str | list[str] = "all-linear"
     freeze_a: bool = Field(False, description="train B only (A stays at its shared random init), so the mean of "
@@ -51,6 +52,8 @@ class ModelSpec(BaseModel):
     device: str = "auto"
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     cache_dir: Path = Path(".cache/fedse")
+    models_dir: Path = Field(Path("models"), description="committed tiny bases (models/tiny-<spec key>/): loaded "
+                             "when their spec matches, instead of building")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     tiny: TinySpec = Field(default_factory=TinySpec)
 
@@ -92,17 +95,52 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def tiny_dir(spec: ModelSpec) -> Path:
+    """Where a tiny base of this spec is built when no committed one matches it (the user's cache)."""
     return spec.cache_dir / "models" / f"tiny-{spec.tiny.key()}"
 
 
+def committed_dir(spec: ModelSpec) -> Path:
+    """Where a tiny base of this spec is committed to the repository (`fedse base build` writes it there)."""
+    return spec.models_dir / f"tiny-{spec.tiny.key()}"
+
+
+def verify_tiny(path: Path, spec: ModelSpec) -> None:
+    """A stored base is used only if it is what its spec says: the spec hash in its fedse_tiny.json is this
+    spec's, and its weights file still has the sha256 recorded at build time (a corrupted or hand-edited
+    file, or a stale one under the right name, is refused with one line rather than silently used)."""
+    from fedse.tiny import INFO, file_sha256
+
+    info_path, weights = path / INFO, path / "model.safetensors"
+    if not info_path.exists() or not weights.exists():
+        raise ModelError(f"{path}: not a complete tiny base ({INFO} or model.safetensors missing); delete it or "
+                         "rebuild it with `fedse base build`")
+    info = json.loads(info_path.read_text())
+    if info.get("key") != spec.tiny.key():
+        raise ModelError(f"{path}: built from spec {info.get('key')}, not {spec.tiny.key()}; rebuild it with "
+                         "`fedse base build`")
+    digest = file_sha256(weights)
+    if digest != info.get("weights_sha256"):
+        raise ModelError(f"{weights}: sha256 {digest[:12]} does not match the {str(info.get('weights_sha256'))[:12]} "
+                         "recorded with its spec; restore it (git checkout) or rebuild it with `fedse base build`")
+
+
+def find_tiny(spec: ModelSpec) -> Path | None:
+    """The stored base for this spec, checked: the committed one first, else the cache's; None if neither."""
+    for path in (committed_dir(spec), tiny_dir(spec)):
+        if path.exists():
+            verify_tiny(path, spec)
+            return path
+    return None
+
+
 def ensure_tiny(spec: ModelSpec, advance: Callable[[int, float], None] | None = None) -> Path:
-    """Path of the tiny base model, building it first when it is not cached yet."""
+    """Path of the tiny base model: the committed or cached one for this spec, else built into the cache."""
     from fedse.tiny import build
 
-    path = tiny_dir(spec)
-    if not (path / "config.json").exists():
-        build(spec.tiny, path, advance)
-    return path
+    found = find_tiny(spec)
+    if found is not None:
+        return found
+    return build(spec.tiny, tiny_dir(spec), advance, workers=os.cpu_count() or 1)
 
 
 def smollm2_gguf() -> Path:

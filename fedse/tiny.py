@@ -1,11 +1,12 @@
-"""The embedded default model: a small Qwen3-architecture LM built offline, deterministically, in minutes.
+"""The embedded default model: a small Qwen3-architecture LM built offline, deterministically, from a spec.
 
-No hub can be reached, so the frozen base gets its language competence here: a byte-level BPE tokenizer and
-language-model pretraining on transcripts of the *random valid-action policy* playing every environment's
-**pretrain** task ids (a range disjoint from train and test ids). It therefore learns the chat format, what
-observations look like and which actions are admissible — but not how to succeed, since a random policy
-rarely does. It never sees a client's buffer, the expert seed data or a test task. Everything is a function
-of the spec (seeded), and the result is cached on disk under a hash of the spec.
+No hub can be reached, so the frozen base gets its competence here: a byte-level BPE tokenizer and
+pretraining (behaviour cloning) on transcripts of players of *mixed skill* playing every environment's
+**pretrain** task ids (`fedse.corpus`; a range disjoint from train, validation and test ids). The model
+learns the chat format, what observations look like, which actions are admissible and — latently, since
+the players' skill is never written down — how a good player chooses: the competence a web-pretrained LLM
+brings and that self-evolution sharpens. It never sees a client's buffer, the expert seed data or a test
+task. Everything is a function of the spec (seeded), and the result is stored under a hash of the spec.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.atomic import atomic_dir
+from fedse.corpus import CorpusSpec, build_corpus, summary
 from fedse.prompt import SPECIAL_TOKENS, Renderer
+from fedse.trajectory import Trajectory
 
 PAD = "<|pad|>"
+INFO = "fedse_tiny.json"
 
 
 class TinySpec(BaseModel):
-    """Architecture and pretraining budget of the tiny model (all of it goes into the cache key)."""
+    """Architecture, corpus and pretraining budget of the tiny model (all of it goes into the cache key)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,11 +42,12 @@ class TinySpec(BaseModel):
     kv_heads: int = Field(2, ge=1)
     vocab: int = Field(4096, ge=512)
     context: int = Field(2048, ge=256)
-    envs: list[str] = Field(default_factory=lambda: ["babyai", "webshop", "textcraft", "maze", "wordle"])
-    corpus_episodes: int = Field(300, ge=1, description="random-policy episodes per environment")
-    pretrain_steps: int = Field(300, ge=0)
-    batch: int = Field(16, ge=1)
-    block: int = Field(256, ge=16)
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
+    pretrain_steps: int = Field(3000, ge=0)
+    batch: int = Field(16, ge=1, description="examples per step")
+    window: int = Field(512, ge=64, description="tokens per example: head + a run of turns, as the policy sees")
+    loss: Literal["actions", "all"] = Field("actions", description="which tokens carry loss: the players' "
+                                            "actions (behaviour cloning) or every token (plain LM)")
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
 
@@ -49,24 +55,10 @@ class TinySpec(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
 
-def transcripts(spec: TinySpec) -> list[tuple[list[str], list[str]]]:
-    """(observations, actions) of random-policy episodes on the pretrain ids of each environment."""
-    from fedse.envs.pool import EnvPool
-    from fedse.envs.registry import env_class, make_env
-    from fedse.scripted import random_policy
-
-    episodes = []
-    for name in spec.envs:
-        ids = env_class(name).pretrain_ids()
-        rng = random.Random(f"tiny-corpus-{name}-{spec.seed}")
-        task_ids = rng.sample(range(ids.start, ids.stop), spec.corpus_episodes)
-        pool = EnvPool(lambda name=name: make_env(name), task_ids)
-        pool.run(random_policy(spec.seed))
-        for slot in pool.slots:
-            observations = [slot.first_observation] + [obs for _, obs in slot.history[:-1]]
-            episodes.append((observations, [a for a, _ in slot.history]))
-    random.Random(spec.seed).shuffle(episodes)
-    return episodes
+def corpus_texts(corpus: dict[str, list[Trajectory]]) -> list[str]:
+    """Plain chat text of every transcript: what the tokenizer is trained on."""
+    return [_plain([t.observation for t in traj.turns] + [traj.final_observation], [t.action for t in traj.turns])
+            for records in corpus.values() for traj in records]
 
 
 def train_tokenizer(texts: list[str], vocab: int):  # -> PreTrainedTokenizerFast
@@ -100,19 +92,43 @@ def architecture(spec: TinySpec, tokenizer):  # -> Qwen3ForCausalLM
     return Qwen3ForCausalLM(config)
 
 
-def pretrain(model, blocks: torch.Tensor, spec: TinySpec, advance: Callable[[int, float], None] | None = None,
-             ) -> list[float]:
-    """Plain LM training on packed blocks (loss on every token); returns the loss curve."""
-    gen = torch.Generator().manual_seed(spec.seed)
+def examples(renderer: Renderer, corpus: dict[str, list[Trajectory]], spec: TinySpec) -> list:
+    """Training windows of every transcript, shuffled; labels on actions only or on every token."""
+    from fedse.learner import episode_examples
+
+    out = []
+    for records in corpus.values():
+        for traj in records:
+            for ex in episode_examples(renderer, traj, spec.window):
+                if spec.loss == "all":
+                    ex.labels = list(ex.ids)
+                out.append(ex)
+    random.Random(spec.seed).shuffle(out)
+    return out
+
+
+def pretrain(model, data: list, spec: TinySpec, pad: int, advance: Callable[[int, float], None] | None = None,
+             ) -> tuple[list[float], int]:
+    """Full-parameter training on length-bucketed batches of windows, cosine schedule; returns the losses and
+    the number of (non-padding) tokens processed."""
+    from fedse.learner import batches, collate, lm_loss
+
+    rng = random.Random(spec.seed)
+    torch.manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, spec.pretrain_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
         math.pi * min(1.0, s / max(1, spec.pretrain_steps))))))
     model.train()
-    losses = []
+    losses: list[float] = []
+    tokens = 0
+    plan: list = []
     for step in range(spec.pretrain_steps):
-        batch = blocks[torch.randint(len(blocks), (spec.batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
+        if not plan:
+            plan = batches(data, spec.batch, rng)
+        ids, labels, mask = collate(plan.pop(), pad)
+        tokens += int(mask.sum())
+        loss = lm_loss(model, ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -122,36 +138,38 @@ def pretrain(model, blocks: torch.Tensor, spec: TinySpec, advance: Callable[[int
         if advance:
             advance(step + 1, losses[-1])
     model.eval()
-    return losses
+    return losses, tokens
 
 
-def pack(renderer: Renderer, episodes: list[tuple[list[str], list[str]]], block: int) -> torch.Tensor:
-    """Concatenate episodes (each starts with the system header, a natural separator) into fixed blocks."""
-    stream: list[int] = []
-    for observations, actions in episodes:
-        stream.extend(renderer.episode(observations, actions).ids)
-    usable = len(stream) // block * block
-    return torch.tensor(stream[:usable], dtype=torch.long).view(-1, block)
-
-
-def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] | None = None) -> Path:
+def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] | None = None,
+          workers: int = 1) -> Path:
     """Build tokenizer and model into `out_dir` atomically (a crash leaves no half-built model)."""
     torch.manual_seed(spec.seed)
-    episodes = transcripts(spec)
-    texts = [_plain(obs, acts) for obs, acts in episodes]
-    tokenizer = train_tokenizer(texts, spec.vocab)
+    corpus = build_corpus(spec.corpus, workers)
+    tokenizer = train_tokenizer(corpus_texts(corpus), spec.vocab)
     model = architecture(spec, tokenizer)
-    blocks = pack(Renderer(tokenizer), episodes, spec.block)
-    losses = pretrain(model, blocks, spec, advance)
+    data = examples(Renderer(tokenizer), corpus, spec)
+    losses, tokens = pretrain(model, data, spec, tokenizer.pad_token_id, advance)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "fedse_tiny.json").write_text(json.dumps({
-            "spec": spec.model_dump(), "corpus_episodes": len(episodes), "corpus_tokens": int(blocks.numel()),
+        weights = tmp / "model.safetensors"
+        (tmp / INFO).write_text(json.dumps({
+            "spec": spec.model_dump(), "key": spec.key(), "weights_sha256": file_sha256(weights),
+            "corpus": summary(corpus), "examples": len(data),
+            "tokens_seen": tokens, "corpus_tokens": sum(len(e.ids) for e in data),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)],
         }, indent=2))
     return out_dir
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _plain(observations: list[str], actions: list[str]) -> str:

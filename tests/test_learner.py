@@ -76,3 +76,29 @@ def test_freeze_a_trains_only_b_so_averaging_adapters_averages_the_updates(micro
             deltas.append(s[b_key] @ a)
         mean_b = (states[0][b_key] + states[1][b_key]) / 2
         assert torch.allclose(mean_b @ a, (deltas[-2] + deltas[-1]) / 2, atol=1e-6)
+
+
+def test_head_only_loss_equals_the_models_own_loss(micro_agent: Agent) -> None:
+    from fedse.learner import collate, lm_loss
+
+    trajs = expert_trajectories("maze", [10_010, 10_011, 10_012])
+    ids, labels, mask = collate([e for t in trajs for e in encode(micro_agent, t, 4096)], 0)
+    with torch.no_grad():
+        plain = micro_agent.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert torch.allclose(lm_loss(micro_agent.model, ids, mask, labels), plain, atol=1e-5)
+
+
+def test_fedprox_keeps_the_client_near_the_broadcast_adapter(micro_spec) -> None:
+    from fedse.model import adapter_state, load_agent, set_adapter_state
+
+    agent = load_agent(micro_spec)
+    start = adapter_state(agent)
+    trajs = expert_trajectories("maze", list(range(10_000, 10_008)))
+
+    def drift(mu: float) -> float:
+        set_adapter_state(agent, start, origin="start")
+        train(agent, trajs, LearnerSpec(lr=5e-3, epochs=2), seed=0, prox_mu=mu)
+        return sum(float(((v - start[k]) ** 2).sum()) for k, v in adapter_state(agent).items()) ** 0.5
+
+    free, held = drift(0.0), drift(1e4)
+    assert held < 0.5 * free

@@ -105,3 +105,26 @@ def test_unknown_preset_and_missing_path_are_one_line(tmp_path: Path) -> None:
         load_base(ModelSpec(preset="gpt5"))
     with pytest.raises(ModelError, match="cannot load model"):
         load_base(ModelSpec(preset=str(tmp_path / "no-such-model")))
+
+
+def test_a_committed_base_is_used_only_when_its_weights_match_its_spec(micro_spec: ModelSpec, micro_agent: Agent,
+                                                                      tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from fedse.model import committed_dir, find_tiny, tiny_dir
+
+    spec = micro_spec.model_copy(update={"models_dir": tmp_path / "models"})
+    shutil.copytree(tiny_dir(spec), committed_dir(spec))  # what `fedse base build` + git commit leave
+    assert find_tiny(spec) == committed_dir(spec)
+    weights = committed_dir(spec) / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # one flipped bit in a weight
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match=r"model\.safetensors: sha256 \w+ does not match"):
+        load_agent(spec)
+    shutil.copy(tiny_dir(spec) / "model.safetensors", weights)
+    info = committed_dir(spec) / "fedse_tiny.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "key": "0123456789ab"}))
+    with pytest.raises(ModelError, match="built from spec 0123456789ab"):
+        load_agent(spec)
