@@ -2,32 +2,102 @@
 
 Episodes run on an `EnvPool` in chunks of `batch_size`, so one forward pass serves every running episode of
 a chunk; the records say which adapter, temperature and seed produced them.
+
+Every episode carries a key that fixes its sampling noise (common random numbers, see `fedse.policy`):
+evaluation episodes are keyed by (run seed, env, task, pass) only, never by the round or the method, so every
+round and every method is scored on the same draws; exploration episodes by (run seed, env, round, task). With
+the constrained policy an episode therefore plays the same whatever else shares its batch, and the batch
+size is a matter of speed alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from fedse.envs.pool import EnvPool
+import torch
+
+from fedse.envs.base import TextEnv
+from fedse.envs.pool import EnvPool, Slot
 from fedse.envs.registry import make_env
 from fedse.model import Agent
 from fedse.policy import PolicySpec, make_policy
 from fedse.trajectory import Trajectory
 
 
+@dataclass
+class Pace:
+    """How much acting a rollout did and in how long: decisions (policy calls × episodes acted on) and
+    wall-clock seconds (environment steps included), measured inside real rounds rather than in a benchmark."""
+
+    decisions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.decisions / self.seconds if self.seconds else 0.0
+
+
+class Episodes(list[Trajectory]):
+    """A rollout's trajectory records — a plain list to every consumer — that also carry its `pace`."""
+
+    def __init__(self, records: Iterable[Trajectory] = (), pace: Pace | None = None) -> None:
+        super().__init__(records)
+        self.pace = pace or Pace()
+
+
+def episode_key(seed: int, env: str, task_id: int, evaluation: bool, round: int | None = None, pass_: int = 0,
+                ) -> str:
+    """The name of an episode's sampling noise. Evaluation: (run seed, env, task, pass) and nothing else, so
+    two rounds or two methods scoring the same task face the same draws; exploration: (run seed, env, round,
+    task), fresh draws every round."""
+    if evaluation:
+        return f"eval/seed={seed}/env={env}/task={task_id}/pass={pass_}"
+    return f"explore/seed={seed}/env={env}/round={round}/task={task_id}"
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `count` for the block (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
+
+
 def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySpec, evaluation: bool, seed: int,
             adapter_hash: str | None = None, round: int | None = None, env_options: dict[str, Any] | None = None,
-            advance: Callable[[int], None] | None = None) -> list[Trajectory]:
-    """Play each task once; `advance(n)` is called as chunks of n episodes finish."""
-    records: list[Trajectory] = []
-    temperature = spec.temperature_for(evaluation)
-    for start in range(0, len(task_ids), spec.batch_size):
-        chunk = list(task_ids[start:start + spec.batch_size])
-        pool = EnvPool(lambda: make_env(env_name, **(env_options or {})), chunk)
-        pool.run(make_policy(agent, spec, evaluation, seed + start))
-        records.extend(pool.trajectories(env_name, policy="agent", adapter_hash=adapter_hash, round=round,
-                                         seed=seed, temperature=temperature))
-        if advance:
-            advance(len(chunk))
+            advance: Callable[[int], None] | None = None, passes: int = 1) -> Episodes:
+    """Play each task `passes` times (evaluation only: exploration plays each task once); `advance(n)` is
+    called as chunks of n episodes finish. The records come task by task, passes of a task together."""
+    if passes < 1 or (passes > 1 and not evaluation):
+        raise ValueError(f"passes={passes}: evaluation plays each task at least once, exploration exactly once")
+    started = time.perf_counter()
+    episodes = [(task, p) for task in task_ids for p in range(passes)]
+    keys = [episode_key(seed, env_name, task, evaluation, round, p) for task, p in episodes]
+    records = Episodes()
+    policy = make_policy(agent, spec, evaluation, seed)
+
+    def act(envs: list[TextEnv], slots: list[Slot]) -> list[str]:
+        records.pace.decisions += len(slots)
+        return policy(envs, slots)
+
+    with torch_threads(spec.threads):
+        for start in range(0, len(episodes), spec.batch_size):
+            chunk = slice(start, start + spec.batch_size)
+            pool = EnvPool(lambda: make_env(env_name, **(env_options or {})), [t for t, _ in episodes[chunk]],
+                           keys[chunk])
+            pool.run(act)
+            records.extend(pool.trajectories(env_name, policy="agent", adapter_hash=adapter_hash, round=round,
+                                             seed=seed, temperature=spec.temperature_for(evaluation)))
+            if advance:
+                advance(len(pool.slots))
+    records.pace.seconds = time.perf_counter() - started
     return records

@@ -27,17 +27,23 @@ class Slot:
     done: bool = False
     history: list[tuple[str, str]] = field(default_factory=list)  # (action, observation after it)
     thoughts: list[str] = field(default_factory=list)  # the policy's reasoning per action (ReAct), if any
+    key: str = ""  # names the episode's sampling noise (fedse.policy); "" = the policy's own fallback
 
 
 class EnvPool:
-    """Runs one episode per task id on its own environment instance."""
+    """Runs one episode per task id on its own environment instance.
 
-    def __init__(self, make: Callable[[], TextEnv], task_ids: Sequence[int]) -> None:
+    `keys` (one per task id) name each episode's sampling noise, so that what an episode draws depends on the
+    episode alone and not on which others share its pool (see `fedse.policy.gumbel`).
+    """
+
+    def __init__(self, make: Callable[[], TextEnv], task_ids: Sequence[int], keys: Sequence[str] | None = None,
+                 ) -> None:
         self.envs = [make() for _ in task_ids]
         self.slots: list[Slot] = []
-        for env, task_id in zip(self.envs, task_ids, strict=True):
+        for env, task_id, key in zip(self.envs, task_ids, keys or [""] * len(task_ids), strict=True):
             observation, info = env.reset(task_id)
-            self.slots.append(Slot(task_id, observation, observation, info))
+            self.slots.append(Slot(task_id, observation, observation, info, key=key))
 
     def running(self) -> list[int]:
         """Indices of the episodes that still need an action."""
