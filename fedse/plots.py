@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from fedse.atomic import write_text
+from fedse.report import client_series, explores
 
 
 def run_curves(doc: dict[str, Any], path: Path) -> Path:
@@ -49,14 +52,16 @@ def curves_csv(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Pat
     seeds). A method evaluated once (the untrained base) holds its value on every round, as its line does."""
     curves = mean_curves(docs, label)
     last = max((rounds[-1] for rounds, _ in curves.values()), default=0)
-    lines = ["round," + ",".join(curves)]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes labels such as "fedse [exact, server_lr 2]"
+    writer.writerow(["round", *curves])
     for r in range(last + 1):
         cells = []
         for rounds, series in curves.values():
             i = rounds.index(r) if r in rounds else (0 if len(rounds) == 1 else None)
             cells.append("" if i is None else f"{sum(series[i]) / len(series[i]):.4f}")
-        lines.append(f"{r}," + ",".join(cells))
-    write_text(Path(path), "\n".join(lines) + "\n")
+        writer.writerow([r, *cells])
+    write_text(Path(path), text.getvalue())
     return Path(path)
 
 
@@ -76,29 +81,62 @@ def tasks_per_round(docs: list[dict[str, Any]]) -> dict[int, int]:
 
 def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
     """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max).
-    Filled markers: rounds scored on the most test tasks; hollow: rounds scored on fewer."""
+    Filled markers: rounds scored on the most test tasks; hollow: rounds scored on fewer. Below, when some
+    method explores, its exploration success per round (same colours): whether self-evolution has any
+    successes of its own to learn from."""
     sizes = tasks_per_round(docs)
     most = max(sizes.values(), default=0)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    exploring = explore_curves(docs, label)
+    if exploring:
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(7.5, 6.6), sharex=True, height_ratios=[3, 1.6])
+    else:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
     tab20 = plt.get_cmap("tab20").colors
-    ax.set_prop_cycle(color=tab20[::2] + tab20[1::2])  # ten strong colours, then their light twins: 20 methods
+    palette = tab20[::2] + tab20[1::2]  # ten strong colours, then their light twins: 20 methods
+    colours: dict[str, Any] = {}
     for name, (rounds, series) in mean_curves(docs, label).items():
         n = len(series[0])
         mean = [sum(s) / len(s) for s in series]
         if len(rounds) == 1:  # e.g. the pretrained base: a flat reference line
             ax.axhline(mean[0], ls="--", lw=1.2, color="grey", label=f"{name} (n={n})")
             continue
-        line = ax.plot(rounds, mean, marker="o", ms=4, markerfacecolor="white", lw=1.6, label=f"{name} (n={n})")[0]
-        colour = line.get_color()
+        colour = colours.setdefault(name, palette[len(colours) % len(palette)])
+        ax.plot(rounds, mean, marker="o", ms=4, markerfacecolor="white", lw=1.6, color=colour, label=f"{name} (n={n})")
         full = [(r, m) for r, m in zip(rounds, mean, strict=True) if sizes.get(r) == most]
         ax.plot([r for r, _ in full], [m for _, m in full], "o", ms=4, color=colour)  # fill the precise rounds
         if n > 1:
             ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12, color=colour)
     _style(ax, "macro test success per round (mean over seeds; band = min–max)")
     fewer = sorted({v for v in sizes.values() if v != most})
-    if fewer:
-        ax.set_xlabel(f"round (filled: {most} test tasks per env; hollow: {', '.join(map(str, fewer))})")
+    xlabel = f"round (filled: {most} test tasks per env; hollow: {', '.join(map(str, fewer))})" if fewer else "round"
+    ax.set_xlabel(xlabel)
+    if exploring:
+        ax.set_xlabel("")
+        for name, (rounds, values) in exploring.items():
+            low.plot(rounds, values, marker="o", ms=3, lw=1.4, color=colours.get(name, "black"))
+        low.set_xlabel(xlabel)
+        low.set_ylabel("exploration success")
+        low.set_ylim(-0.02, min(1.02, max(0.25, low.dataLim.y1 * 1.15)))
+        low.grid(alpha=0.3)
+        low.set_title("exploration success per round (mean over seeds and clients)", fontsize=10)
     return _save(fig, path)
+
+
+def explore_curves(docs: list[dict[str, Any]], label: Any = None) -> dict[str, tuple[list[int], list[float]]]:
+    """Per label that explores: the rounds with a recorded exploration success and its mean over seeds and
+    clients (rounds where no client explored are left out, not drawn as 0)."""
+    label = label or (lambda d: d["method"])
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for doc in docs:
+        groups[label(doc)].append(doc)
+    curves = {}
+    for name, runs in sorted(groups.items()):
+        if not any(explores(d) for d in runs):
+            continue
+        points = [(r, v) for r, v, _ in client_series(runs, "explore_success") if v is not None]
+        if points:
+            curves[name] = ([r for r, _ in points], [v for _, v in points])
+    return curves
 
 
 def _style(ax: Any, title: str) -> None:

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedse.plots import curves_csv, explore_curves, method_curves, tasks_per_round
+
+
+def run(method: str, seed: int, macros: list[float], explore: list[float | None] | None = None,
+        tasks: list[int] | None = None) -> dict:
+    """A run with only what the figures read; `explore` adds the clients' exploration success per round."""
+    rounds = []
+    for t, macro in enumerate(macros):
+        n = (tasks or [25] * len(macros))[t]
+        envs = {e: {"success": macro, "n": n, "task_ids": list(range(n)), "task_success": [macro] * n}
+                for e in ("maze", "wordle")}
+        clients = {e: {"explored": 12, "explore_success": explore[t], "self_share": 0.1} for e in envs} \
+            if explore else {}
+        rounds.append({"round": t, "macro": macro, "envs": envs, "clients": clients})
+    return {"method": method, "seed": seed, "rounds": rounds}
+
+
+def test_curves_csv_holds_the_mean_macro_per_round_and_method(tmp_path: Path) -> None:
+    docs = [run("fedse", 0, [0.1, 0.3]), run("fedse", 1, [0.2, 0.5]), run("pretrained", 0, [0.1])]
+    rows = curves_csv(docs, tmp_path / "curves.csv").read_text().splitlines()
+    assert rows[0] == "round,fedse,pretrained"
+    assert rows[1] == "0,0.1500,0.1000" and rows[2] == "1,0.4000,0.1000"  # the base holds its one value
+
+
+def test_curves_csv_quotes_labels_with_commas(tmp_path: Path) -> None:
+    docs = [run("fedse", 0, [0.1, 0.3])]
+    rows = curves_csv(docs, tmp_path / "c.csv", label=lambda d: "fedse [exact, server_lr 2]").read_text()
+    assert rows.splitlines()[0] == 'round,"fedse [exact, server_lr 2]"'
+
+
+def test_tasks_per_round_tells_the_rounds_scored_on_fewer_tasks(tmp_path: Path) -> None:
+    docs = [run("fedse", 0, [0.2] * 3, tasks=[25, 10, 25]), run("fedse", 1, [0.2] * 3, tasks=[25, 8, 25])]
+    assert tasks_per_round(docs) == {0: 25, 1: 8, 2: 25}
+    assert method_curves(docs, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_exploring_methods_get_a_second_panel(tmp_path: Path) -> None:
+    docs = [run("fedse", s, [0.2, 0.3, 0.3], explore=[0.1, None, 0.3 + s / 10]) for s in range(2)]
+    docs += [run("fedit", 0, [0.2, 0.25, 0.3]), run("pretrained", 0, [0.1])]
+    curves = explore_curves(docs)
+    assert list(curves) == ["fedse"] and curves["fedse"][0] == [0, 2]  # no value in round 1: no point drawn
+    assert curves["fedse"][1][1] == 0.35
+    assert method_curves(docs, tmp_path / "c.png").stat().st_size > 0
