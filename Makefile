@@ -22,22 +22,19 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	touch $(STAMP)
 
 ## run: expert seeds (DVC stage `seed`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model
-## through the Prefect flow (temporary local API, MLflow in mlflow/mlflow.db, buffers in the DVC cache)
+## (the committed base in models/, loaded in seconds) through the Prefect flow (temporary local API, MLflow in
+## mlflow/mlflow.db, buffers in the DVC cache)
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	$(BIN)/python -m flows.experiment --profile quick --method fedse
 
-## results: the whole results table on the tiny model (README "Results"): `dvc repro` (the profile params.yaml
-## names, quick: every method x 3 seeds through the flow, the LoRA rank sweep, reports/quick), then the full profile
-## for fedse and fedit (seed 0) into reports/full. Runs already recorded in dvc.lock (or kept in reports/full/runs)
-## are not run again, so an interrupted `make results` resumes.
+## results: the whole results table on the tiny model (README "Results") on both cores: every out-of-date DVC stage
+## (quick profile: every method x 3 seeds, the aggregation options, the LoRA rank sweep; the full profile for fedse
+## and fedit) two at a time, each recorded with `dvc commit`, then `dvc repro` writes reports/quick and reports/full.
+## Stages already recorded in dvc.lock are not run again, so an interrupted `make results` resumes. Prints the wall
+## time (also in reports/results-timing.json).
 results: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	for m in fedse fedit; do kept=reports/full/runs/$$m-s0.json; \
-		if grep -qs '"complete": true' $$kept; then echo "kept $$kept"; \
-		else rm -rf experiments/full/$$m-s0 && $(BIN)/python -m flows.experiment --profile full --method $$m --seed 0 \
-			--out experiments/full/$$m-s0 --keep $$kept || exit 1; fi; done
-	$(BIN)/fedse report reports/full/runs/*.json --out reports/full
+	$(BIN)/python -m flows.results -j 2
 
 ## serve: the expert seeds (DVC stage `seed`, skipped when up to date), SeaweedFS (S3 object store: data in
 ## .seaweedfs/, buckets fedse, mlflow, dvc, keys per role in .serve/), a Prefect server, an MLflow server (SQLite

@@ -26,6 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated self-evolution of LLM agents (Fed-SE).")
 envs_app = typer.Typer(no_args_is_help=True, help="The five private environments.")
 app.add_typer(envs_app, name="envs")
+base_app = typer.Typer(no_args_is_help=True, help="The embedded tiny base model (built offline from its spec).")
+app.add_typer(base_app, name="base")
 
 # piped output (CI logs, `| less`) gets a wide page instead of rich's 80 columns, where tables fold to "…"
 out = Console(width=None if Console().is_terminal else 200)
@@ -187,12 +189,12 @@ def _agent(adapter: Path | None, bar: Progress):
     """Load the configured base + adapter, showing the one-off tiny-model build as a progress bar."""
     from transformers.utils import logging as hf_logging
 
-    from fedse.model import load_agent, tiny_dir
+    from fedse.model import find_tiny, load_agent
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
-    spec = State.config().model
+    spec = State.config().agent_spec()  # the LoRA the run's aggregation rule needs
     job = None
-    if spec.preset == "tiny" and not (tiny_dir(spec) / "config.json").exists():
+    if spec.preset == "tiny" and find_tiny(spec) is None:
         job = bar.add_task("building the tiny base model (once)", total=spec.tiny.pretrain_steps)
 
     def advance(step: int, loss: float) -> None:
@@ -200,6 +202,78 @@ def _agent(adapter: Path | None, bar: Progress):
             bar.update(job, completed=step, description=f"building the tiny base model (loss {loss:.2f})")
 
     return load_agent(spec, adapter, seed=State.config().seed, advance=advance)
+
+
+@base_app.command("build")
+@clear_errors
+def base_build(out_dir: Path = typer.Option(None, "--out", help="folder [params: model.models_dir/tiny-<spec key>, "
+                                            "the committed location]"),
+               workers: int = typer.Option(None, "--workers", min=1, help="processes playing the corpus [all cores]"),
+               force: bool = typer.Option(False, "--force", help="rebuild even if a valid base is there")) -> None:
+    """Build the tiny base of params' `model.tiny` spec (mixed-skill corpus, tokenizer, pretraining).
+
+    Deterministic from the spec; about an hour on 2 CPU cores at the shipped budget. The result carries its
+    spec hash and the sha256 of its weights, so a committed copy is loaded in seconds by every command.
+    Example: `fedse base build` (then `git add models/`), or `fedse --set model.tiny.pretrain_steps=500 base build`.
+    """
+    import os
+    import time
+
+    import torch
+
+    from fedse.model import committed_dir, verify_tiny
+    from fedse.tiny import INFO, build
+
+    spec = State.config().model
+    target = out_dir or committed_dir(spec)
+    if target.exists() and not force:
+        verify_tiny(target, spec)
+        out.print(f"{target} already holds this spec's base (verified); --force rebuilds it", highlight=False)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    with _progress() as bar:
+        job = bar.add_task("pretraining", total=spec.tiny.pretrain_steps)
+
+        def advance(step: int, loss: float) -> None:
+            bar.update(job, completed=step, description=f"pretraining (loss {loss:.3f})")
+
+        build(spec.tiny, target, advance, workers=workers or os.cpu_count() or 1)
+    info = json.loads((target / INFO).read_text())
+    out.print(f"built {target} in {time.perf_counter() - started:,.0f} s: spec {info['key']}, "
+              f"{info['tokens_seen']:,} tokens seen, loss {info['loss_first']:.3f} → {info['loss_last']:.3f}, "
+              f"weights sha256 {info['weights_sha256'][:12]}", highlight=False)
+
+
+@base_app.command("info")
+@clear_errors
+def base_info(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Which stored base params' spec resolves to (committed or cached, verified), and how it was built.
+
+    Example: `fedse base info`.
+    """
+    from fedse.model import committed_dir, find_tiny, tiny_dir
+    from fedse.tiny import INFO
+
+    spec = State.config().model
+    found = find_tiny(spec)
+    info = json.loads((found / INFO).read_text()) if found else {}
+    if as_json:
+        print(json.dumps({"key": spec.tiny.key(), "path": str(found) if found else None, **info}))
+        return
+    if found is None:
+        out.print(f"spec {spec.tiny.key()}: no base at {committed_dir(spec)} or {tiny_dir(spec)}; the first command "
+                  "that needs it builds it (or run `fedse base build`)", highlight=False)
+        return
+    table = Table("", "value", title=f"tiny base {spec.tiny.key()}")
+    table.add_row("path", str(found))
+    table.add_row("weights sha256", info["weights_sha256"])
+    table.add_row("tokens seen", f"{info['tokens_seen']:,}")
+    table.add_row("loss", f"{info['loss_first']:.3f} → {info['loss_last']:.3f}")
+    for env, c in info.get("corpus", {}).items():
+        table.add_row(f"corpus {env}", f"{c['episodes']} episodes, player success {c['success']:.2f}, "
+                      f"{c['mean_turns']:.1f} turns")
+    out.print(table)
 
 
 @app.command("train")
@@ -240,11 +314,13 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
              env: str = typer.Option("all", "--env", help="an environment name, or all"),
              episodes: int = typer.Option(None, "--episodes", min=1, help="first N tasks per env [all]"),
              split: str = typer.Option("test", "--split", help="test (report) or val (held-out train ids: tune)"),
+             passes: int = typer.Option(None, "--passes", min=1, help="plays of each task [params: eval.passes]"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Success and mean reward on held-out tasks (at policy.eval_temperature), micro/macro averages, 95% intervals.
 
     `--split val` scores the validation ids instead (train-distribution tasks no seed or client uses), which
-    is where hyperparameters are chosen; test tasks are for reporting only.
+    is where hyperparameters are chosen; test tasks are for reporting only. Each task is played `--passes`
+    times on draws fixed by (seed, env, task, pass), the same ones the round loop's evaluation uses.
     """
     from fedse.envs.registry import env_class
     from fedse.evaluate import score, summarise
@@ -255,22 +331,26 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
         raise ValueError(f"--split {split!r}: choose test or val")
     names = cfg.envs.names if env == "all" else [env_class(env).name]
     n = episodes or cfg.eval.episodes
+    passes = passes or cfg.eval.passes
     per_env = {}
     with _progress(disable=as_json) as bar:
         agent = _agent(adapter, bar)
         for name in names:
             cls = env_class(name)
             ids = list(cls.test_ids if split == "test" else cls.validation_ids())[:n]
-            job = bar.add_task(f"evaluating {name}", total=len(ids))
+            job = bar.add_task(f"evaluating {name}", total=len(ids) * passes)
             records = rollout(agent, name, ids, cfg.policy, evaluation=True, seed=cfg.seed,
-                              env_options=env_options(name), advance=lambda k, job=job: bar.advance(job, k))
-            per_env[name] = score(records)
+                              env_options=env_options(name), advance=lambda k, job=job: bar.advance(job, k),
+                              passes=passes)
+            per_env[name] = score(records, records.pace.decisions, records.pace.seconds)
     result = summarise(per_env)
     if as_json:
         print(json.dumps(result))
         return
     table = Table("env", "success", "95% CI", "reward", "n",
-                  title=f"fedse eval ({split}) — {adapter or 'base model (no adapter)'}")
+                  title=f"fedse eval ({split}, {passes} pass{'es' if passes > 1 else ''} per task) — "
+                        f"{adapter or 'base model (no adapter)'}",
+                  caption=f"{result['eval_decisions']} decisions in {result['eval_seconds']:.1f} s")
     for name, s in per_env.items():
         table.add_row(name, f"{s.success:.3f}", f"{s.ci_low:.2f}–{s.ci_high:.2f}", f"{s.reward:.3f}", str(s.n))
     table.add_row("micro", f"{result['micro']:.3f}", "", "", "")

@@ -12,8 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedse.aggregate import AggregationSpec
 from fedse.learner import LearnerSpec
-from fedse.model import ModelSpec
+from fedse.model import LoraSpec, ModelSpec
 from fedse.policy import PolicySpec
 from fedse.transport import TransportSpec
 
@@ -61,9 +62,11 @@ class CheckConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """`fedse eval`: test tasks per environment (null = the whole test set)."""
+    """`fedse eval`: test tasks per environment (null = the whole test set); and, there and in the round loop,
+    how many times each evaluation task is played (different sampling draws of the same task)."""
 
     episodes: int | None = Field(default=None, ge=1)
+    passes: int = Field(1, ge=1, description="plays of each evaluation task (seeded per task and pass)")
 
 
 class FederationConfig(Strict):
@@ -114,6 +117,7 @@ class Config(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     transport: TransportSpec = Field(default_factory=TransportSpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
 
     @model_validator(mode="after")
     def _clients_are_envs(self) -> Config:
@@ -126,6 +130,40 @@ class Config(Strict):
         """The environments of this federation, in envs.names order (one client each)."""
         chosen = self.federation.clients
         return [n for n in self.envs.names if chosen is None or n in chosen]
+
+    def rule(self) -> str:
+        """The server's aggregation rule: `aggregation.rule` when set, else the method's own default."""
+        from fedse.methods import method
+
+        return self.aggregation.rule or method(self.federation.method).rule
+
+    def global_rank(self) -> int | None:
+        """The adapters' rank under the exact rule (r_g, default K·r so K rank-r updates lose nothing);
+        None for the other rules, whose adapters keep `model.lora.r`."""
+        from fedse.methods import method
+
+        if self.rule() != "exact" or not method(self.federation.method).federated:
+            return None
+        return self.aggregation.rank or len(self.client_envs()) * self.model.lora.r
+
+    def agent_spec(self) -> ModelSpec:
+        """The model the run's clients hold: `model`, with the LoRA the aggregation rule needs (rank r_g at the
+        same scale alpha/r for `exact`; A frozen for `fedsvd`, whose clients train B only)."""
+        from fedse.methods import method
+
+        lora: LoraSpec = self.model.lora
+        rank = self.global_rank()
+        if rank is not None:
+            lora = lora.model_copy(update={"r": rank, "alpha": lora.alpha * rank / lora.r})
+        if self.rule() == "fedsvd" and method(self.federation.method).federated:
+            lora = lora.model_copy(update={"freeze_a": True})
+        return self.model.model_copy(update={"lora": lora})
+
+    def aggregation_info(self) -> dict[str, Any]:
+        """What metrics.json and MLflow say about the server's rule (so runs of different rules never pool)."""
+        spec = self.aggregation
+        return {"rule": self.rule(), "server_lr": spec.server_lr, "momentum": spec.momentum,
+                "fedprox_mu": spec.fedprox_mu, "rank": self.global_rank()}
 
 
 class ConfigError(ValueError):

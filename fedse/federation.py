@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from fedse import audit
-from fedse.aggregate import average, state_bytes
+from fedse.aggregate import Aggregate, aggregate, orthonormal_init, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, success_filter
 from fedse.config import Config
@@ -35,7 +35,7 @@ from fedse.evaluate import EnvScore, score, summarise
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
-from fedse.rollout import rollout
+from fedse.rollout import Episodes, Pace, rollout
 from fedse.trajectory import Trajectory, read_jsonl
 from fedse.transport import Transport, Upload, experiment_name
 
@@ -100,12 +100,13 @@ def explore_task_ids(env: str, round: int, count: int, seed: int) -> list[int]:
 
 
 def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int, seed: int,
-            advance: Callable[[int], None] | None = None) -> list[Trajectory]:
-    """Play this round's train tasks with the broadcast adapter at the exploration temperature."""
+            advance: Callable[[int], None] | None = None) -> Episodes:
+    """Play this round's train tasks with the broadcast adapter at the exploration temperature (episodes keyed
+    by run seed, env, round and task: fresh draws every round); the records carry the rollout's pace."""
     set_adapter_state(agent, state, origin="global adapter")
     ids = explore_task_ids(env, round, cfg.federation.explore_episodes, seed)
-    return rollout(agent, env, ids, cfg.policy, evaluation=False, seed=seed * 1_000 + round,
-                   adapter_hash=state_hash(state), round=round, env_options=cfg.envs.options.get(env), advance=advance)
+    return rollout(agent, env, ids, cfg.policy, evaluation=False, seed=seed, adapter_hash=state_hash(state),
+                   round=round, env_options=cfg.envs.options.get(env), advance=advance)
 
 
 def keep(fresh: list[Trajectory], how: Method) -> list[Trajectory]:
@@ -131,7 +132,8 @@ def local_train(agent: Agent, cfg: Config, start: AdapterState, data: list[Traje
     """SFT from the broadcast adapter on the client's data; returns the new adapter (what it uploads)."""
     set_adapter_state(agent, start, origin="start adapter")
     limit = cfg.federation.max_buffer
-    stats = train(agent, data[-limit:] if limit else data, cfg.learner, seed=seed, advance=advance)
+    mu = cfg.aggregation.fedprox_mu if method(cfg.federation.method).federated else 0.0
+    stats = train(agent, data[-limit:] if limit else data, cfg.learner, seed=seed, advance=advance, prox_mu=mu)
     return adapter_state(agent), stats
 
 
@@ -147,11 +149,14 @@ def eval_task_ids(cfg: Config, env: str, round: int) -> list[int]:
 
 def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int, round: int,
                      advance: Callable[[int], None] | None = None) -> EnvScore:
-    """Success on this round's evaluation tasks of the env (at `policy.eval_temperature`)."""
+    """Success on this round's evaluation tasks of the env (at `policy.eval_temperature`), each played
+    `eval.passes` times. The episodes are keyed by (seed, env, task, pass) only, never by `round` or the
+    method, so every round and every method faces the same draws: differences are the adapters'."""
     set_adapter_state(agent, state, origin="evaluated adapter")
     ids = eval_task_ids(cfg, env, round)
-    return score(rollout(agent, env, ids, cfg.policy, evaluation=True, seed=seed, env_options=cfg.envs.options.get(env),
-                         advance=advance))
+    played = rollout(agent, env, ids, cfg.policy, evaluation=True, seed=seed, env_options=cfg.envs.options.get(env),
+                     advance=advance, passes=cfg.eval.passes)
+    return score(played, played.pace.decisions, played.pace.seconds)
 
 
 def client_groups(cfg: Config, how: Method) -> list[tuple[str, list[str]]]:
@@ -174,11 +179,15 @@ def client_seeds(cfg: Config, envs: list[str], round: int) -> list[Trajectory]:
 
 
 def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory], stats: TrainStats,
-                 state: AdapterState, upload: Upload | None = None) -> dict[str, Any]:
+                 state: AdapterState, upload: Upload | None = None, pace: Pace | None = None) -> dict[str, Any]:
     """Every per-client number recorded for a round (metrics.json, MLflow); `bytes_sent` is the size of the
-    object the client uploaded (0 when nothing left it)."""
+    object the client uploaded (0 when nothing left it). `explore_decisions` / `explore_seconds` are the
+    exploration's pace (`pace`, by default the one `fresh` carries when it came from `rollout`; zero when the
+    client did not explore)."""
+    pace = pace or getattr(fresh, "pace", None) or Pace()
     return {
         "explored": len(fresh), "explore_success": _rate(fresh), "added": manifest["added"],
+        "explore_decisions": pace.decisions, "explore_seconds": pace.seconds,
         "buffer": manifest["count"], "trained_on": len(data), "successes_trained_on": successes(data),
         "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
         "loss_last": stats.loss_last, "train_seconds": stats.seconds,
@@ -247,17 +256,33 @@ def global_record(digest: str, state: AdapterState, sent: Upload | None) -> dict
         {"bytes_sent": sent.bytes, "upload_sha256": sent.sha256} if sent else {})
 
 
-def next_global(how: Method, updates: Iterable[tuple[str, AdapterState, int]],
-                global_state: AdapterState) -> AdapterState:
-    """The server step: the (weighted) mean of the uploads; without a server the updates are only consumed
-    (local keeps each client's own adapter; centralized's single client is the model)."""
+def initial_state(cfg: Config, fresh: AdapterState) -> AdapterState:
+    """Where every run starts: the freshly initialised adapter (B = 0, so exactly the base model); under
+    `fedsvd` its A factors are orthonormalised first, as the server keeps them from then on."""
+    if cfg.rule() == "fedsvd" and method(cfg.federation.method).federated:
+        return orthonormal_init(fresh)
+    return fresh
+
+
+def lora_scale(cfg: Config) -> float:
+    """alpha / r of the adapters the clients train (the same for every rule: `agent_spec` keeps it)."""
+    lora = cfg.agent_spec().lora
+    return lora.alpha / lora.r
+
+
+def next_global(cfg: Config, how: Method, updates: Iterable[tuple[str, AdapterState, int]],
+                global_state: AdapterState, momentum: AdapterState | None = None) -> Aggregate:
+    """The server step: the method's aggregation rule over the uploads (weights 1, or each client's successes
+    for `weighted`); without a server the updates are only consumed (local keeps each client's own adapter;
+    centralized's single client is the model)."""
     if how.federated:
         weighted = how.aggregation == "weighted"
-        return average((name, state, float(weight) if weighted else 1.0) for name, state, weight in updates)
+        uploads = [(name, state, float(weight) if weighted else 1.0) for name, state, weight in updates]
+        return aggregate(uploads, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
     last = global_state
     for _, state, _ in updates:
         last = state
-    return last if how.pooled else global_state
+    return Aggregate(dict(last if how.pooled else global_state))
 
 
 def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state: AdapterState,
@@ -280,7 +305,8 @@ class Federation:
         self.method = method(cfg.federation.method)
         self.progress = progress or Silent()
         self.seed = cfg.seed
-        self.initial = adapter_state(agent)
+        self.initial = initial_state(cfg, adapter_state(agent))
+        self.momentum: AdapterState | None = None  # the server's FedAvgM buffer, carried across rounds
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
                         for name, envs in client_groups(cfg, self.method)]
         self.rounds: list[dict[str, Any]] = []
@@ -304,8 +330,11 @@ class Federation:
     def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
         """Client updates streamed into the aggregator; returns the next global adapter."""
         how = self.method
-        new = next_global(how, self._client_updates(round, global_state), global_state)
+        step = next_global(self.cfg, how, self._client_updates(round, global_state), global_state, self.momentum)
+        new, self.momentum = step.state, step.momentum
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
+        if step.info:
+            record["aggregation"] = step.info
         sent = None
         if self.exchange is not None:
             new, sent = publish(self.exchange, how, round, new)
@@ -352,7 +381,8 @@ class Federation:
         per_env: dict[str, EnvScore] = {}
         for env in self.cfg.client_envs():
             state = eval_state(self.method, env, own, global_state, self.initial)
-            job = self.progress.start(f"round {round}: evaluating {env}", len(eval_task_ids(self.cfg, env, round)))
+            job = self.progress.start(f"round {round}: evaluating {env}",
+                                      len(eval_task_ids(self.cfg, env, round)) * self.cfg.eval.passes)
             per_env[env] = evaluate_adapter(self.agent, self.cfg, state, env, self.seed, round,
                                             advance=lambda n, job=job: self.progress.update(job, advance=n))
             self.progress.finish(job)
@@ -377,6 +407,7 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
                      "max_buffer": fed.max_buffer, "learner": cfg.learner.model_dump()},
+        "aggregation": cfg.aggregation_info(),
         **({"exchange": exchange} if exchange else {}),
         "rounds": rounds,
     }

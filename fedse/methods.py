@@ -12,8 +12,14 @@ Each method is a handful of booleans read by `fedse/federation.py`:
 | no_filter   | yes      | no     | yes     | mean        | failures enter the buffer too |
 | no_history  | yes      | yes    | no      | mean        | trains only on this round's data |
 | weighted    | yes      | yes    | yes     | weighted    | mean weighted by each client's successes |
+| local_se    | yes      | yes    | yes     | none        | each client self-evolves alone (the diagnostic row) |
 
-The LoRA rank sweep is not a method: it is `model.lora.r`, set with `fedse run --set model.lora.r=4`.
+`local_se` separates "self-evolution does not work at this scale" from "averaging undoes it": the same
+explore → filter → buffer → SFT loop with no server, each client evaluated on its own environment.
+
+How the server combines adapters (the paper's factor mean, or an exact rule, a server step, FedProx) is
+`aggregation:` in params.yaml (fedse/aggregate.py); a method only names its default rule. The LoRA rank
+sweep is not a method either: it is `model.lora.r`, set with `fedse run --set model.lora.r=4`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Method(BaseModel):
     history: bool = True
     aggregation: Literal["mean", "weighted", "none"] = "mean"
     pooled: bool = False
+    rule: Literal["factors", "exact", "fedsvd"] = "factors"  # used when params' aggregation.rule is null
 
     @property
     def federated(self) -> bool:
@@ -48,6 +55,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="no_filter", keep_failures=True),
     Method(name="no_history", history=False),
     Method(name="weighted", aggregation="weighted"),
+    Method(name="local_se", aggregation="none"),
 ]}
 
 

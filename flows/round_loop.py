@@ -79,13 +79,14 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     progress = create_progress_artifact(0.0, key=_key(f"fedse-progress-{flow_run}"),
                                         description=f"{how.name}: rounds completed of {total}")
     global_state, own, rounds = initial, {}, []
+    server: dict[str, Any] = {"momentum": None}  # what the server carries across rounds (FedAvgM)
     for round in range(total):
         started = time.perf_counter()
         record: dict[str, Any] = {"round": round}
         adapter, buffers, egress = None, {}, {}
         if how.train:
             global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
-                                                               folder, record, dvc_repo, exchange)
+                                                               folder, record, dvc_repo, exchange, server)
         record.update(evaluate_all(cfg, how, round, global_state, own, initial))
         record["seconds"] = time.perf_counter() - started
         rounds.append(record)
@@ -106,7 +107,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
 
 def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,
               own: dict[str, AdapterState], initial: AdapterState, folder: Path, record: dict[str, Any],
-              dvc_repo: str | None, exchange: Transport | None) \
+              dvc_repo: str | None, exchange: Transport | None, server: dict[str, Any]) \
         -> tuple[AdapterState, dict[str, Any] | None, dict[str, str], dict[str, Upload]]:
     """Map the client chain, collect every result (a failure raises here), then aggregate.
 
@@ -140,8 +141,11 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
         if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
             updates.append((name, state, successes(client_data.records)))
     record["clients"] = stats
-    new, adapter = aggregate.submit(cfg, updates, global_state, round, str(folder), exchange,
-                                    [name for name, _ in groups]).result()
+    new, adapter, server["momentum"], info = aggregate.submit(cfg, updates, global_state, round, str(folder),
+                                                              exchange, [name for name, _ in groups],
+                                                              server["momentum"]).result()
+    if info:
+        record["aggregation"] = info
     if adapter is not None:
         record["global"] = {k: v for k, v in adapter.items() if k != "path"}
     if buffers:

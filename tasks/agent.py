@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from fedse.config import Config
+from fedse.federation import initial_state
 from fedse.model import Agent, adapter_state, load_agent
 
 _guard = threading.Lock()
@@ -21,10 +22,11 @@ _agents: dict[str, tuple[Agent, threading.Lock, dict[str, torch.Tensor]]] = {}
 
 
 def _entry(cfg: Config) -> tuple[Agent, threading.Lock, dict[str, torch.Tensor]]:
-    key = f"{cfg.model.model_dump_json()}|{cfg.seed}"
+    spec = cfg.agent_spec()  # the LoRA the run's aggregation rule needs (rank, frozen A)
+    key = f"{spec.model_dump_json()}|{cfg.seed}"
     with _guard:
         if key not in _agents:
-            agent = load_agent(cfg.model, seed=cfg.seed)
+            agent = load_agent(spec, seed=cfg.seed)
             _agents[key] = (agent, threading.Lock(), adapter_state(agent))
         return _agents[key]
 
@@ -38,5 +40,6 @@ def borrowed(cfg: Config) -> Iterator[Agent]:
 
 
 def fresh_adapter(cfg: Config) -> dict[str, torch.Tensor]:
-    """A copy of the adapter as initialised (seeded LoRA init: A random, B zero), where every run starts."""
-    return {name: t.clone() for name, t in _entry(cfg)[2].items()}
+    """A copy of the adapter as initialised (seeded LoRA init: A random, B zero), where every run starts
+    (A orthonormalised under fedsvd: `fedse.federation.initial_state`)."""
+    return initial_state(cfg, {name: t.clone() for name, t in _entry(cfg)[2].items()})

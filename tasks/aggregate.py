@@ -19,19 +19,24 @@ from tasks.agent import borrowed
 
 @task(name="aggregate", cache_policy=NO_CACHE, task_run_name="aggregate-round-{round}")
 def aggregate(cfg: Config, updates: list[tuple[str, AdapterState, int]], global_state: AdapterState,
-              round: int, out: str, exchange: Transport | None = None,
-              senders: list[str] | None = None) -> tuple[AdapterState, dict[str, Any] | None]:
-    """`updates` for a method without server; `exchange` and `senders` (the clients to download) otherwise."""
+              round: int, out: str, exchange: Transport | None = None, senders: list[str] | None = None,
+              momentum: AdapterState | None = None,
+              ) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None, dict[str, Any]]:
+    """`updates` for a method without server; `exchange` and `senders` (the clients to download) otherwise.
+
+    Returns the new global adapter, its record (None without a server), the server's momentum buffer for the
+    next round, and what the aggregation rule logged (its relative error, the energy an SVD kept)."""
     how = method(cfg.federation.method)
-    received = (receive_update(exchange, round, name) for name in senders or []) if exchange else updates
-    new = next_global(how, received, global_state)
+    received = [receive_update(exchange, round, name) for name in senders or []] if exchange else updates
+    step = next_global(cfg, how, received, global_state, momentum)
+    new = step.state
     sent = None
     if exchange is not None:
         new, sent = publish(exchange, how, round, new)
     if not (how.federated or how.pooled):
-        return new, None
+        return new, None, step.momentum, step.info
     with borrowed(cfg) as agent:
         set_adapter_state(agent, new, origin="global adapter")
         folder = Path(out) / "adapters" / f"round_{round}"
         digest = save_adapter(agent, folder, {"method": how.name, "round": round, "seed": cfg.seed})
-    return new, global_record(digest, new, sent) | {"path": str(folder)}
+    return new, global_record(digest, new, sent) | {"path": str(folder)}, step.momentum, step.info

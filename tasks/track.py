@@ -45,6 +45,8 @@ def flat_params(cfg: Config) -> dict[str, str]:
     params |= {f"learner.{k}": v for k, v in cfg.learner.model_dump().items()}
     params |= {f"lora.{k}": v for k, v in cfg.model.lora.model_dump().items()}
     params |= {"transport.backend": cfg.transport.backend, "transport.dtype": cfg.transport.dtype}
+    params |= {f"aggregation.{k}": v for k, v in cfg.aggregation_info().items()}
+    params |= {"eval.passes": cfg.eval.model_dump().get("passes", 1)}
     return {k: str(v) for k, v in params.items()}
 
 
@@ -81,7 +83,8 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
     metrics |= {f"success.{env}": s["success"] for env, s in record["envs"].items()}
     for client, stats in record.get("clients", {}).items():
         for key in ("explored", "explore_success", "added", "buffer", "trained_on", "successes_trained_on",
-                    "steps", "tokens", "loss_first", "loss_last", "train_seconds", "bytes_sent"):
+                    "steps", "tokens", "loss_first", "loss_last", "train_seconds", "bytes_sent", "self_share",
+                    "length_ratio", "explore_decisions", "explore_seconds"):
             value = stats.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
                 metrics[f"client.{client}.{key}"] = float(value)
@@ -89,6 +92,10 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
         metrics["global.bytes_sent"] = float(record["global"]["bytes_sent"])
     if "seconds" in record:
         metrics["round_seconds"] = record["seconds"]
+    for key in ("agg_error", "retained_energy"):  # how exact the server's rule was this round
+        value = record.get("aggregation", {}).get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            metrics[f"aggregation.{key}"] = float(value)
     return metrics
 
 

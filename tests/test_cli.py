@@ -82,10 +82,13 @@ def test_train_then_eval_through_the_cli(micro_params: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert "steps" in result.stdout and (adapter / "adapter_model.safetensors").exists()
     result = run("--params", str(micro_params), "eval", "--adapter", str(adapter), "--env", "maze",
-                 "--episodes", "2", "--json")
+                 "--episodes", "2", "--passes", "2", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["envs"]["maze"]["n"] == 2 and 0.0 <= data["micro"] <= 1.0 and "macro_ci95" in data
+    maze = data["envs"]["maze"]
+    assert maze["passes"] == 2 and maze["episodes"] == 4 and len(maze["task_success"]) == len(maze["task_ids"]) == 2
+    assert data["eval_decisions"] >= 4 and data["eval_seconds"] > 0
 
 
 @pytest.mark.parametrize(("extra", "message"), [

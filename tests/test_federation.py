@@ -35,7 +35,11 @@ def smoke(micro_spec: ModelSpec, seeds: Path, method: str, **federation: object)
 
 
 def run(cfg: Config, out: Path) -> dict:
-    return Federation(load_agent(cfg.model, seed=cfg.seed), cfg, out).run()
+    return Federation(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, out).run()
+
+
+def with_aggregation(cfg: Config, **aggregation: object) -> Config:
+    return cfg.model_copy(update={"aggregation": cfg.aggregation.model_copy(update=aggregation)})
 
 
 def test_fedse_rounds_grow_the_buffer_and_publish_a_global_adapter(micro_spec, seeds, tmp_path: Path) -> None:
@@ -52,6 +56,9 @@ def test_fedse_rounds_grow_the_buffer_and_publish_a_global_adapter(micro_spec, s
         manifest = json.loads((tmp_path / "buffers" / env / "manifest_1.json").read_text())
         assert manifest["count"] == c1["buffer"] and manifest["sources"]["expert"] == 6
         assert r1["envs"][env]["n"] == 2
+        assert c1["explore_decisions"] >= 3 and c1["explore_seconds"] > 0  # the exploration's pace
+        assert r1["envs"][env]["episodes"] == 2 and len(r1["envs"][env]["task_success"]) == 2
+    assert r1["eval_decisions"] >= 2 * len(ENVS) and r1["eval_seconds"] > 0
     g0, g1 = (read_adapter(tmp_path / "adapters" / f"round_{t}") for t in (0, 1))
     assert r0["global"]["sha256"] != r1["global"]["sha256"] and any(not (g0[k] == g1[k]).all() for k in g0)
     assert (tmp_path / "adapters" / "round_1" / "fedse.json").exists()
@@ -78,6 +85,44 @@ def test_static_baselines_neither_explore_nor_mix(micro_spec, seeds, tmp_path: P
     assert central["rounds"][0]["clients"]["pooled"]["trained_on"] == 12
     base = run(smoke(micro_spec, seeds, "pretrained"), tmp_path / "base")
     assert len(base["rounds"]) == 1 and "clients" not in base["rounds"][0]
+
+
+def test_local_se_explores_and_trains_alone_without_a_server(micro_spec, seeds, tmp_path: Path) -> None:
+    doc = run(smoke(micro_spec, seeds, "local_se"), tmp_path)
+    r0, r1 = doc["rounds"]
+    assert "global" not in r1 and "exchange" not in doc and not (tmp_path / "exchange").exists()
+    for env in ENVS:
+        c0, c1 = r0["clients"][env], r1["clients"][env]
+        assert c0["explored"] == c1["explored"] == 3 and c1["bytes_sent"] == 0
+        assert c1["buffer"] == c0["buffer"] + c1["added"] == c1["trained_on"]
+    # without a server each client evaluates its own adapter, never an average
+    assert r1["clients"]["maze"]["adapter_sha256"] != r1["clients"]["wordle"]["adapter_sha256"]
+
+
+@pytest.mark.parametrize(("rule", "rank"), [("exact", 2 * 8), ("fedsvd", 8)])
+def test_exact_rules_run_end_to_end_and_log_no_aggregation_error(micro_spec, seeds, tmp_path: Path, rule: str,
+                                                                 rank: int) -> None:
+    cfg = with_aggregation(smoke(micro_spec, seeds, "fedse"), rule=rule, server_lr=1.5)
+    doc = run(cfg, tmp_path)
+    assert doc["aggregation"]["rule"] == rule and doc["aggregation"]["server_lr"] == 1.5
+    for record in doc["rounds"]:
+        info = record["aggregation"]
+        assert info["rule"] == rule
+        if rule == "fedsvd":  # B̄A is exact: A is shared
+            assert info["agg_error"] < 1e-4
+        else:  # clients train every rank-K·r component, so the mean's tail beyond K·r is cut (and logged)
+            assert info["retained_energy"] > 0.99 and info["agg_error"] == pytest.approx(
+                (1 - info["retained_energy"]) ** 0.5, rel=1e-3)
+    g = read_adapter(tmp_path / "adapters" / "round_1")
+    a = next(v for k, v in g.items() if "lora_A" in k)
+    assert a.shape[0] == rank  # exact: K·r (2 clients × r 8); fedsvd keeps r
+    if rule == "fedsvd":
+        assert torch.allclose(a @ a.T, torch.eye(rank), atol=1e-4)
+
+
+def test_factor_averaging_logs_its_cross_term(micro_spec, seeds, tmp_path: Path) -> None:
+    doc = run(smoke(micro_spec, seeds, "fedse", rounds=1), tmp_path)
+    assert doc["aggregation"]["rule"] == "factors" and doc["rounds"][0]["aggregation"]["agg_error"] > 0
 
 
 def test_no_filter_keeps_failures(micro_spec, seeds, tmp_path: Path) -> None:

@@ -52,6 +52,8 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert doc["complete"] and doc["method"] == "fedse" and len(doc["rounds"]) == 2
     assert set(doc["rounds"][1]["clients"]) == {"maze", "wordle"} and doc["envs"] == ["maze", "wordle"]
+    assert all(c["explore_decisions"] > 0 for c in doc["rounds"][1]["clients"].values())  # pace through the tasks
+    assert doc["rounds"][1]["eval_decisions"] > 0 and doc["rounds"][1]["envs"]["maze"]["task_ids"]
     assert (tmp_path / "run" / "buffers" / "maze" / "manifest_1.json").exists()
     # adapters went through the (default, local) exchange, and each client logged what it sent
     exchange = doc["exchange"]

@@ -1,0 +1,127 @@
+"""The whole results table on both cores, recorded by DVC: `python -m flows.results [-j 2]` (`make results`).
+
+`dvc repro` runs one stage at a time, and DVC allows one command per repository at a time, so two experiments
+never overlap under it. This driver gets the same record with the cores kept busy: it asks DVC which stages
+are out of date, runs their commands itself, `jobs` at a time (each on one CPU thread, longest first), and
+after each success records it with `dvc commit -f <stage>` (serialised: one DVC command at a time), so
+`dvc.lock` ends exactly as `dvc repro` would leave it; then `dvc repro` finishes the reports. Stages already
+up to date are not run again, so an interrupted table resumes. The end-to-end wall time is printed and kept
+in reports/results-timing.json.
+
+    python -m flows.results [-j 2] [--only PATTERN ...] [--dry-run]
+"""
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGS = ROOT / ".cache" / "fedse" / "results-logs"
+# stages that hold many rounds of all five environments go first, so the short ones fill in around them
+WEIGHT = {"full": 10.0, "experiment": 1.0, "aggregation": 1.0, "rank": 1.0}
+FIRST = ("seed",)  # run (through dvc repro) before anything else
+LAST = ("report", "report_full")  # finished by dvc repro after every run
+
+
+def dvc(*args: str) -> subprocess.CompletedProcess:
+    """A DVC command in the repository, with the venv's tools first on PATH (stage commands call `fedse`)."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True)
+
+
+def stale() -> list[str]:
+    """Names of the stages `dvc status` reports as changed (never run, or run against other code/params)."""
+    out = dvc("status", "--json")
+    if out.returncode != 0:
+        raise SystemExit(f"error: dvc status failed: {out.stderr.strip().splitlines()[-1] if out.stderr else ''}")
+    return [name for name in json.loads(out.stdout or "{}") if not name.endswith(".dvc")]
+
+
+def commands() -> dict[str, str]:
+    """Every stage's resolved command (matrix and foreach items expanded), by stage name."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {stage.addressing: stage.cmd for stage in repo.index.stages if stage.cmd}
+
+
+def weight(stage: str) -> float:
+    return WEIGHT.get(stage.split("@")[0], 1.0)
+
+
+def run_stage(stage: str, cmd: str, record: threading.Lock) -> tuple[str, float, int]:
+    """Run one stage's command on one thread, then record it in dvc.lock; (stage, seconds, exit status)."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = time.perf_counter()
+    with open(LOGS / f"{stage.replace('@', '-')}.log", "w") as log:
+        code = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - started
+    if code == 0:
+        with record:
+            done = dvc("commit", "-f", stage)
+        if done.returncode != 0:
+            print(f"  {stage}: ran, but dvc commit failed: {done.stderr.strip()[-300:]}", flush=True)
+            code = done.returncode
+    return stage, seconds, code
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="stages at once (one CPU thread each)")
+    parser.add_argument("--only", nargs="*", default=None, help="stage name patterns, e.g. 'experiment@fedse-*'")
+    parser.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    for stage in FIRST:
+        if stage in stale() and not args.dry_run:
+            print(f"dvc repro {stage}", flush=True)
+            if dvc("repro", stage).returncode != 0:
+                print(f"error: dvc repro {stage} failed", file=sys.stderr)
+                return 1
+    cmds = commands()
+    todo = [s for s in stale() if s in cmds and s not in FIRST and not s.startswith(LAST)]
+    if args.only:
+        todo = [s for s in todo if any(fnmatch.fnmatch(s, p) for p in args.only)]
+    todo.sort(key=lambda s: (-weight(s), s))
+    print(f"{len(todo)} stage(s) to run, {args.jobs} at a time: {', '.join(todo) or 'none'}", flush=True)
+    if args.dry_run:
+        return 0
+    failed: list[str] = []
+    timing: dict[str, float] = {}
+    record = threading.Lock()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_stage, s, cmds[s], record) for s in todo]
+        for done, future in enumerate(as_completed(futures), 1):
+            stage, seconds, code = future.result()
+            timing[stage] = seconds
+            status = "ok" if code == 0 else f"FAILED (exit {code}; log {LOGS / stage.replace('@', '-')}.log)"
+            print(f"[{done}/{len(todo)}] {stage}: {seconds / 60:.1f} min {status}", flush=True)
+            if code != 0:
+                failed.append(stage)
+    if not failed:
+        print("dvc repro (reports)", flush=True)
+        finish = dvc("repro")
+        if finish.returncode != 0:
+            print(f"error: dvc repro failed: {finish.stderr.strip()[-500:]}", file=sys.stderr)
+            failed.append("dvc repro")
+    wall = time.perf_counter() - started
+    summary = {"wall_seconds": wall, "jobs": args.jobs, "stages": timing, "failed": failed}
+    if todo:
+        (ROOT / "reports" / "results-timing.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"results table: {wall / 60:.1f} min wall for {len(todo)} stage(s) on {args.jobs} job(s)"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
