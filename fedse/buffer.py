@@ -53,8 +53,8 @@ class Buffer:
         self._records.extend(fresh)
         return fresh
 
-    def commit(self, round: int, added: list[Trajectory]) -> dict[str, Any]:
-        """Write the records, then this round's manifest, each atomically; returns the manifest."""
+    def commit(self, round: int, added: list[Trajectory], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the records, then this round's manifest (with `extra` fields), each atomically; returns it."""
         write_jsonl(self.path, self._records)
         manifest = {
             "round": round,
@@ -63,6 +63,7 @@ class Buffer:
             "added_hashes": [t.content_hash for t in added],
             "sources": dict(Counter(t.policy for t in self._records)),
             "successes": sum(t.success for t in self._records),
+            **(extra or {}),
         }
         write_json(self.root / f"manifest_{round}.json", manifest)
         return manifest

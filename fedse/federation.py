@@ -35,6 +35,7 @@ from fedse.evaluate import EnvScore, score, summarise
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
+from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
 from fedse.trajectory import Trajectory, read_jsonl
 from fedse.transport import Transport, Upload, experiment_name
@@ -115,14 +116,16 @@ def keep(fresh: list[Trajectory], how: Method) -> list[Trajectory]:
 
 
 def client_data(buffer: Buffer, kept: list[Trajectory], round: int, how: Method,
-                seeds: list[Trajectory]) -> tuple[list[Trajectory], dict[str, Any]]:
+                seeds: list[Trajectory], options: dict[str, Any] | None = None,
+                ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Put this round's kept episodes in the buffer; return what the client trains on and the manifest.
 
     With history (Fed-SE) that is the whole cumulative buffer; without, only this round's new records (the
-    seeds count as round 0's data).
+    seeds count as round 0's data). The manifest also says how much of the buffer is the agent's own and how
+    direct its new successes are against the expert's (`fedse.quality`).
     """
     added = buffer.add((seeds if round == 0 else []) + kept)
-    manifest = buffer.commit(round, added)
+    manifest = buffer.commit(round, added, experience(buffer.records, added, options))
     data = buffer.records if how.history else added
     return data, manifest
 
@@ -187,6 +190,8 @@ def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[T
     pace = pace or getattr(fresh, "pace", None) or Pace()
     return {
         "explored": len(fresh), "explore_success": _rate(fresh), "added": manifest["added"],
+        "self_share": manifest.get("self_share"), "self_added": manifest.get("self_added"),
+        "length_ratio": manifest.get("length_ratio"),
         "explore_decisions": pace.decisions, "explore_seconds": pace.seconds,
         "buffer": manifest["count"], "trained_on": len(data), "successes_trained_on": successes(data),
         "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
@@ -357,7 +362,8 @@ class Federation:
                                 advance=lambda n, job=job: self.progress.update(job, advance=n))
                 self.progress.finish(job)
             data, manifest = client_data(client.buffer, keep(fresh, how), round, how,
-                                         client_seeds(self.cfg, client.envs, round))
+                                         client_seeds(self.cfg, client.envs, round),
+                                         self.cfg.envs.options.get(client.envs[0]))
             label = f"round {round}: {client.name} trains on {len(data)} trajectories"
             job = self.progress.start(label, None)
 

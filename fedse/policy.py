@@ -56,8 +56,9 @@ class PolicySpec(BaseModel):
     threads: int | None = Field(1, ge=1, description="torch CPU threads while acting (rollouts); null = leave "
                                 "torch's setting. On a shared CPU, threads that wait for each other at every "
                                 "small operation cost far more than they bring")
-    score: str = Field("mean", pattern="^(sum|mean)$",
-                       description="constrained: a candidate's log-prob summed over its tokens, or their mean")
+    score: str = Field("mean", pattern="^(sum|mean|trie)$",
+                       description="constrained: a candidate's log-prob summed over its tokens, their mean, or "
+                       "trie: constrained decoding (each token renormalised over the admissible continuations)")
     history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "
                                       "that fit in the context")
 
@@ -155,6 +156,21 @@ class MergedLora:
             for m, (weight, disabled) in zip(self.layers, originals, strict=True):
                 m.base_layer.weight.data = weight
                 m._disable_adapters = disabled
+
+
+def siblings_normalised(logp: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Each trie node's log-prob renormalised over its siblings (the nodes predicted from the same column).
+
+    Summed along a candidate's path this is the probability of constrained decoding: at every branching point
+    the model's next-token distribution restricted to the tokens that continue some admissible action. A
+    token with no alternative costs nothing, so a long command that is copied from the observation (a
+    TextCraft recipe) is not penalised for its length, and the choice is made where the actions differ.
+    """
+    _, inverse = torch.unique(group, return_inverse=True)
+    count = int(inverse.max()) + 1 if len(inverse) else 0
+    top = torch.full((count,), -torch.inf, dtype=logp.dtype).scatter_reduce(0, inverse, logp, "amax")
+    total = torch.zeros(count, dtype=logp.dtype).index_add_(0, inverse, torch.exp(logp - top[inverse]))
+    return logp - (top + torch.log(total))[inverse]
 
 
 def gumbel(key: str, turn: int, action: str) -> float:
@@ -418,6 +434,8 @@ class ConstrainedPolicy:
                         cache=self.cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         node_logp = self._token_logprobs(out.hidden_states[-1], torch.cat(src_rows), torch.cat(src_cols),
                                          torch.tensor([t for trie in tries for t in trie.tokens]))
+        if self.score == "trie":
+            node_logp = siblings_normalised(node_logp, torch.cat(src_rows) * width + torch.cat(src_cols))
         self.cache.crop(-width_c)
         lengths = torch.tensor([len(d) for d in deltas])
         self.valid = torch.cat([self.valid, torch.arange(width_d)[None, :] < lengths[:, None]], dim=1)

@@ -150,3 +150,25 @@ def test_run_and_report_errors_are_one_line(args: tuple[str, ...], message: str)
     result = run(*args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_base_build_writes_a_verified_base_and_info_finds_it(micro_params: Path, tmp_path: Path) -> None:
+    import yaml
+
+    params = yaml.safe_load(micro_params.read_text())
+    params["model"]["models_dir"] = str(tmp_path / "models")
+    params["model"]["tiny"]["seed"] = 7  # a spec nobody built yet: `base info` must say so, then `build` makes it
+    micro_params.write_text(yaml.safe_dump(params))
+    before = run("--params", str(micro_params), "base", "info", "--json")
+    assert before.exit_code == 0, before.output
+    assert json.loads(before.stdout)["path"] is None
+    built = run("--params", str(micro_params), "base", "build", "--workers", "1")
+    assert built.exit_code == 0, built.output
+    info = json.loads(run("--params", str(micro_params), "base", "info", "--json").stdout)
+    assert info["path"].startswith(str(tmp_path / "models" / "tiny-")) and info["key"] in info["path"]
+    assert len(info["weights_sha256"]) == 64 and info["tokens_seen"] > 0
+    again = run("--params", str(micro_params), "base", "build")
+    assert again.exit_code == 0 and "already holds this spec's base (verified)" in again.output
+    (Path(info["path"]) / "model.safetensors").write_bytes(b"not weights")
+    broken = run("--params", str(micro_params), "base", "info")
+    assert broken.exit_code == 2 and "does not match" in broken.output

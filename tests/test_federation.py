@@ -55,6 +55,10 @@ def test_fedse_rounds_grow_the_buffer_and_publish_a_global_adapter(micro_spec, s
         assert c1["bytes_sent"] > 0 and c1["tokens"] > 0
         manifest = json.loads((tmp_path / "buffers" / env / "manifest_1.json").read_text())
         assert manifest["count"] == c1["buffer"] and manifest["sources"]["expert"] == 6
+        own = manifest["sources"].get("agent", 0)
+        assert c1["self_share"] == manifest["self_share"] == own / c1["buffer"]
+        assert c0["self_added"] + c1["self_added"] == own
+        assert (c1["length_ratio"] is None) == (c1["self_added"] == 0)
         assert r1["envs"][env]["n"] == 2
         assert c1["explore_decisions"] >= 3 and c1["explore_seconds"] > 0  # the exploration's pace
         assert r1["envs"][env]["episodes"] == 2 and len(r1["envs"][env]["task_success"]) == 2

@@ -154,6 +154,49 @@ def test_greedy_choice_is_the_argmax_of_the_configured_score(micro_agent: Agent,
     assert checked >= 2
 
 
+def constrained_decoding_reference(agent: Agent, prompt: list[int], cands: list[list[int]]) -> torch.Tensor:
+    """log P(candidate) under token-by-token decoding restricted to admissible continuations, computed the
+    slow way: one full forward pass per candidate, renormalising at every position over the allowed tokens."""
+    out = []
+    for cand in cands:
+        ids = torch.tensor([prompt + cand])
+        with torch.no_grad():
+            logp = torch.log_softmax(agent.model(input_ids=ids).logits[0].double(), -1)
+        total = 0.0
+        for j, token in enumerate(cand):
+            allowed = sorted({c[j] for c in cands if len(c) > j and c[:j] == cand[:j]})
+            row = logp[len(prompt) + j - 1]
+            total += float(row[token] - torch.logsumexp(row[allowed], 0))
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_trie_score_is_the_probability_of_constrained_decoding(micro_agent: Agent) -> None:
+    """score=trie: each token renormalised over the admissible continuations of its prefix, so the
+    candidates' probabilities sum to one and a long action copied token by token pays only for its choices."""
+    torch.manual_seed(1)
+    for p in micro_agent.model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, score="trie")
+    checked = 0
+
+    def act(envs, slots):
+        nonlocal checked
+        prompts = [episode_tokens(micro_agent, s, policy.budget, True) for s in slots]
+        actions = policy(envs, slots)
+        for slot, prompt, scores in zip(slots, prompts, policy.last_scores, strict=True):
+            cands = [micro_agent.renderer.candidate(a) for a in slot.info["admissible_actions"]]
+            assert float(torch.exp(scores).sum()) == pytest.approx(1.0, abs=1e-6)
+            if checked < 6:
+                assert torch.allclose(scores, constrained_decoding_reference(micro_agent, prompt, cands), atol=1e-4)
+            checked += 1
+        return actions
+
+    EnvPool(lambda: make_env("textcraft"), [0, 1]).run(act)
+    assert checked >= 6
+
+
 def test_evaluation_plays_at_the_evaluation_temperature(micro_agent: Agent) -> None:
     from fedse.policy import PolicySpec, make_policy
 
