@@ -56,7 +56,7 @@ class PolicySpec(BaseModel):
     threads: int | None = Field(1, ge=1, description="torch CPU threads while acting (rollouts); null = leave "
                                 "torch's setting. On a shared CPU, threads that wait for each other at every "
                                 "small operation cost far more than they bring")
-    score: str = Field("mean", pattern="^(sum|mean|trie)$",
+    score: str = Field("trie", pattern="^(sum|mean|trie)$",
                        description="constrained: a candidate's log-prob summed over its tokens, their mean, or "
                        "trie: constrained decoding (each token renormalised over the admissible continuations)")
     history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "
