@@ -212,8 +212,9 @@ def base_build(out_dir: Path = typer.Option(None, "--out", help="folder [params:
                force: bool = typer.Option(False, "--force", help="rebuild even if a valid base is there")) -> None:
     """Build the tiny base of params' `model.tiny` spec (mixed-skill corpus, tokenizer, pretraining).
 
-    Deterministic from the spec; about an hour on 2 CPU cores at the shipped budget. The result carries its
-    spec hash and the sha256 of its weights, so a committed copy is loaded in seconds by every command.
+    Deterministic from the spec; about 1.7 hours on 2 CPU cores at the shipped budget. An interrupted build
+    resumes where it last saved (every 100 steps, `.tiny-<key>.resume.pt` beside the target) when run again.
+    The result carries its spec hash and the sha256 of its weights, so a committed copy is loaded in seconds.
     Example: `fedse base build` (then `git add models/`), or `fedse --set model.tiny.pretrain_steps=500 base build`.
     """
     import os

@@ -108,9 +108,14 @@ def examples(renderer: Renderer, corpus: dict[str, list[Trajectory]], spec: Tiny
 
 
 def pretrain(model, data: list, spec: TinySpec, pad: int, advance: Callable[[int, float], None] | None = None,
-             ) -> tuple[list[float], int]:
+             resume: Path | None = None, every: int = 100) -> tuple[list[float], int]:
     """Full-parameter training on length-bucketed batches of windows, cosine schedule; returns the losses and
-    the number of (non-padding) tokens processed."""
+    the number of (non-padding) tokens processed.
+
+    With `resume`, the whole training state (weights, optimizer, schedule, batch order, RNGs, losses) is saved
+    there every `every` steps and picked up on the next call: a base build takes hours on a laptop and must
+    survive an interrupted session, and a resumed build gives the same weights as an uninterrupted one.
+    """
     from fedse.learner import batches, collate, lm_loss
 
     rng = random.Random(spec.seed)
@@ -123,7 +128,17 @@ def pretrain(model, data: list, spec: TinySpec, pad: int, advance: Callable[[int
     losses: list[float] = []
     tokens = 0
     plan: list = []
-    for step in range(spec.pretrain_steps):
+    first = 0
+    if resume is not None and resume.exists():
+        state = torch.load(resume, weights_only=False)
+        if state["key"] == spec.key():
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+            plan, losses, tokens, first = state["plan"], state["losses"], state["tokens"], state["step"]
+    for step in range(first, spec.pretrain_steps):
         if not plan:
             plan = batches(data, spec.batch, rng)
         ids, labels, mask = collate(plan.pop(), pad)
@@ -137,19 +152,39 @@ def pretrain(model, data: list, spec: TinySpec, pad: int, advance: Callable[[int
         losses.append(loss.item())
         if advance:
             advance(step + 1, losses[-1])
+        if resume is not None and (step + 1) % every == 0 and step + 1 < spec.pretrain_steps:
+            _save_state(resume, {"key": spec.key(), "step": step + 1, "model": model.state_dict(),
+                                 "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
+                                 "torch_rng": torch.get_rng_state(), "plan": plan, "losses": losses,
+                                 "tokens": tokens})
     model.eval()
     return losses, tokens
 
 
+def _save_state(path: Path, state: dict) -> None:
+    """Write-then-rename, so an interruption while saving leaves the previous state usable."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def resume_path(out_dir: Path) -> Path:
+    """Where a build of `out_dir` keeps its training state until it finishes (next to it, never inside)."""
+    return out_dir.parent / f".{out_dir.name}.resume.pt"
+
+
 def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] | None = None,
           workers: int = 1) -> Path:
-    """Build tokenizer and model into `out_dir` atomically (a crash leaves no half-built model)."""
+    """Build tokenizer and model into `out_dir` atomically (a crash leaves no half-built model; an interrupted
+    build resumes from its last saved step, see `pretrain`)."""
     torch.manual_seed(spec.seed)
     corpus = build_corpus(spec.corpus, workers)
     tokenizer = train_tokenizer(corpus_texts(corpus), spec.vocab)
     model = architecture(spec, tokenizer)
     data = examples(Renderer(tokenizer), corpus, spec)
-    losses, tokens = pretrain(model, data, spec, tokenizer.pad_token_id, advance)
+    resume = resume_path(out_dir)
+    resume.parent.mkdir(parents=True, exist_ok=True)
+    losses, tokens = pretrain(model, data, spec, tokenizer.pad_token_id, advance, resume)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -161,6 +196,7 @@ def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] |
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)],
         }, indent=2))
+    resume.unlink(missing_ok=True)
     return out_dir
 
 
