@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's levers, measured on VALIDATION ids only (never test), on 2 CPU cores, two runs at a time.
-#   bash reports/calibration/levers.sh base  [MODEL_DIR]   base success, sampled (T=1) and greedy, 25 val tasks x 2 passes
+#   bash reports/calibration/levers.sh base  [MODEL_DIR|""] [--set k=v ...]   base success, sampled (T=1) and
+#        greedy, 25 val tasks x 2 passes ("" = the configured base, e.g. with --set model.tiny.layers=6)
 #   bash reports/calibration/levers.sh loop  TAG METHOD [--set k=v ...]   one quick-profile run on val ids
 # Loop runs use the recalibrated exploration (64 explored tasks and 16 seeds per client, 2 evaluation passes);
 # their metrics.json land in $OUT/TAG (default /tmp/levers). README.md in this folder has every result.
@@ -13,7 +14,10 @@ what=$1; shift
 case $what in
   base)
     sets=(--set 'envs.names=[textcraft,maze,wordle]')
-    if [ $# -gt 0 ]; then sets+=(--set "model.preset=$1" --set policy.mode=constrained); shift; fi
+    if [ $# -gt 0 ]; then
+      if [ -n "$1" ]; then sets+=(--set "model.preset=$1" --set policy.mode=constrained); fi
+      shift
+    fi
     for T in 1.0 0; do
       fedse "${sets[@]}" "$@" --set policy.eval_temperature=$T eval --env all --split val --episodes 25 --passes 2 \
         --json > "$OUT/base-T$T.json"
