@@ -551,10 +551,18 @@ PAIRED_NOTE = (
     "(or binomial) one does, else *same direction, within noise* or *does not hold*.")
 
 
+def split(docs: list[Doc]) -> str:
+    """Which ids the runs were scored on: calibration runs (`federation.eval_split: val`) must not read as test
+    results."""
+    found = {(d.get("settings") or {}).get("eval_split", "test") for d in docs}
+    return "validation" if found == {"val"} else "test" if found == {"test"} else "mixed test and validation"
+
+
 def markdown(docs: list[Doc], plot: Path | None = None) -> str:
     profiles = sorted({str(d.get("profile")) for d in docs})
+    ids = split(docs)
     parts = [f"# fedse results (profile {', '.join(profiles)}; model {docs[0].get('model')})", "",
-             "Final-round test success, mean ± 95% CI over seeds (one seed: that run's own interval, over its "
+             f"Final-round {ids} success, mean ± 95% CI over seeds (one seed: that run's own interval, over its "
              "tasks where recorded, else binomial).", "",
              results_table(docs), "", "## The paper's orderings on our environments", "",
              "Rows whose paper column starts with *ours* are our diagnostics, not the paper's claims.", "",
@@ -562,7 +570,7 @@ def markdown(docs: list[Doc], plot: Path | None = None) -> str:
     progress = improvement_table(docs)
     if progress:
         parts += ["", "## Improvement over the round-0 adapter", "",
-                  "Macro test success after round 0 and after the last round, on the tasks both evaluated, paired "
+                  f"Macro {ids} success after round 0 and after the last round, on the tasks both evaluated, paired "
                   "per seed and per task as above.", "", progress]
     experience = experience_table(docs)
     if experience:

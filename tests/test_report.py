@@ -301,3 +301,14 @@ def test_the_same_runs_give_a_byte_identical_report_whatever_their_order() -> No
             for m, p in [("fedse", 0.4), ("fedit", 0.3), ("local", 0.35)] for s in range(3)]
     text = markdown(docs)
     assert markdown(docs) == text and markdown(list(reversed(docs))) == text
+
+
+def test_runs_scored_on_validation_ids_never_read_as_test_results() -> None:
+    docs = [doc("fedse", 0, .3, .2), doc("fedit", 0, .2, .2)]
+    assert "Final-round test success" in markdown(docs)
+    for d in docs:
+        d["settings"] = {"eval_split": "val"}
+    text = markdown(docs)
+    assert "Final-round validation success" in text and "test success" not in text
+    docs[1]["settings"] = {"eval_split": "test"}
+    assert "Final-round mixed test and validation success" in markdown(docs)
