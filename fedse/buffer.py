@@ -27,6 +27,21 @@ def success_filter(trajectories: Iterable[Trajectory]) -> list[Trajectory]:
     return [t for t in trajectories if t.success]
 
 
+def shortest_per_task(trajectories: Iterable[Trajectory]) -> list[Trajectory]:
+    """Of several successes on one task keep the one with the fewest turns (the first among equals).
+
+    A weak policy's successes are often lucky walks, several times the expert's length; when a task was tried
+    k times the shortest success is the most direct solution the agent itself found, and needs no label
+    beyond the environment's own success signal.
+    """
+    best: dict[tuple[str, int], Trajectory] = {}
+    for t in trajectories:
+        key = (t.env, t.task_id)
+        if key not in best or len(t.turns) < len(best[key].turns):
+            best[key] = t
+    return list(best.values())
+
+
 class Buffer:
     """The cumulative, de-duplicated trajectory store of one client."""
 

@@ -76,7 +76,11 @@ class FederationConfig(Strict):
     clients: list[str] | None = Field(default=None, description="the environments that take part, one client "
                                       "each; null = all of envs.names")
     rounds: int = Field(default=20, ge=1)
-    explore_episodes: int = Field(default=64, ge=0, description="train tasks each client plays per round")
+    explore_episodes: int = Field(default=64, ge=0, description="episodes each client plays per round")
+    explore_attempts: int = Field(default=1, ge=1, description="plays of each explored train task: 1 = the "
+                                  "paper (explore_episodes fresh tasks, every success kept); k > 1 = "
+                                  "explore_episodes / k tasks played k times each, and only the shortest success "
+                                  "of each task is kept (best-of-k, label-free: success and length only)")
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
     eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
     eval_split: Literal["test", "val"] = Field(default="test", description="val: calibrate a profile without "
@@ -91,6 +95,9 @@ class FederationConfig(Strict):
         from fedse.methods import method
 
         method(self.method)
+        if self.explore_episodes % self.explore_attempts:
+            raise ValueError(f"explore_episodes {self.explore_episodes} is not a multiple of explore_attempts "
+                             f"{self.explore_attempts}")
         return self
 
 

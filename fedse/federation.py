@@ -28,7 +28,7 @@ import torch
 from fedse import audit
 from fedse.aggregate import Aggregate, aggregate, orthonormal_init, state_bytes
 from fedse.atomic import write_json
-from fedse.buffer import Buffer, success_filter
+from fedse.buffer import Buffer, shortest_per_task, success_filter
 from fedse.config import Config
 from fedse.envs.registry import env_class
 from fedse.evaluate import EnvScore, score, summarise
@@ -105,14 +105,20 @@ def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int
     """Play this round's train tasks with the broadcast adapter at the exploration temperature (episodes keyed
     by run seed, env, round and task: fresh draws every round); the records carry the rollout's pace."""
     set_adapter_state(agent, state, origin="global adapter")
-    ids = explore_task_ids(env, round, cfg.federation.explore_episodes, seed)
+    fed = cfg.federation
+    ids = explore_task_ids(env, round, fed.explore_episodes // fed.explore_attempts, seed)
     return rollout(agent, env, ids, cfg.policy, evaluation=False, seed=seed, adapter_hash=state_hash(state),
-                   round=round, env_options=cfg.envs.options.get(env), advance=advance)
+                   round=round, env_options=cfg.envs.options.get(env), advance=advance,
+                   passes=fed.explore_attempts)
 
 
-def keep(fresh: list[Trajectory], how: Method) -> list[Trajectory]:
-    """The success filter, or (w/o filter) every episode."""
-    return list(fresh) if how.keep_failures else success_filter(fresh)
+def keep(fresh: list[Trajectory], how: Method, attempts: int = 1) -> list[Trajectory]:
+    """The success filter, or (w/o filter) every episode; with several attempts per task, only the shortest
+    success of each task (`federation.explore_attempts`)."""
+    if how.keep_failures:
+        return list(fresh)
+    kept = success_filter(fresh)
+    return shortest_per_task(kept) if attempts > 1 else kept
 
 
 def client_data(buffer: Buffer, kept: list[Trajectory], round: int, how: Method,
@@ -361,7 +367,8 @@ class Federation:
                 fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
                                 advance=lambda n, job=job: self.progress.update(job, advance=n))
                 self.progress.finish(job)
-            data, manifest = client_data(client.buffer, keep(fresh, how), round, how,
+            data, manifest = client_data(client.buffer, keep(fresh, how, self.cfg.federation.explore_attempts),
+                                         round, how,
                                          client_seeds(self.cfg, client.envs, round),
                                          self.cfg.envs.options.get(client.envs[0]))
             label = f"round {round}: {client.name} trains on {len(data)} trajectories"
@@ -410,6 +417,7 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
         "method": fed.method, "profile": cfg.profile, "seed": cfg.seed, "complete": complete,
         "model": model, "lora_r": cfg.model.lora.r, "envs": cfg.client_envs(),
         "settings": {"rounds": fed.rounds, "explore_episodes": fed.explore_episodes,
+                     "explore_attempts": fed.explore_attempts,
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
                      "max_buffer": fed.max_buffer, "learner": cfg.learner.model_dump()},

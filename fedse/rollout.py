@@ -53,10 +53,10 @@ def episode_key(seed: int, env: str, task_id: int, evaluation: bool, round: int 
                 ) -> str:
     """The name of an episode's sampling noise. Evaluation: (run seed, env, task, pass) and nothing else, so
     two rounds or two methods scoring the same task face the same draws; exploration: (run seed, env, round,
-    task), fresh draws every round."""
+    task, and the attempt when a task is tried more than once), fresh draws every round."""
     if evaluation:
         return f"eval/seed={seed}/env={env}/task={task_id}/pass={pass_}"
-    return f"explore/seed={seed}/env={env}/round={round}/task={task_id}"
+    return f"explore/seed={seed}/env={env}/round={round}/task={task_id}" + (f"/attempt={pass_}" if pass_ else "")
 
 
 @contextlib.contextmanager
@@ -75,10 +75,11 @@ def torch_threads(count: int | None) -> Iterator[None]:
 def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySpec, evaluation: bool, seed: int,
             adapter_hash: str | None = None, round: int | None = None, env_options: dict[str, Any] | None = None,
             advance: Callable[[int], None] | None = None, passes: int = 1) -> Episodes:
-    """Play each task `passes` times (evaluation only: exploration plays each task once); `advance(n)` is
-    called as chunks of n episodes finish. The records come task by task, passes of a task together."""
-    if passes < 1 or (passes > 1 and not evaluation):
-        raise ValueError(f"passes={passes}: evaluation plays each task at least once, exploration exactly once")
+    """Play each task `passes` times, each pass on its own draws (evaluation: `eval.passes`; exploration:
+    `federation.explore_attempts`); `advance(n)` is called as chunks of n episodes finish. The records come
+    task by task, passes of a task together."""
+    if passes < 1:
+        raise ValueError(f"passes={passes}: every task is played at least once")
     started = time.perf_counter()
     episodes = [(task, p) for task in task_ids for p in range(passes)]
     keys = [episode_key(seed, env_name, task, evaluation, round, p) for task, p in episodes]

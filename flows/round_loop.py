@@ -118,7 +118,8 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
         start = download_global.submit(exchange, round, name) if exchange is not None and round > 0 \
             else start_state(how, global_state, own.get(name), initial)
         fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else None
-        kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round)
+        kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round,
+                                     cfg.federation.explore_attempts)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
         versioned = version_buffer.submit(dvc_repo, str(folder / "buffers" / name), name, round,
                                           wait_for=[data]) if dvc_repo else None

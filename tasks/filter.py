@@ -9,5 +9,6 @@ from fedse.trajectory import Trajectory
 
 
 @task(name="filter", cache_policy=NO_CACHE, task_run_name="filter-{client}-round-{round}")
-def success_filter(fresh: list[Trajectory], method_name: str, client: str, round: int) -> list[Trajectory]:
-    return keep(fresh, method(method_name))
+def success_filter(fresh: list[Trajectory], method_name: str, client: str, round: int,
+                   attempts: int = 1) -> list[Trajectory]:
+    return keep(fresh, method(method_name), attempts)

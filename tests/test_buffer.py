@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedse.buffer import Buffer, success_filter
+from fedse.buffer import Buffer, shortest_per_task, success_filter
 from fedse.trajectory import Trajectory, Turn
 
 
@@ -20,6 +20,19 @@ def test_filter_keeps_exactly_the_successes() -> None:
     kept = success_filter(batch)
     assert [t.task_id for t in kept] == [0, 3, 6, 9]
     assert success_filter([traj(1, False)]) == []
+
+
+def test_shortest_per_task_keeps_the_most_direct_success_of_each_task() -> None:
+    def walk(task: int, turns: int, tag: str = "") -> Trajectory:
+        return traj(task, True).model_copy(update={"turns": [Turn(observation="o", action=f"a{tag}{i}")
+                                                             for i in range(turns)]})
+    long, short, tie = walk(1, 5), walk(1, 2), walk(1, 2, "b")
+    other = walk(2, 7)
+    kept = shortest_per_task([long, short, other, tie])
+    assert kept == [short, other]  # the first of equally short ones, one per task, in first-seen order
+    assert shortest_per_task([]) == []
+    wordle = walk(1, 9).model_copy(update={"env": "wordle"})
+    assert len(shortest_per_task([short, wordle])) == 2  # the same id in two environments are two tasks
 
 
 def test_buffer_grows_across_rounds_and_deduplicates(tmp_path: Path) -> None:

@@ -10,9 +10,11 @@ import torch
 
 from fedse.config import Config, load_config
 from fedse.envs.registry import env_class
-from fedse.federation import Federation, explore_task_ids
+from fedse.federation import Federation, explore_task_ids, keep
+from fedse.methods import method
 from fedse.model import ModelSpec, load_agent, read_adapter
 from fedse.seed import write_seed_file
+from fedse.trajectory import Trajectory, Turn, read_jsonl
 
 ENVS = ["maze", "wordle"]
 
@@ -101,6 +103,33 @@ def test_local_se_explores_and_trains_alone_without_a_server(micro_spec, seeds, 
         assert c1["buffer"] == c0["buffer"] + c1["added"] == c1["trained_on"]
     # without a server each client evaluates its own adapter, never an average
     assert r1["clients"]["maze"]["adapter_sha256"] != r1["clients"]["wordle"]["adapter_sha256"]
+
+
+def test_best_of_k_exploration_keeps_one_shortest_success_per_task(micro_spec, seeds, tmp_path: Path) -> None:
+    doc = run(smoke(micro_spec, seeds, "fedse", explore_episodes=4, explore_attempts=2), tmp_path)
+    assert doc["settings"]["explore_attempts"] == 2
+    for env in ENVS:
+        agent = [t for t in read_jsonl(tmp_path / "buffers" / env / "buffer.jsonl") if t.policy == "agent"]
+        for round in (0, 1):
+            assert doc["rounds"][round]["clients"][env]["explored"] == 4  # 2 tasks x 2 attempts
+            mine = [t.task_id for t in agent if t.round == round]
+            assert len(mine) == len(set(mine)) <= 2
+
+
+def test_keep_applies_best_of_k_only_to_successes_and_only_with_several_attempts() -> None:
+    def episode(task: int, turns: int, success: bool) -> Trajectory:
+        return Trajectory(env="maze", task_id=task, instruction="go", final_observation="end",
+                          turns=[Turn(observation="o", action=f"a{i}") for i in range(turns)],
+                          reward=float(success), success=success, policy="agent", round=0)
+    fresh = [episode(1, 6, True), episode(1, 3, True), episode(1, 1, False), episode(2, 4, True)]
+    assert [len(t.turns) for t in keep(fresh, method("fedse"), attempts=2)] == [3, 4]
+    assert [len(t.turns) for t in keep(fresh, method("fedse"))] == [6, 3, 4]  # the paper's filter
+    assert len(keep(fresh, method("no_filter"), attempts=2)) == 4
+
+
+def test_explore_episodes_must_be_a_multiple_of_the_attempts() -> None:
+    with pytest.raises(ValueError, match="not a multiple of explore_attempts"):
+        load_config("params.yaml", overrides=["federation.explore_episodes=5", "federation.explore_attempts=2"])
 
 
 @pytest.mark.parametrize(("rule", "rank"), [("exact", 2 * 8), ("fedsvd", 8)])

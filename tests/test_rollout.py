@@ -84,4 +84,10 @@ def test_rollout_reports_its_pace(micro_agent: Agent) -> None:
     assert isinstance(played, Episodes)
     assert played.pace.decisions == sum(len(r.turns) for r in played) and played.pace.seconds > 0
     with pytest.raises(ValueError, match="passes"):
-        rollout(micro_agent, "wordle", [0], PolicySpec(), False, 0, passes=2)
+        rollout(micro_agent, "wordle", [0], PolicySpec(), False, 0, passes=0)
+
+
+def test_exploration_attempts_of_a_task_are_distinct_draws_and_the_first_keeps_its_old_key() -> None:
+    assert episode_key(0, "maze", 7, False, round=2) == "explore/seed=0/env=maze/round=2/task=7"
+    keys = {episode_key(0, "maze", 7, False, round=2, pass_=p) for p in range(4)}
+    assert len(keys) == 4
