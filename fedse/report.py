@@ -59,7 +59,7 @@ PAPER_RANKS = {2: (47.0, 19.1), 4: (51.8, 38.1), 8: (57.5, 76.3), 16: (59.1, 152
 # what a run without an "aggregation" record used: the server averaged the LoRA factors, plain FedAvg
 AGGREGATION_DEFAULTS: dict[str, Any] = {"rule": "factors", "server_lr": 1.0, "momentum": 0.0, "fedprox_mu": 0.0,
                                         "rank": None}
-VARIANT = re.compile(r"^fedse \[.*\]$")  # an aggregation variant of Fed-SE, with every other setting default
+VARIANT = re.compile(r"^fedse( \[.*\])?( best-of-\d+)?$")  # a variant of Fed-SE's server or exploration
 EXPLORE_KEYS = [("explore_success", "explore success", ".3f"), ("self_share", "self-generated share", ".3f"),
                 ("length_ratio", "length / expert's", ".2f")]
 
@@ -160,13 +160,14 @@ def federated(name: str) -> bool:
 
 
 def label(doc: Doc) -> str:
-    """Method name, plus the aggregation when it is not the default, the LoRA rank when it is not the paper's
-    default of 8, and the transfer dtype when the adapters did not travel in fp32 (each is a different
-    experiment, never pooled with the default)."""
+    """Method name, plus the aggregation when it is not the default, best-of-k exploration, the LoRA rank when
+    it is not the paper's default of 8, and the transfer dtype when the adapters did not travel in fp32 (each
+    is a different experiment, never pooled with the default)."""
     r = doc.get("lora_r", 8)
     dtype = (doc.get("exchange") or {}).get("dtype", "fp32")
-    return (doc["method"] + aggregation_tag(doc) + (f" r={r}" if r != 8 else "")
-            + (f" {dtype}" if dtype != "fp32" else ""))
+    attempts = (doc.get("settings") or {}).get("explore_attempts", 1)
+    return (doc["method"] + aggregation_tag(doc) + (f" best-of-{attempts}" if attempts != 1 else "")
+            + (f" r={r}" if r != 8 else "") + (f" {dtype}" if dtype != "fp32" else ""))
 
 
 def labeller(docs: list[Doc]) -> Callable[[Doc], str]:
@@ -419,9 +420,10 @@ def claim_list(groups: dict[str, list[Doc]]) -> list[tuple[str, str, str, str]]:
     """The paper's orderings, our two diagnostics, and each aggregation variant of Fed-SE against Fed-SE and
     against FedIT (the variants exist to recover what plain averaging loses)."""
     variants = []
-    for name in sorted(n for n in groups if VARIANT.match(n)):
-        variants += [(name, "fedse", "micro", "ours: this aggregation vs the default (averaged factors)"),
-                     (name, "fedit", "micro", "ours: this aggregation vs static FedAvg + LoRA")]
+    for name in sorted(n for n in groups if VARIANT.match(n) and n != "fedse"):
+        what = "this aggregation" if "[" in name else "best-of-k exploration"
+        variants += [(name, "fedse", "micro", f"ours: {what} vs the paper's Fed-SE"),
+                     (name, "fedit", "micro", f"ours: {what} vs static FedAvg + LoRA")]
     return PAPER_CLAIMS + DIAGNOSTICS + variants
 
 

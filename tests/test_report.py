@@ -312,3 +312,11 @@ def test_runs_scored_on_validation_ids_never_read_as_test_results() -> None:
     assert "Final-round validation success" in text and "test success" not in text
     docs[1]["settings"] = {"eval_split": "test"}
     assert "Final-round mixed test and validation success" in markdown(docs)
+
+
+def test_best_of_k_runs_are_their_own_row() -> None:
+    plain, best = doc("fedse", 0, .3, .2), doc("fedse", 0, .4, .2)
+    best["settings"] = {"explore_attempts": 4}
+    assert label(plain) == "fedse" and label(best) == "fedse best-of-4"
+    assert "| fedse best-of-4 |" in results_table([plain, best])
+    assert "fedse best-of-4 > fedse (micro)" in claims_table([plain, best, doc("fedit", 0, .2, .2)])
