@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / ".cache" / "fedse" / "results-logs"
 # stages that hold many rounds of all five environments go first, so the short ones fill in around them
-WEIGHT = {"full": 10.0, "experiment": 1.0, "aggregation": 1.0, "rank": 1.0}
+WEIGHT = {"full": 10.0, "experiment": 1.0, "variant": 1.0, "rank": 1.0}
 FIRST = ("seed",)  # run (through dvc repro) before anything else
 LAST = ("report", "report_full")  # finished by dvc repro after every run
 
