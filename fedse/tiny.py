@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedse.atomic import atomic_dir
+from fedse.atomic import atomic_dir, atomic_file
 from fedse.corpus import CorpusSpec, build_corpus, summary
 from fedse.prompt import SPECIAL_TOKENS, Renderer
 from fedse.trajectory import Trajectory
@@ -153,19 +153,13 @@ def pretrain(model, data: list, spec: TinySpec, pad: int, advance: Callable[[int
         if advance:
             advance(step + 1, losses[-1])
         if resume is not None and (step + 1) % every == 0 and step + 1 < spec.pretrain_steps:
-            _save_state(resume, {"key": spec.key(), "step": step + 1, "model": model.state_dict(),
-                                 "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
-                                 "torch_rng": torch.get_rng_state(), "plan": plan, "losses": losses,
-                                 "tokens": tokens})
+            with atomic_file(resume, binary=True) as fh:  # an interrupted save keeps the previous state
+                torch.save({"key": spec.key(), "step": step + 1, "model": model.state_dict(),
+                            "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
+                            "torch_rng": torch.get_rng_state(), "plan": plan, "losses": losses,
+                            "tokens": tokens}, fh)
     model.eval()
     return losses, tokens
-
-
-def _save_state(path: Path, state: dict) -> None:
-    """Write-then-rename, so an interruption while saving leaves the previous state usable."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def resume_path(out_dir: Path) -> Path:
@@ -183,7 +177,6 @@ def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] |
     model = architecture(spec, tokenizer)
     data = examples(Renderer(tokenizer), corpus, spec)
     resume = resume_path(out_dir)
-    resume.parent.mkdir(parents=True, exist_ok=True)
     losses, tokens = pretrain(model, data, spec, tokenizer.pad_token_id, advance, resume)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

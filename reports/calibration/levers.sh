@@ -3,7 +3,7 @@
 #   bash reports/calibration/levers.sh base  [MODEL_DIR|""] [--set k=v ...]   base success, sampled (T=1) and
 #        greedy, 25 val tasks x 2 passes ("" = the configured base, e.g. with --set model.tiny.layers=6)
 #   bash reports/calibration/levers.sh loop  TAG METHOD [--set k=v ...]   one quick-profile run on val ids
-# Loop runs use the recalibrated exploration (64 explored tasks and 16 seeds per client, 2 evaluation passes);
+# Loop runs use the quick profile as shipped (64 explored tasks and 16 seeds per client, 2 evaluation passes);
 # their metrics.json land in $OUT/TAG (default /tmp/levers). README.md in this folder has every result.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +26,8 @@ case $what in
   loop)
     tag=$1; method=$2; shift 2
     rm -rf "${OUT:?}/$tag"
-    fedse --set federation.eval_split=val --set federation.explore_episodes=64 --set federation.seeds_per_client=16 \
-      --set eval.passes=2 "$@" run --profile quick --method "$method" --out "$OUT/$tag" > "$OUT/$tag.log" 2>&1
+    fedse --set federation.eval_split=val "$@" run --profile quick --method "$method" --out "$OUT/$tag" \
+      > "$OUT/$tag.log" 2>&1
     python - "$OUT/$tag/metrics.json" "$tag" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
