@@ -32,7 +32,8 @@ from fedse.envs.pool import EnvPool
 from fedse.envs.registry import env_class, make_env
 from fedse.model import Agent, load_agent
 from fedse.policy import ConstrainedPolicy, episode_tokens, score_naive
-from fedse.rollout import rollout, torch_threads
+from fedse.rollout import rollout
+from fedse.threads import torch_threads
 
 
 def against_naive(agent: Agent, cfg: Config, envs: list[str], episodes: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.model import Agent
 from fedse.prompt import Encoded, Renderer
+from fedse.threads import torch_threads
 from fedse.trajectory import Trajectory
 
 IGNORE = -100
@@ -39,6 +40,7 @@ class LearnerSpec(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     autocast: str = Field("auto", pattern="^(auto|bf16|off)$")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads while training; null = unchanged")
 
 
 @dataclass
@@ -196,27 +198,28 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, s
     losses: list[float] = []
     start = time.perf_counter()
     step = 0
-    try:
-        for index, batch in enumerate(flat):
-            ids, labels, mask = (t.to(agent.device) for t in collate(batch, pad))
-            with torch.autocast(agent.device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = lm_loss(agent.model, ids, mask, labels)
-            total = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)) \
-                if anchor else loss
-            (total / spec.grad_accum).backward()
-            tokens += int(mask.sum())
-            agent_tokens += int((labels != IGNORE).sum())
-            losses.append(loss.item())
-            if (index + 1) % spec.grad_accum == 0 or index + 1 == len(flat):
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                if advance:
-                    advance(step, total_steps, losses[-1])
-    finally:
-        agent.model.eval()
+    with torch_threads(spec.threads):
+        try:
+            for index, batch in enumerate(flat):
+                ids, labels, mask = (t.to(agent.device) for t in collate(batch, pad))
+                with torch.autocast(agent.device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = lm_loss(agent.model, ids, mask, labels)
+                total = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)) \
+                    if anchor else loss
+                (total / spec.grad_accum).backward()
+                tokens += int(mask.sum())
+                agent_tokens += int((labels != IGNORE).sum())
+                losses.append(loss.item())
+                if (index + 1) % spec.grad_accum == 0 or index + 1 == len(flat):
+                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    if advance:
+                        advance(step, total_steps, losses[-1])
+        finally:
+            agent.model.eval()
     head = max(1, len(losses) // 10)
     return TrainStats(step, len(examples), tokens, agent_tokens, sum(losses[:head]) / head,
                       sum(losses[-head:]) / head, time.perf_counter() - start)

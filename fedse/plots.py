@@ -15,11 +15,12 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from fedse.atomic import write_text
-from fedse.report import client_series, explores
+from fedse.report import client_series, explores, split
 
 
 def run_curves(doc: dict[str, Any], path: Path) -> Path:
-    """One run: test success per environment and the macro average, per round."""
+    """One run: success per environment and the macro average, per round (on test ids, or validation ids for
+    a calibration run)."""
     rounds = [r["round"] for r in doc["rounds"]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for env in doc["envs"]:
@@ -29,7 +30,8 @@ def run_curves(doc: dict[str, Any], path: Path) -> Path:
     high = [r["macro_ci95"][1] for r in doc["rounds"]]
     ax.plot(rounds, macro, color="black", lw=2.4, label="macro")
     ax.fill_between(rounds, low, high, color="black", alpha=0.12, label="macro 95% CI")
-    _style(ax, f"{doc['method']} (profile {doc.get('profile')}, seed {doc['seed']}, r={doc.get('lora_r')})")
+    _style(ax, f"{doc['method']} (profile {doc.get('profile')}, seed {doc['seed']}, r={doc.get('lora_r')})",
+           split([doc]))
     return _save(fig, path)
 
 
@@ -80,10 +82,10 @@ def tasks_per_round(docs: list[dict[str, Any]]) -> dict[int, int]:
 
 
 def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
-    """Several runs: macro test success per round, averaged over the seeds of each method (band: min–max).
-    Filled markers: rounds scored on the most test tasks; hollow: rounds scored on fewer. Below, when some
-    method explores, its exploration success per round (same colours): whether self-evolution has any
-    successes of its own to learn from."""
+    """Several runs: macro success per round (on test or validation ids, as the runs were scored), averaged
+    over the seeds of each method (band: min–max). Filled markers: rounds scored on the most tasks; hollow:
+    rounds scored on fewer. Below, when some method explores, its exploration success per round (same
+    colours): whether self-evolution has any successes of its own to learn from."""
     sizes = tasks_per_round(docs)
     most = max(sizes.values(), default=0)
     exploring = explore_curves(docs, label)
@@ -106,9 +108,10 @@ def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> 
         ax.plot([r for r, _ in full], [m for _, m in full], "o", ms=4, color=colour)  # fill the precise rounds
         if n > 1:
             ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12, color=colour)
-    _style(ax, "macro test success per round (mean over seeds; band = min–max)")
+    ids = split(docs)
+    _style(ax, f"macro {ids} success per round (mean over seeds; band = min–max)", ids)
     fewer = sorted({v for v in sizes.values() if v != most})
-    xlabel = f"round (filled: {most} test tasks per env; hollow: {', '.join(map(str, fewer))})" if fewer else "round"
+    xlabel = f"round (filled: {most} {ids} tasks per env; hollow: {', '.join(map(str, fewer))})" if fewer else "round"
     ax.set_xlabel(xlabel)
     if exploring:
         ax.set_xlabel("")
@@ -139,10 +142,10 @@ def explore_curves(docs: list[dict[str, Any]], label: Any = None) -> dict[str, t
     return curves
 
 
-def _style(ax: Any, title: str) -> None:
+def _style(ax: Any, title: str, ids: str = "test") -> None:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("test success")
+    ax.set_ylabel(f"{ids} success")
     # near-floor results should not look flat: zoom to the data, never past 0–1
     ax.set_ylim(-0.02, min(1.02, max(0.25, ax.dataLim.y1 * 1.15)))
     ax.grid(alpha=0.3)

@@ -12,19 +12,17 @@ size is a matter of speed alone.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from fedse.envs.base import TextEnv
 from fedse.envs.pool import EnvPool, Slot
 from fedse.envs.registry import make_env
 from fedse.model import Agent
 from fedse.policy import PolicySpec, make_policy
+from fedse.threads import torch_threads
 from fedse.trajectory import Trajectory
 
 
@@ -57,19 +55,6 @@ def episode_key(seed: int, env: str, task_id: int, evaluation: bool, round: int 
     if evaluation:
         return f"eval/seed={seed}/env={env}/task={task_id}/pass={pass_}"
     return f"explore/seed={seed}/env={env}/round={round}/task={task_id}" + (f"/attempt={pass_}" if pass_ else "")
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op CPU threads set to `count` for the block (None: unchanged), restored afterwards."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count is not None:
-            torch.set_num_threads(before)
 
 
 def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySpec, evaluation: bool, seed: int,

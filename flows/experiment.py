@@ -1,7 +1,8 @@
 """One experiment through the flow on this machine, no servers needed: `python -m flows.experiment`.
 
-Prefect runs on a temporary local API, MLflow tracks into `mlflow/mlflow.db` (SQLite), buffers are versioned
-in the project's DVC cache. Prints the final table, then where the metrics, the plot and the MLflow runs are.
+Prefect runs on a temporary local API with the profile's task runner (`orchestration:`), MLflow tracks into
+`mlflow/mlflow.db` (SQLite), buffers are versioned in the project's DVC cache. Prints the final table, then
+where the metrics, the plot and the MLflow runs are.
 This is what `make run` calls.
 
     python -m flows.experiment [--method fedse] [--profile quick] [--seed 0] [--out DIR] [--keep FILE]
@@ -23,8 +24,8 @@ from prefect.settings import (
 
 from fedse.atomic import write_json
 from fedse.cli import summarise_run
-from fedse.config import ConfigError
-from flows.round_loop import round_loop
+from fedse.config import ConfigError, run_config
+from flows.round_loop import round_loop, task_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,9 @@ def main(argv: list[str]) -> int:
         # `dvc exp run` beside another experiment); and it must not try to phone home (offline machines)
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180,
                                  PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            doc = round_loop(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
+            chosen = run_config(args.params, args.profile, args.method, args.seed, args.sets).orchestration
+            flow = round_loop.with_options(task_runner=task_runner(chosen.task_runner, chosen.workers))
+            doc = flow(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
                              sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT))
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -102,3 +102,18 @@ def test_fedprox_keeps_the_client_near_the_broadcast_adapter(micro_spec) -> None
 
     free, held = drift(0.0), drift(1e4)
     assert held < 0.5 * free
+
+
+def test_training_runs_on_its_own_thread_count_and_restores_the_processs(micro_agent: Agent) -> None:
+    """learner.threads: two client processes side by side each train on one thread; the count they ran with
+    must not leak into the acting or aggregation that follow in the same process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a process default unlike the training count, so a leak would show
+    seen: list[int] = []
+    try:
+        train(micro_agent, expert_trajectories("maze", [0, 1]), LearnerSpec(lr=1e-3, epochs=1, threads=1),
+              advance=lambda step, total, loss: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

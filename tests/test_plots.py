@@ -45,3 +45,20 @@ def test_exploring_methods_get_a_second_panel(tmp_path: Path) -> None:
     assert list(curves) == ["fedse"] and curves["fedse"][0] == [0, 2]  # no value in round 1: no point drawn
     assert curves["fedse"][1][1] == 0.35
     assert method_curves(docs, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_calibration_runs_are_labelled_validation_not_test(tmp_path: Path, monkeypatch) -> None:
+    """A figure of runs scored on validation ids must not read as test results."""
+    import fedse.plots as plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig) or path)
+    val = [dict(run("fedse", 0, [0.2, 0.3]), settings={"eval_split": "val"})]
+    plots.method_curves(val, tmp_path / "v.png")
+    plots.run_curves(dict(val[0], envs=["maze", "wordle"], profile="quick", lora_r=8) | {
+        "rounds": [dict(r, macro_ci95=[0.1, 0.4]) for r in val[0]["rounds"]]}, tmp_path / "r.png")
+    plots.method_curves([run("fedse", 0, [0.2, 0.3])], tmp_path / "t.png")
+    labels = [(fig.axes[0].get_ylabel(), fig.axes[0].get_title()) for fig in seen]
+    assert labels[0][0] == "validation success" and "macro validation success" in labels[0][1]
+    assert labels[1][0] == "validation success"
+    assert labels[2][0] == "test success" and "macro test success" in labels[2][1]
