@@ -121,8 +121,7 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
         kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round,
                                      cfg.federation.explore_attempts)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
-        versioned = version_buffer.submit(dvc_repo, str(folder / "buffers" / name), name, round,
-                                          wait_for=[data]) if dvc_repo else None
+        versioned = version_buffer.submit(dvc_repo, data, name, round) if dvc_repo else None
         trained = train.submit(cfg, start, data, round, name)
         sent = upload.submit(exchange, cfg, str(folder), trained, data, round, name) if exchange else None
         chains.append((name, fresh, data, trained, versioned, sent))

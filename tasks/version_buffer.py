@@ -4,6 +4,9 @@ version (the `buffer.<client>` tag of every adapter it fed: lineage from adapter
 The hash is the one `dvc add` would write (md5 of the folder's `.dir` listing); the files land in the
 repository's DVC cache, so `dvc` can check that version out or push it. A run folder is git-ignored, where
 `dvc add` refuses to write a `.dvc` file, hence the DVC data API. One DVC operation at a time per process.
+The task takes the buffer task's result (its folder is `data.root`), so it runs after that write wherever it
+runs. The lock lives with `store`, a plain module function: a process pool pickles a task's function by value
+with the globals it names, and a lock cannot be pickled, while a module function travels by reference.
 """
 
 import threading
@@ -12,12 +15,20 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.buffer import ClientData
+
 _one_at_a_time = threading.Lock()
 
 
 @task(name="version_buffer", retries=1, cache_policy=NO_CACHE, task_run_name="version-buffer-{client}-round-{round}")
-def version_buffer(repo: str, root: str, client: str, round: int) -> str:
-    """Store the buffer folder `root` in the cache of the DVC repository `repo`; returns its hash."""
+def version_buffer(repo: str, data: ClientData, client: str, round: int) -> str:
+    """Store the buffer folder `data` was read from in the cache of the DVC repository `repo`; returns its hash."""
+    return store(repo, data.root)
+
+
+def store(repo: str, root: str) -> str:
+    """The folder `root` into the cache of the DVC repository `repo`, one DVC operation at a time per process;
+    returns the folder's DVC hash."""
     from dvc.fs import LocalFileSystem
     from dvc.repo import Repo
     from dvc_data.hashfile.build import build
