@@ -28,8 +28,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     root = tmp_path_factory.mktemp("stack")
     Repo.init(str(root), no_scm=True).close()  # the served deployment versions buffers in its folder's DVC repo
+    # served as `make serve` serves the repository's params: the quick profile's process pool, so every task
+    # argument (the S3 exchange among them) crosses into worker processes
+    serving = root / "serve-params.yaml"
+    serving.write_text("orchestration: {task_runner: process, workers: 2}\n")
     prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
-    running = Stack(root=root, prefect_port=prefect, mlflow_port=mlflow, extra_env={"OMP_NUM_THREADS": "1"},
+    running = Stack(root=root, prefect_port=prefect, mlflow_port=mlflow,
+                    extra_env={"OMP_NUM_THREADS": "1", "FEDSE_PARAMS": str(serving)},
                     s3_port=s3, seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
     running.up()
     try:
