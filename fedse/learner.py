@@ -8,10 +8,11 @@ hardware makes it faster (CUDA; CPUs with native bf16), fp32 otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,6 +170,17 @@ def cosine(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+@contextlib.contextmanager
+def training(model: Any) -> Iterator[None]:
+    """The model in training mode (dropout on) for the block, and back in eval mode after it, even when a step
+    raises: acting with a model left in training mode would sample through dropout."""
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
 def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, seed: int = 0,
           advance: Callable[[int, int, float], None] | None = None, prox_mu: float = 0.0) -> TrainStats:
     """Fine-tune the agent's adapter in place; `advance(step, total, loss)` reports progress.
@@ -193,33 +205,29 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, s
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(total_steps, int(spec.warmup_ratio * total_steps)))
     pad = agent.tokenizer.pad_token_id or 0
     amp = use_autocast(spec, agent.device)
-    agent.model.train()
     tokens = agent_tokens = 0
     losses: list[float] = []
     start = time.perf_counter()
     step = 0
-    with torch_threads(spec.threads):
-        try:
-            for index, batch in enumerate(flat):
-                ids, labels, mask = (t.to(agent.device) for t in collate(batch, pad))
-                with torch.autocast(agent.device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = lm_loss(agent.model, ids, mask, labels)
-                total = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)) \
-                    if anchor else loss
-                (total / spec.grad_accum).backward()
-                tokens += int(mask.sum())
-                agent_tokens += int((labels != IGNORE).sum())
-                losses.append(loss.item())
-                if (index + 1) % spec.grad_accum == 0 or index + 1 == len(flat):
-                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    if advance:
-                        advance(step, total_steps, losses[-1])
-        finally:
-            agent.model.eval()
+    with torch_threads(spec.threads), training(agent.model):
+        for index, batch in enumerate(flat):
+            ids, labels, mask = (t.to(agent.device) for t in collate(batch, pad))
+            with torch.autocast(agent.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = lm_loss(agent.model, ids, mask, labels)
+            total = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)) \
+                if anchor else loss
+            (total / spec.grad_accum).backward()
+            tokens += int(mask.sum())
+            agent_tokens += int((labels != IGNORE).sum())
+            losses.append(loss.item())
+            if (index + 1) % spec.grad_accum == 0 or index + 1 == len(flat):
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if advance:
+                    advance(step, total_steps, losses[-1])
     head = max(1, len(losses) // 10)
     return TrainStats(step, len(examples), tokens, agent_tokens, sum(losses[:head]) / head,
                       sum(losses[-head:]) / head, time.perf_counter() - start)

@@ -25,7 +25,7 @@ from prefect.settings import (
 from fedse.atomic import write_json
 from fedse.cli import summarise_run
 from fedse.config import ConfigError, run_config
-from flows.round_loop import round_loop, task_runner
+from flows.round_loop import configured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,10 +47,9 @@ def main(argv: list[str]) -> int:
         # `dvc exp run` beside another experiment); and it must not try to phone home (offline machines)
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180,
                                  PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            chosen = run_config(args.params, args.profile, args.method, args.seed, args.sets).orchestration
-            flow = round_loop.with_options(task_runner=task_runner(chosen.task_runner, chosen.workers))
+            flow = configured(run_config(args.params, args.profile, args.method, args.seed, args.sets).orchestration)
             doc = flow(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
-                             sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT))
+                       sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT))
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from fedse.atomic import write_json
-from fedse.config import Config, run_config
+from fedse.config import Config, OrchestrationConfig, run_config
 from fedse.evaluate import summarise
 from fedse.federation import (
     AdapterState,
@@ -173,3 +173,8 @@ def _key(text: str) -> str:
 
 def task_runner(kind: str, workers: int) -> Any:
     return ProcessPoolTaskRunner(max_workers=workers) if kind == "process" else ThreadPoolTaskRunner(workers)
+
+
+def configured(orchestration: OrchestrationConfig) -> Any:
+    """The flow on the task runner `orchestration:` names (what `make run` and the served deployment run)."""
+    return round_loop.with_options(task_runner=task_runner(orchestration.task_runner, orchestration.workers))

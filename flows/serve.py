@@ -12,7 +12,7 @@ import os
 from prefect.client.orchestration import get_client
 
 from fedse.config import load_config
-from flows.round_loop import round_loop, task_runner
+from flows.round_loop import configured
 
 DEPLOYMENT = "round-loop"
 
@@ -26,7 +26,7 @@ def main() -> None:
     params = os.environ.get("FEDSE_PARAMS", "params.yaml")
     cfg = load_config(params)
     gpu_limit(cfg.orchestration.gpu_slots)
-    flow = round_loop.with_options(task_runner=task_runner(cfg.orchestration.task_runner, cfg.orchestration.workers))
+    flow = configured(cfg.orchestration)
     defaults = {"params": params, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"), "dvc_repo": os.getcwd(),
                 "transport": "s3" if os.environ.get("FEDSE_S3_ENDPOINT") else None}
     flow.serve(name=DEPLOYMENT, parameters=defaults, description="Fed-SE round loop: python -m flows")

@@ -104,7 +104,7 @@ def test_fedprox_keeps_the_client_near_the_broadcast_adapter(micro_spec) -> None
     assert held < 0.5 * free
 
 
-def test_training_runs_on_its_own_thread_count_and_restores_the_processs(micro_agent: Agent) -> None:
+def test_training_runs_on_its_own_thread_count_and_restores_the_process_count(micro_agent: Agent) -> None:
     """learner.threads: two client processes side by side each train on one thread; the count they ran with
     must not leak into the acting or aggregation that follow in the same process."""
     before = torch.get_num_threads()
