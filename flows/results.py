@@ -6,7 +6,10 @@ are out of date, runs their commands itself, `jobs` at a time (each on one CPU t
 after each success records it with `dvc commit -f <stage>` (serialised: one DVC command at a time), so
 `dvc.lock` ends exactly as `dvc repro` would leave it; then `dvc repro` finishes the reports. Stages already
 up to date are not run again, so an interrupted table resumes. The end-to-end wall time is printed and kept
-in reports/results-timing.json.
+in reports/results-timing.json, summed over the invocations that built the table (one per resumption).
+
+`--only` runs the matching stages in the order of its patterns (the most wanted rows first) and leaves the
+reports to the invocation that completes the table, so a partial table never writes a report that mixes runs.
 
     python -m flows.results [-j 2] [--only PATTERN ...] [--dry-run]
 """
@@ -57,6 +60,27 @@ def weight(stage: str) -> float:
     return WEIGHT.get(stage.split("@")[0], 1.0)
 
 
+def order(stages: list[str], patterns: list[str] | None) -> list[str]:
+    """Stages to run, in run order: by the first `--only` pattern each matches (unmatched dropped), then the
+    heaviest first so the short ones fill in around them."""
+    if not patterns:
+        return sorted(stages, key=lambda s: (-weight(s), s))
+    rank = {s: next((i for i, p in enumerate(patterns) if fnmatch.fnmatch(s, p)), None) for s in stages}
+    return sorted((s for s in stages if rank[s] is not None), key=lambda s: (rank[s], -weight(s), s))
+
+
+def record_timing(path: Path, wall: float, jobs: int, timing: dict[str, float], failed: list[str]) -> float:
+    """Add this invocation to the timing file and return the table's wall time so far: an interrupted or
+    partial table is built over several invocations, and its cost is their sum, not the last one's."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    sessions = [*previous.get("sessions", []), {"wall_seconds": wall, "jobs": jobs, "stages": sorted(timing)}]
+    total = sum(s["wall_seconds"] for s in sessions)
+    summary = {"wall_seconds": total, "sessions": sessions, "stages": previous.get("stages", {}) | timing,
+               "failed": failed}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return total
+
+
 def run_stage(stage: str, cmd: str, record: threading.Lock) -> tuple[str, float, int]:
     """Run one stage's command on one thread, then record it in dvc.lock; (stage, seconds, exit status)."""
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -89,10 +113,7 @@ def main(argv: list[str]) -> int:
                 print(f"error: dvc repro {stage} failed", file=sys.stderr)
                 return 1
     cmds = commands()
-    todo = [s for s in stale() if s in cmds and s not in FIRST and not s.startswith(LAST)]
-    if args.only:
-        todo = [s for s in todo if any(fnmatch.fnmatch(s, p) for p in args.only)]
-    todo.sort(key=lambda s: (-weight(s), s))
+    todo = order([s for s in stale() if s in cmds and s not in FIRST and not s.startswith(LAST)], args.only)
     print(f"{len(todo)} stage(s) to run, {args.jobs} at a time: {', '.join(todo) or 'none'}", flush=True)
     if args.dry_run:
         return 0
@@ -108,17 +129,21 @@ def main(argv: list[str]) -> int:
             print(f"[{done}/{len(todo)}] {stage}: {seconds / 60:.1f} min {status}", flush=True)
             if code != 0:
                 failed.append(stage)
-    if not failed:
+    remaining = [s for s in stale() if s not in LAST]
+    if not failed and remaining:
+        more = " ..." if len(remaining) > 6 else ""
+        print(f"{len(remaining)} stage(s) still to run ({', '.join(remaining[:6])}{more});"
+              " reports are written when the table is complete: `make results` resumes", flush=True)
+    elif not failed:
         print("dvc repro (reports)", flush=True)
         finish = dvc("repro")
         if finish.returncode != 0:
             print(f"error: dvc repro failed: {finish.stderr.strip()[-500:]}", file=sys.stderr)
             failed.append("dvc repro")
     wall = time.perf_counter() - started
-    summary = {"wall_seconds": wall, "jobs": args.jobs, "stages": timing, "failed": failed}
-    if todo:
-        (ROOT / "reports" / "results-timing.json").write_text(json.dumps(summary, indent=2) + "\n")
+    total = record_timing(ROOT / "reports" / "results-timing.json", wall, args.jobs, timing, failed) if todo else wall
     print(f"results table: {wall / 60:.1f} min wall for {len(todo)} stage(s) on {args.jobs} job(s)"
+          f" ({total / 60:.1f} min over every invocation so far)"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 
