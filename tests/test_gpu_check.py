@@ -1,0 +1,57 @@
+"""bench/gpu.sh, the prepared GPU check: its CPU dry run end to end, and its refusals in one line each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu import slug, summary_line  # noqa: E402
+
+
+def gpu_sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_dry_run_scores_both_methods_and_prints_one_summary_line(tmp_path: Path) -> None:
+    done = gpu_sh("--dry-run", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu check on cpu (profile smoke): fedit ") and f"-> {tmp_path}" in last
+    meta = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(meta["seconds"]) == {"fedit", "fedse"} and meta["skipped"] == []
+    assert meta["device"] == "cpu" and "model.device=cpu" in meta["sets"]
+    for method in ("fedit", "fedse"):
+        first, final = meta["macro_first_last"][method]
+        assert 0.0 <= first <= 1.0 and 0.0 <= final <= 1.0
+        assert (tmp_path / "runs" / f"{method}-s0.json").exists()
+    assert "fedse" in (tmp_path / "results.md").read_text() and (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_one_line() -> None:
+    done = gpu_sh("--device", "cuda")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "sees no CUDA device" in done.stderr
+
+
+def test_a_spent_budget_runs_nothing_and_says_so(tmp_path: Path) -> None:
+    done = gpu_sh("--dry-run", "--budget", "-1", "--out", str(tmp_path))
+    assert done.returncode == 1 and "spent before any method ran" in done.stderr
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_device_folder_names_and_the_summary_line() -> None:
+    assert slug("NVIDIA H200") == "nvidia-h200" and slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    line = summary_line("NVIDIA H200", "smollm2", {"pretrained": (0.2, 0.2), "fedse": (0.2, 0.3)}, ["fedit"],
+                        412.0, 600.0, Path("reports/gpu/nvidia-h200"))
+    assert line == ("gpu check on NVIDIA H200 (profile smollm2): pretrained 0.200 | fedse 0.200->0.300 | "
+                    "fedit skipped (budget) | 412 s of 600 s -> reports/gpu/nvidia-h200")
