@@ -1,0 +1,135 @@
+"""How close acting and training come to this CPU's arithmetic bound, for any model preset.
+
+The bound is measured, not quoted: the GFLOP/s of large matrix products in fp32 and bf16 on the same threads,
+in the same run. The work is counted, not estimated: one rollout (or one training epoch) runs under
+torch's FLOP counter, then the identical one (same episode keys, same seed, a fresh adapter) runs timed
+without it. Achieved GFLOP/s = counted FLOPs / timed seconds, and the report gives it as a fraction of the
+fp32 bound. Counted FLOPs are those executed (padding and masked attention included), which is what the
+hardware pays for; the useful share is below that.
+
+    python bench/bound.py [--envs textcraft,maze,wordle] [--episodes 16] [--trajectories 32] [--json]
+    python bench/bound.py --set model.preset=smollm2-135m --episodes 4 --trajectories 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+from report import emit
+from torch.utils import flop_counter
+
+from fedse.config import load_config
+from fedse.envs.registry import env_class
+from fedse.learner import train
+from fedse.model import adapter_state, load_agent, set_adapter_state
+from fedse.rollout import rollout
+from fedse.seed import expert_trajectories
+from fedse.threads import torch_threads
+
+
+def _count_cpu_attention() -> None:
+    """torch counts the GPU attention kernels but not the CPU one our models run, which would undercount."""
+    ops = torch.ops.aten
+    if ops._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def peak_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 2.0) -> float:
+    """GFLOP/s of repeated size³ matrix products: what this CPU's kernels reach when nothing else limits them."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool and kernel selection
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        done += 1
+    return done * 2 * size**3 / elapsed / 1e9
+
+
+def counted(fn) -> tuple[float, Any]:
+    """(FLOPs executed by fn, its result)."""
+    with flop_counter.FlopCounterMode(display=False) as mode:
+        result = fn()
+    return float(mode.get_total_flops()), result
+
+
+def timed(fn) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def acting(agent, cfg, envs: list[str], episodes: int) -> dict[str, float]:
+    """Exploration rollouts (the policy's temperature, batch and window as configured)."""
+    out: dict[str, float] = {}
+    flops = seconds = decisions = 0.0
+    for name in envs:
+        ids = env_class(name).explore_ids()[:episodes]
+
+        def play(name=name, ids=ids):
+            return rollout(agent, name, ids, cfg.policy, False, cfg.seed, round=0)
+
+        f, _ = counted(play)
+        s, played = timed(play)
+        flops, seconds, decisions = flops + f, seconds + s, decisions + played.pace.decisions
+        out[f"act.{name}.decisions_per_sec"] = played.pace.decisions / s
+        out[f"act.{name}.gflops"] = f / s / 1e9
+    out |= {"act.decisions_per_sec": decisions / seconds, "act.gflop_per_decision": flops / decisions / 1e9,
+            "act.gflops": flops / seconds / 1e9}
+    return out
+
+
+def training(agent, cfg, env: str, trajectories: int) -> dict[str, float]:
+    """One epoch of local SFT on expert episodes, from the same fresh adapter both times."""
+    spec = cfg.learner.model_copy(update={"epochs": 1})
+    trajs, _ = expert_trajectories(env, trajectories, seed=cfg.seed)
+    fresh = adapter_state(agent)
+    flops, _ = counted(lambda: train(agent, trajs, spec, seed=cfg.seed))
+    set_adapter_state(agent, fresh)
+    seconds, stats = timed(lambda: train(agent, trajs, spec, seed=cfg.seed))
+    set_adapter_state(agent, fresh)
+    return {"train.tokens_per_sec": stats.tokens / seconds, "train.gflop_per_token": flops / stats.tokens / 1e9,
+            "train.gflops": flops / seconds / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", default="textcraft,maze,wordle")
+    parser.add_argument("--episodes", type=int, default=16, help="explored train tasks per env")
+    parser.add_argument("--train-env", default="textcraft")
+    parser.add_argument("--trajectories", type=int, default=32, help="expert episodes trained on (one epoch)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads [policy.threads, else torch's]")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override a parameter")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config(args.params, overrides=args.sets)
+    _count_cpu_attention()
+    agent = load_agent(cfg.model, seed=cfg.seed)
+    params = sum(p.numel() for p in agent.model.parameters())
+    threads = args.threads or cfg.policy.threads or torch.get_num_threads()
+    with torch_threads(threads):
+        result: dict[str, Any] = {"model": agent.name, "parameters_m": params / 1e6, "threads": threads,
+                                  "bound.fp32_gflops": peak_gflops(torch.float32),
+                                  "bound.bf16_gflops": peak_gflops(torch.bfloat16)}
+        result |= acting(agent, cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"threads": threads})}),
+                         args.envs.split(","), args.episodes)
+        result |= training(agent, cfg, args.train_env, args.trajectories)
+    bound = result["bound.fp32_gflops"]
+    result |= {"act.share_of_fp32_bound": result["act.gflops"] / bound,
+               "train.share_of_fp32_bound": result["train.gflops"] / bound}
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
