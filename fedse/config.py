@@ -88,6 +88,8 @@ class FederationConfig(Strict):
     final_eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env after the first "
                                             "and the last round (null = as eval_episodes)")
     max_buffer: int | None = Field(default=None, ge=1, description="train on at most the newest N; null = all")
+    quorum: int | None = Field(default=None, ge=1, description="usable uploads a round needs to aggregate (a "
+                               "client that failed, timed out or was screened out is missing); null = a majority")
     out: Path = Path("runs")
 
     @model_validator(mode="after")
@@ -169,8 +171,16 @@ class Config(Strict):
     def aggregation_info(self) -> dict[str, Any]:
         """What metrics.json and MLflow say about the server's rule (so runs of different rules never pool)."""
         spec = self.aggregation
-        return {"rule": self.rule(), "server_lr": spec.server_lr, "momentum": spec.momentum,
-                "fedprox_mu": spec.fedprox_mu, "rank": self.global_rank()}
+        info = {"rule": self.rule(), "server_lr": spec.server_lr, "momentum": spec.momentum,
+                "fedprox_mu": spec.fedprox_mu, "rank": self.global_rank(), "max_norm_ratio": spec.max_norm_ratio}
+        return info | ({"trim": spec.trim} if info["rule"] == "trimmed_mean" else {})
+
+    def quorum(self, clients: int) -> int:
+        """Usable uploads a round of `clients` needs: `federation.quorum`, else a strict majority."""
+        need = self.federation.quorum or clients // 2 + 1
+        if need > clients:
+            raise ConfigError(f"federation.quorum {need} exceeds the {clients} client(s) of this run")
+        return need
 
 
 class ConfigError(ValueError):

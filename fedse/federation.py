@@ -37,6 +37,7 @@ from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
 from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
+from fedse.screen import screen, with_quorum
 from fedse.trajectory import Trajectory, read_jsonl
 from fedse.transport import Transport, Upload, experiment_name
 
@@ -282,14 +283,21 @@ def lora_scale(cfg: Config) -> float:
 
 
 def next_global(cfg: Config, how: Method, updates: Iterable[tuple[str, AdapterState, int]],
-                global_state: AdapterState, momentum: AdapterState | None = None) -> Aggregate:
-    """The server step: the method's aggregation rule over the uploads (weights 1, or each client's successes
-    for `weighted`); without a server the updates are only consumed (local keeps each client's own adapter;
-    centralized's single client is the model)."""
+                global_state: AdapterState, momentum: AdapterState | None = None, round: int = 0,
+                missing: dict[str, str] | None = None) -> Aggregate:
+    """The server step: the uploads screened (fedse/screen.py), then the method's aggregation rule over those
+    kept (weights 1, or each client's successes for `weighted`) if a quorum remains, counting `missing`
+    clients (name: why) as absent; without a server the updates are only consumed (local keeps each client's
+    own adapter; centralized's single client is the model)."""
     if how.federated:
         weighted = how.aggregation == "weighted"
         uploads = [(name, state, float(weight) if weighted else 1.0) for name, state, weight in updates]
-        return aggregate(uploads, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
+        kept, rejected = screen(uploads, global_state, cfg.aggregation.max_norm_ratio)
+        with_quorum(kept, rejected, missing or {}, cfg.quorum(len(uploads) + len(missing or {})), round)
+        step = aggregate(kept, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
+        step.info |= {"rejected": [{"client": r.client, "reason": r.reason} for r in rejected]} if rejected else {}
+        step.info |= {"missing": dict(missing)} if missing else {}
+        return step
     last = global_state
     for _, state, _ in updates:
         last = state
@@ -341,7 +349,8 @@ class Federation:
     def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
         """Client updates streamed into the aggregator; returns the next global adapter."""
         how = self.method
-        step = next_global(self.cfg, how, self._client_updates(round, global_state), global_state, self.momentum)
+        step = next_global(self.cfg, how, self._client_updates(round, global_state), global_state, self.momentum,
+                           round)
         new, self.momentum = step.state, step.momentum
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
         if step.info:

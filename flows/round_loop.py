@@ -161,9 +161,13 @@ def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterStat
 
 
 def _table(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The round's scores, then any client the server aggregated without (rejected or missing) and why."""
     rows = [{"env": env, "success": round(s["success"], 4), "n": s["n"]} for env, s in record["envs"].items()]
+    agg = record.get("aggregation", {})
+    absent = [{"env": f"rejected: {r['client']}", "success": r["reason"], "n": ""} for r in agg.get("rejected", [])]
+    absent += [{"env": f"missing: {c}", "success": why, "n": ""} for c, why in agg.get("missing", {}).items()]
     return [*rows, {"env": "micro", "success": round(record["micro"], 4), "n": sum(r["n"] for r in rows)},
-            {"env": "macro", "success": round(record["macro"], 4), "n": ""}]
+            {"env": "macro", "success": round(record["macro"], 4), "n": ""}, *absent]
 
 
 def _key(text: str) -> str:

@@ -28,7 +28,7 @@ def aggregate(cfg: Config, updates: list[tuple[str, AdapterState, int]], global_
     next round, and what the aggregation rule logged (its relative error, the energy an SVD kept)."""
     how = method(cfg.federation.method)
     received = [receive_update(exchange, round, name) for name in senders or []] if exchange else updates
-    step = next_global(cfg, how, received, global_state, momentum)
+    step = next_global(cfg, how, received, global_state, momentum, round)
     new = step.state
     sent = None
     if exchange is not None:

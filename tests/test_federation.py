@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedse.aggregate import AggregationError
 from fedse.config import Config, load_config
 from fedse.envs.registry import env_class
 from fedse.federation import Federation, explore_task_ids, keep
@@ -224,3 +225,27 @@ def test_missing_seed_file_is_one_clear_line(micro_spec, tmp_path: Path) -> None
     cfg = smoke(micro_spec, tmp_path / "nowhere", "fedse")
     with pytest.raises(ValueError, match=r"maze\.jsonl: seed trajectories not found"):
         run(cfg, tmp_path / "out")
+
+
+class ScaledUpload(Federation):
+    """A federation whose `wordle` client uploads its update scaled 100x (a broken or hostile client)."""
+
+    def _client_updates(self, round, global_state):
+        for name, state, weight in super()._client_updates(round, global_state):
+            if name == "wordle":
+                state = {k: global_state[k] + 100 * (v - global_state[k]) for k, v in state.items()}
+            yield name, state, weight
+
+
+def test_a_scaled_upload_is_screened_out_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path) -> None:
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1, quorum=1)
+    doc = ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()
+    info = doc["rounds"][0]["aggregation"]
+    assert [r["client"] for r in info["rejected"]] == ["wordle"] and "max_norm_ratio" in info["rejected"][0]["reason"]
+    assert info["clients"] == 1 and doc["aggregation"]["max_norm_ratio"] == 10.0
+
+
+def test_below_the_quorum_the_round_fails_naming_the_rejected_client(micro_spec, seeds, tmp_path) -> None:
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1)  # 2 clients: a majority is both
+    with pytest.raises(AggregationError, match=r"below the quorum of 2; missing: wordle \(rejected: update norm"):
+        ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()

@@ -161,3 +161,21 @@ def test_tracking_without_the_server_into_a_served_experiment_is_one_clear_error
     MlflowClient(uri).create_experiment("served", artifact_location="mlflow-artifacts:/artifacts/1")
     with pytest.raises(ValueError, match="keeps its artifacts behind the MLflow server"):
         open_experiment.fn(load_config("params.yaml", profile="smoke"), uri, "served", "flow-run")
+
+
+def test_a_round_without_some_clients_says_who_and_why_in_mlflow_and_the_artifact() -> None:
+    from flows.round_loop import _table
+    from tasks.track import absence_tags, round_metrics
+
+    record = {"round": 2, "envs": {"maze": {"success": 0.5, "n": 4}}, "micro": 0.5, "macro": 0.5,
+              "aggregation": {"clients": 1, "agg_error": 0.1,
+                              "rejected": [{"client": "wordle", "reason": "update norm 9.1 is 120.0x ..."}],
+                              "missing": {"textcraft": "timed out after 60 s"}}}
+    assert absence_tags(record) == {"rejected.wordle": "update norm 9.1 is 120.0x ...",
+                                    "missing.textcraft": "timed out after 60 s"}
+    metrics = round_metrics(record)
+    assert metrics["aggregation.rejected"] == 1.0 and metrics["aggregation.clients"] == 1.0
+    rows = _table(record)
+    assert rows[-2:] == [{"env": "rejected: wordle", "success": "update norm 9.1 is 120.0x ...", "n": ""},
+                         {"env": "missing: textcraft", "success": "timed out after 60 s", "n": ""}]
+    assert absence_tags({"round": 0}) == {}
