@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedse import audit
+from fedse import audit, checkpoint
 from fedse.aggregate import Aggregate, aggregate, orthonormal_init, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, shortest_per_task, success_filter
@@ -34,7 +34,7 @@ from fedse.envs.registry import env_class
 from fedse.evaluate import EnvScore, score, summarise
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
-from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
+from fedse.model import Agent, adapter_state, read_adapter, save_adapter, set_adapter_state, state_hash
 from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
 from fedse.screen import screen, with_quorum
@@ -214,13 +214,14 @@ def successes(data: list[Trajectory]) -> int:
 
 
 # ------------------------------------------------------------------ the exchange (fedse.transport)
-def open_exchange(cfg: Config, folder: Path) -> Transport | None:
-    """The run's exchange, checked to be unused; None when no adapter travels (local, centralized,
-    pretrained: there is no server)."""
+def open_exchange(cfg: Config, folder: Path, experiment: str | None = None) -> Transport | None:
+    """The run's exchange; None when no adapter travels (local, centralized, pretrained: there is no server).
+    A new run's (no `experiment` given) is checked to be unused; a resumed run reopens its own."""
     if not method(cfg.federation.method).federated:
         return None
-    transport = Transport(cfg.transport, experiment_name(cfg.transport, folder), folder)
-    transport.check_fresh()
+    transport = Transport(cfg.transport, experiment or experiment_name(cfg.transport, folder), folder)
+    if experiment is None:
+        transport.check_fresh()
     return transport
 
 
@@ -316,11 +317,16 @@ def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state
 class Federation:
     """Runs `cfg.federation.rounds` rounds of one method and writes `out/metrics.json` after every round."""
 
-    def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None) -> None:
+    def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None,
+                 resume: bool = False) -> None:
+        """`resume`: continue the run in `out` (fedse.checkpoint) instead of refusing a used folder."""
         self.agent, self.cfg, self.out = agent, cfg, Path(out)
-        if self.out.exists() and any(self.out.iterdir()):
-            raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out "
-                             "or delete it")
+        config = cfg.model_dump(mode="json")
+        if resume:
+            experiment = checkpoint.identity(self.out, config)["experiment"]
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out, "
+                             "delete it, or continue it with --resume")
         self.method = method(cfg.federation.method)
         self.progress = progress or Silent()
         self.seed = cfg.seed
@@ -328,14 +334,17 @@ class Federation:
         self.momentum: AdapterState | None = None  # the server's FedAvgM buffer, carried across rounds
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
                         for name, envs in client_groups(cfg, self.method)]
-        self.rounds: list[dict[str, Any]] = []
-        self.exchange = open_exchange(cfg, self.out)
+        self.rounds: list[dict[str, Any]] = checkpoint.completed(self.out) if resume else []
+        self.exchange = open_exchange(cfg, self.out, experiment if resume else None)
+        if not resume:
+            checkpoint.begin(self.out, config, self.exchange.experiment if self.exchange else None)
 
     def run(self) -> dict[str, Any]:
-        """All rounds (one evaluation of the base for `pretrained`); returns the metrics document."""
-        global_state = self.initial
+        """All rounds (one evaluation of the base for `pretrained`), from the first one metrics.json does not
+        list; returns the metrics document."""
+        global_state = self.restore(len(self.rounds))
         total = 1 if not self.method.train else self.cfg.federation.rounds
-        for round in range(total):
+        for round in range(len(self.rounds), total):
             started = time.perf_counter()
             record: dict[str, Any] = {"round": round}
             if self.method.train:
@@ -343,8 +352,26 @@ class Federation:
             self.evaluate(round, global_state, record)
             record["seconds"] = time.perf_counter() - started
             self.rounds.append(record)
-            write_json(self.out / "metrics.json", self.document(complete=round == total - 1))
+            write_json(self.out / checkpoint.METRICS, self.document(complete=round == total - 1))
         return self.document(complete=True)
+
+    def restore(self, start: int) -> AdapterState:
+        """The global adapter, own adapters, momentum and buffers as they were after round `start` − 1."""
+        for client in self.clients:
+            if checkpoint.client_done(self.out, client.name, start) is None:
+                checkpoint.rewind(client.buffer, start - 1)
+        if start == 0:
+            return self.initial
+        last = start - 1
+        for client in self.clients:
+            if not self.method.federated and self.method.train:
+                client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, last,
+                                                                            ".safetensors"))
+        if self.cfg.aggregation.momentum and self.method.federated:
+            self.momentum = checkpoint.load_state(self.out / "server" / f"momentum_{last}.safetensors")
+        if self.method.federated or self.method.pooled:
+            return read_adapter(self.out / "adapters" / f"round_{last}")
+        return self.initial
 
     def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
         """Client updates streamed into the aggregator; returns the next global adapter."""
@@ -362,12 +389,24 @@ class Federation:
             digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
                                   {"method": how.name, "round": round, "seed": self.seed})
             record["global"] = global_record(digest, new, sent)
+        if self.momentum is not None:
+            checkpoint.save_state(self.out / "server" / f"momentum_{round}.safetensors", self.momentum)
         return new
 
     def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:
         """Each client's round, one at a time, so the aggregator holds one upload at a time."""
         how = self.method
         for client in self.clients:
+            done = checkpoint.client_done(self.out, client.name, round)
+            if done is not None:  # finished before a crash: its upload (or own adapter) is on disk, not redone
+                client.stats = done
+                if self.exchange is not None:
+                    yield receive_update(self.exchange, round, client.name)
+                    continue
+                client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round,
+                                                                            ".safetensors"))
+                yield client.name, client.state, done["successes_trained_on"]
+                continue
             start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
             fresh: list[Trajectory] = []
             if how.explore:
@@ -391,10 +430,12 @@ class Federation:
             client.state = state
             if self.exchange is None:
                 client.stats = update_stats(fresh, manifest, data, stats, state)
+                checkpoint.mark_client_done(self.out, client.name, round, client.stats, state)
                 yield client.name, state, successes(data)
                 continue
             upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
             client.stats = update_stats(fresh, manifest, data, stats, state, upload)
+            checkpoint.mark_client_done(self.out, client.name, round, client.stats)
             yield receive_update(self.exchange, round, client.name)
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
