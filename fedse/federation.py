@@ -208,6 +208,12 @@ def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[T
     }
 
 
+def failure(exc: BaseException) -> str:
+    """A client's failure as one line for metrics.json, MLflow and the round table."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
 def successes(data: list[Trajectory]) -> int:
     """The weight of a client's upload under weighted averaging: successful trajectories it trained on."""
     return sum(t.success for t in data)
@@ -335,6 +341,7 @@ class Federation:
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
                         for name, envs in client_groups(cfg, self.method)]
         self.rounds: list[dict[str, Any]] = checkpoint.completed(self.out) if resume else []
+        self.missing: dict[str, str] = {}  # this round's clients that failed, and why
         self.exchange = open_exchange(cfg, self.out, experiment if resume else None)
         if not resume:
             checkpoint.begin(self.out, config, self.exchange.experiment if self.exchange else None)
@@ -374,10 +381,11 @@ class Federation:
         return self.initial
 
     def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
-        """Client updates streamed into the aggregator; returns the next global adapter."""
+        """Every client's update, then the server step over those that arrived; returns the next global
+        adapter."""
         how = self.method
-        step = next_global(self.cfg, how, self._client_updates(round, global_state), global_state, self.momentum,
-                           round)
+        updates = list(self._client_updates(round, global_state))
+        step = next_global(self.cfg, how, updates, global_state, self.momentum, round, self.missing)
         new, self.momentum = step.state, step.momentum
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
         if step.info:
@@ -394,49 +402,60 @@ class Federation:
         return new
 
     def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:
-        """Each client's round, one at a time, so the aggregator holds one upload at a time."""
-        how = self.method
+        """Each client's round, one at a time, so the aggregator holds one upload at a time. With a server, a
+        client that fails is missing from the round (`self.missing`, with why) and the others go on; the
+        server then decides whether a quorum remains."""
+        self.missing = {}
         for client in self.clients:
-            done = checkpoint.client_done(self.out, client.name, round)
-            if done is not None:  # finished before a crash: its upload (or own adapter) is on disk, not redone
-                client.stats = done
-                if self.exchange is not None:
-                    yield receive_update(self.exchange, round, client.name)
-                    continue
-                client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round,
-                                                                            ".safetensors"))
-                yield client.name, client.state, done["successes_trained_on"]
-                continue
-            start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
-            fresh: list[Trajectory] = []
-            if how.explore:
-                job = self.progress.start(f"round {round}: {client.name} explores",
-                                          self.cfg.federation.explore_episodes)
-                fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
-                                advance=lambda n, job=job: self.progress.update(job, advance=n))
-                self.progress.finish(job)
-            data, manifest = client_data(client.buffer, keep(fresh, how, self.cfg.federation.explore_attempts),
-                                         round, how,
-                                         client_seeds(self.cfg, client.envs, round),
-                                         self.cfg.envs.options.get(client.envs[0]))
-            label = f"round {round}: {client.name} trains on {len(data)} trajectories"
-            job = self.progress.start(label, None)
+            try:
+                yield self._client_round(round, client, global_state)
+            except Exception as exc:
+                if not self.method.federated:
+                    raise
+                reason = failure(exc)
+                self.missing[client.name] = reason
+                client.stats = {"failed": reason}
 
-            def advance(step: int, total: int, loss: float, job: Any = job, label: str = label) -> None:
-                self.progress.update(job, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
-
-            state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
+    def _client_round(self, round: int, client: Client, global_state: AdapterState,
+                      ) -> tuple[str, AdapterState, int]:
+        """One client's round: explore, filter, buffer, train, upload; or, when a crash interrupted the run
+        after the client had finished this round, what it left (its upload, or its own adapter)."""
+        how = self.method
+        done = checkpoint.client_done(self.out, client.name, round)
+        if done is not None:
+            client.stats = done
+            if self.exchange is not None:
+                return receive_update(self.exchange, round, client.name)
+            client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round,
+                                                                        ".safetensors"))
+            return client.name, client.state, done["successes_trained_on"]
+        start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
+        fresh: list[Trajectory] = []
+        if how.explore:
+            job = self.progress.start(f"round {round}: {client.name} explores", self.cfg.federation.explore_episodes)
+            fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
+                            advance=lambda n, job=job: self.progress.update(job, advance=n))
             self.progress.finish(job)
-            client.state = state
-            if self.exchange is None:
-                client.stats = update_stats(fresh, manifest, data, stats, state)
-                checkpoint.mark_client_done(self.out, client.name, round, client.stats, state)
-                yield client.name, state, successes(data)
-                continue
-            upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
-            client.stats = update_stats(fresh, manifest, data, stats, state, upload)
-            checkpoint.mark_client_done(self.out, client.name, round, client.stats)
-            yield receive_update(self.exchange, round, client.name)
+        data, manifest = client_data(client.buffer, keep(fresh, how, self.cfg.federation.explore_attempts), round,
+                                     how, client_seeds(self.cfg, client.envs, round),
+                                     self.cfg.envs.options.get(client.envs[0]))
+        label = f"round {round}: {client.name} trains on {len(data)} trajectories"
+        job = self.progress.start(label, None)
+
+        def advance(step: int, total: int, loss: float, job: Any = job, label: str = label) -> None:
+            self.progress.update(job, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
+
+        state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
+        self.progress.finish(job)
+        client.state = state
+        if self.exchange is None:
+            client.stats = update_stats(fresh, manifest, data, stats, state)
+            checkpoint.mark_client_done(self.out, client.name, round, client.stats, state)
+            return client.name, state, successes(data)
+        upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
+        client.stats = update_stats(fresh, manifest, data, stats, state, upload)
+        checkpoint.mark_client_done(self.out, client.name, round, client.stats)
+        return receive_update(self.exchange, round, client.name)
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
         """The global adapter on every env; for `local`, each client's own adapter on its own env."""

@@ -1,8 +1,10 @@
 """Flow `fedse`: the round loop of `fedse.federation`, with every step a Prefect task.
 
 Each round maps the client chain (download_global →) rollout → filter → buffer → train → upload over the
-clients, waits for all of them (any failed client fails the flow: every future's result is collected), then
-aggregates (the server downloads the uploads from the exchange), registers and evaluates the global adapter;
+clients (rollout, train and the transfers retried `orchestration.retries` times with exponential backoff),
+waits for them until `federation.client_timeout`, then aggregates what arrived (the server downloads the
+uploads from the exchange, screens them, and needs `federation.quorum` of them; a failed, late or rejected
+client is recorded as missing with its reason), registers and evaluates the global adapter;
 the next round starts only after this one's aggregation and registration have completed. It writes the same
 `metrics.json` as `fedse run`, so `fedse report` reads either. Parameter `transport` picks the exchange's
 backend (`s3` in the served deployment; default: params.yaml's `transport.backend`, a local folder).
@@ -18,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
 from fedse.atomic import write_json
 from fedse.config import Config, OrchestrationConfig, run_config
@@ -28,6 +31,7 @@ from fedse.federation import (
     document,
     eval_state,
     exchange_info,
+    failure,
     open_exchange,
     start_state,
     successes,
@@ -113,37 +117,54 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
 
     Returns the new global adapter, where it was saved, the DVC hash of each client's buffer version, and
     what each client uploaded (its egress record)."""
+    retry = {"retries": cfg.orchestration.retries,
+             "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
     chains = []
     for name, envs in groups:
-        start = download_global.submit(exchange, round, name) if exchange is not None and round > 0 \
-            else start_state(how, global_state, own.get(name), initial)
-        fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else None
+        start = download_global.with_options(**retry).submit(exchange, round, name) \
+            if exchange is not None and round > 0 else start_state(how, global_state, own.get(name), initial)
+        fresh = rollout.with_options(**retry).submit(cfg, envs[0], start, round) if how.explore else None
         kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round,
                                      cfg.federation.explore_attempts)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
         versioned = version_buffer.submit(dvc_repo, data, name, round) if dvc_repo else None
-        trained = train.submit(cfg, start, data, round, name)
-        sent = upload.submit(exchange, cfg, str(folder), trained, data, round, name) if exchange else None
+        trained = train.with_options(**retry).submit(cfg, start, data, round, name)
+        sent = upload.with_options(**retry).submit(exchange, cfg, str(folder), trained, data, round, name) \
+            if exchange else None
         chains.append((name, fresh, data, trained, versioned, sent))
-    updates, stats, buffers, egress = [], {}, {}, {}
+    deadline = time.monotonic() + cfg.federation.client_timeout if cfg.federation.client_timeout else None
+    updates, stats, buffers, egress, missing = [], {}, {}, {}, {}
     for name, fresh, data, trained, versioned, sent in chains:
-        # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
-        fresh_list = fresh.result() if fresh is not None else []
-        client_data = data.result()
-        if versioned is not None:
-            buffers[name] = versioned.result()
-        state, train_stats = trained.result()
+        try:
+            if deadline is not None and not finished_by(sent or trained, deadline):
+                missing[name] = f"timed out: no upload within federation.client_timeout = " \
+                                f"{cfg.federation.client_timeout:g} s"
+                stats[name] = {"failed": missing[name]}
+                continue
+            # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
+            fresh_list = fresh.result() if fresh is not None else []
+            client_data = data.result()
+            if versioned is not None:
+                buffers[name] = versioned.result()
+            state, train_stats = trained.result()
+            if sent is not None:
+                egress[name] = sent.result()
+        except Exception as exc:
+            if not how.federated:  # no server to go on without this client
+                raise
+            missing[name] = failure(exc)
+            stats[name] = {"failed": missing[name]}
+            continue
         own[name] = state
-        if sent is not None:
-            egress[name] = sent.result()
         stats[name] = update_stats(fresh_list, client_data.manifest, client_data.records, train_stats, state,
                                    egress.get(name))
         if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
             updates.append((name, state, successes(client_data.records)))
     record["clients"] = stats
+    delivered = [name for name, _ in groups if name not in missing]
     new, adapter, server["momentum"], info = aggregate.submit(cfg, updates, global_state, round, str(folder),
-                                                              exchange, [name for name, _ in groups],
-                                                              server["momentum"]).result()
+                                                              exchange, delivered, server["momentum"],
+                                                              missing).result()
     if info:
         record["aggregation"] = info
     if adapter is not None:
@@ -151,6 +172,12 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
     if buffers:
         record["buffers_dvc"] = buffers
     return new, adapter, buffers, egress
+
+
+def finished_by(future: Any, deadline: float) -> bool:
+    """Whether a client's last task ended (in any state) before the round's deadline."""
+    future.wait(timeout=max(0.0, deadline - time.monotonic()))
+    return future.state.is_final()
 
 
 def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterState, own: dict[str, AdapterState],

@@ -44,8 +44,8 @@ def test_rewind_keeps_the_records_a_manifest_counts_and_drops_later_manifests(tm
     assert len(Buffer(tmp_path)) == 0 and not list(tmp_path.glob("manifest_*"))
 
 
-class Killed(Exception):
-    """Stands for kill -9: nothing after the raise runs."""
+class Killed(BaseException):
+    """Stands for kill -9: nothing after the raise runs (not an Exception, so no client-failure handling)."""
 
 
 def dies_at(monkeypatch, name: str, call: int) -> None:

@@ -249,3 +249,25 @@ def test_below_the_quorum_the_round_fails_naming_the_rejected_client(micro_spec,
     cfg = smoke(micro_spec, seeds, "fedse", rounds=1)  # 2 clients: a majority is both
     with pytest.raises(AggregationError, match=r"below the quorum of 2; missing: wordle \(rejected: update norm"):
         ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()
+
+
+def test_a_failing_client_is_missing_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path,
+                                                                         monkeypatch) -> None:
+    import fedse.federation as federation
+
+    real = federation.local_train
+
+    def wordle_breaks(agent, cfg, start, data, seed, advance=None):
+        if data and data[0].env == "wordle":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        return real(agent, cfg, start, data, seed, advance)
+
+    monkeypatch.setattr(federation, "local_train", wordle_breaks)
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1, quorum=1)
+    doc = run(cfg, tmp_path / "quorum")
+    r0 = doc["rounds"][0]
+    reason = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert r0["aggregation"]["missing"] == {"wordle": reason} and r0["aggregation"]["clients"] == 1
+    assert r0["clients"]["wordle"] == {"failed": reason} and r0["clients"]["maze"]["steps"] > 0
+    with pytest.raises(AggregationError, match="below the quorum of 2; missing: wordle \\(RuntimeError: CUDA error"):
+        run(smoke(micro_spec, seeds, "fedse", rounds=1), tmp_path / "majority")

@@ -179,3 +179,53 @@ def test_a_round_without_some_clients_says_who_and_why_in_mlflow_and_the_artifac
     assert rows[-2:] == [{"env": "rejected: wordle", "success": "update norm 9.1 is 120.0x ...", "n": ""},
                          {"env": "missing: textcraft", "success": "timed out after 60 s", "n": ""}]
     assert absence_tags({"round": 0}) == {}
+
+
+def test_a_client_is_retried_and_one_that_keeps_failing_is_missing_from_a_quorum_round(
+        micro_params: Path, seeds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.round_loop as loop
+    from tasks.train import train as real_train
+
+    attempts: dict[str, int] = {}
+
+    @task(name="train")
+    def flaky_train(cfg, start, data, round, name):
+        attempts[name] = attempts.get(name, 0) + 1
+        if name == "wordle" or attempts[name] == 1:  # maze fails once, wordle every time
+            raise RuntimeError(f"{name} crashed")
+        return real_train.fn(cfg, start, data, round, name)
+
+    monkeypatch.setattr(loop, "train", flaky_train)
+    sets = [*smoke_sets(seeds), "federation.rounds=1", "federation.quorum=1", "orchestration.retries=2",
+            "orchestration.retry_delay=0"]
+    state = loop.round_loop(method="fedse", profile="smoke", params=str(micro_params), sets=sets,
+                            out=str(tmp_path / "run"), return_state=True)
+    assert state.is_completed()
+    assert attempts == {"maze": 2, "wordle": 3}  # one retry healed maze; wordle used all of its retries
+    r0 = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert r0["aggregation"]["missing"] == {"wordle": "RuntimeError: wordle crashed"}
+    assert r0["aggregation"]["clients"] == 1 and r0["clients"]["wordle"] == {"failed": "RuntimeError: wordle crashed"}
+
+
+def test_a_client_that_hangs_past_the_deadline_is_missing(micro_params: Path, seeds: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import flows.round_loop as loop
+    from tasks.train import train as real_train
+
+    @task(name="train")
+    def hanging_train(cfg, start, data, round, name):
+        if name == "wordle":
+            time.sleep(45)  # never delivers within the deadline; it holds no model while it hangs
+        return real_train.fn(cfg, start, data, round, name)
+
+    monkeypatch.setattr(loop, "train", hanging_train)
+    sets = [*smoke_sets(seeds), "federation.rounds=1", "federation.quorum=1", "federation.client_timeout=20"]
+    state = loop.round_loop(method="fedse", profile="smoke", params=str(micro_params), sets=sets,
+                            out=str(tmp_path / "run"), return_state=True)
+    assert state.is_completed()
+    r0 = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert r0["aggregation"]["missing"] == {
+        "wordle": "timed out: no upload within federation.client_timeout = 20 s"}
+    assert r0["clients"]["maze"]["steps"] > 0
