@@ -48,7 +48,7 @@ from tasks.exchange import download_global, upload
 from tasks.filter import success_filter
 from tasks.register import register
 from tasks.rollout import rollout
-from tasks.track import finish, log_round, open_experiment
+from tasks.track import close_unfinished, ended_as, finish, log_round, open_experiment
 from tasks.train import train
 from tasks.version_buffer import version_buffer
 
@@ -84,27 +84,33 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
                                         description=f"{how.name}: rounds completed of {total}")
     global_state, own, rounds = initial, {}, []
     server: dict[str, Any] = {"momentum": None}  # what the server carries across rounds (FedAvgM)
-    for round in range(total):
-        started = time.perf_counter()
-        record: dict[str, Any] = {"round": round}
-        adapter, buffers, egress = None, {}, {}
-        if how.train:
-            global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
-                                                               folder, record, dvc_repo, exchange, server)
-        record.update(evaluate_all(cfg, how, round, global_state, own, initial))
-        record["seconds"] = time.perf_counter() - started
-        rounds.append(record)
-        write_json(folder / "metrics.json", document(cfg, model, rounds, round == total - 1, exchange_info(exchange)))
+    try:
+        for round in range(total):
+            started = time.perf_counter()
+            record: dict[str, Any] = {"round": round}
+            adapter, buffers, egress = None, {}, {}
+            if how.train:
+                global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
+                                                                   folder, record, dvc_repo, exchange, server)
+            record.update(evaluate_all(cfg, how, round, global_state, own, initial))
+            record["seconds"] = time.perf_counter() - started
+            rounds.append(record)
+            write_json(folder / "metrics.json",
+                       document(cfg, model, rounds, round == total - 1, exchange_info(exchange)))
+            if tracking is not None:
+                round_run = log_round(tracking, round, record, egress)
+                if adapter is not None:
+                    version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers)
+                    get_run_logger().info("round %d: registered fedse-global version %s", round, version)
+            create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
+                                  description=f"{how.name} round {round}: success per environment")
+            update_progress_artifact(progress, 100.0 * (round + 1) / total)
         if tracking is not None:
-            round_run = log_round(tracking, round, record, egress)
-            if adapter is not None:
-                version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers)
-                get_run_logger().info("round %d: registered fedse-global version %s", round, version)
-        create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
-                              description=f"{how.name} round {round}: success per environment")
-        update_progress_artifact(progress, 100.0 * (round + 1) / total)
-    if tracking is not None:
-        finish(tracking, str(folder / "metrics.json"))
+            finish(tracking, str(folder / "metrics.json"))
+    except BaseException as exc:
+        if tracking is not None:  # no MLflow run of a failed or cancelled flow may stay RUNNING
+            close_unfinished(tracking, ended_as(exc), failure(exc))
+        raise
     print(f"metrics: {folder / 'metrics.json'}")
     return document(cfg, model, rounds, True, exchange_info(exchange)) | {"out": str(folder)}
 

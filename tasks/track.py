@@ -141,6 +141,24 @@ def log_round(tracking: Tracking, round: int, record: dict[str, Any], egress: di
     return run.info.run_id
 
 
+def ended_as(exc: BaseException) -> str:
+    """MLflow's status for a flow that stopped on `exc`: KILLED when it was stopped (cancellation, SIGTERM,
+    Ctrl-C: not an Exception), FAILED when it broke."""
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
+def close_unfinished(tracking: Tracking, status: str, reason: str) -> None:
+    """Mark the parent run and any nested round run still RUNNING as ended with `status`, the reason as tag
+    `failure`, so a failed or cancelled flow leaves nothing that looks alive. A plain call, not a task: it
+    runs while the flow is failing or being cancelled."""
+    client = tracking.client()
+    nested = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.run_id}' "
+                                "and attributes.status = 'RUNNING'")
+    for run_id in [r.info.run_id for r in nested] + [tracking.run_id]:
+        client.set_tag(run_id, "failure", reason[:TAG_CHUNK])
+        client.set_terminated(run_id, status=status)
+
+
 @task(name="track-finish", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def finish(tracking: Tracking, metrics_path: str, status: str = "FINISHED") -> None:
     client = tracking.client()

@@ -92,13 +92,39 @@ def broken_train(*args, **kwargs):
 
 def test_a_failing_client_fails_the_flow(micro_params: Path, seeds: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
     import flows.round_loop as loop
 
     monkeypatch.setattr(loop, "train", broken_train)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state = loop.round_loop(method="fedit", profile="smoke", params=str(micro_params), sets=smoke_sets(seeds),
-                            out=str(tmp_path / "run"), return_state=True)
+                            out=str(tmp_path / "run"), return_state=True, tracking_uri=uri, experiment="t")
     assert state.is_failed()
     assert not (tmp_path / "run" / "metrics.json").exists()  # no round was recorded as complete
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert parent.info.status == "FAILED"  # not left RUNNING
+    assert parent.data.tags["failure"].startswith("AggregationError: round 0: 0 usable upload(s)")
+
+
+def test_an_interrupted_flow_marks_its_runs_killed_nested_ones_too(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from tasks.track import Tracking, close_unfinished, ended_as
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t")
+    parent = client.create_run(exp).info.run_id
+    nested = client.create_run(exp, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
+    done = client.create_run(exp, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
+    client.set_terminated(done)
+    status = ended_as(KeyboardInterrupt())
+    close_unfinished(Tracking(uri, exp, parent, "t"), status, "KeyboardInterrupt")
+    assert [client.get_run(r).info.status for r in (parent, nested, done)] == ["KILLED", "KILLED", "FINISHED"]
+    assert ended_as(RuntimeError("x")) == "FAILED"
 
 
 def test_an_upstream_failure_fails_the_flow_with_its_own_error(micro_params: Path, tmp_path: Path) -> None:
