@@ -463,12 +463,12 @@ def compare_cmd(model: str = typer.Option("fedse-global", "--model", help="regis
         out.print_json(json.dumps(rows))
         return
     envs = sorted({e for r in rows for e in r["success"]})
-    table = Table("version", "alias", "experiment", "method", "round", "seed", *envs, "micro", "macro",
-                  title=f"{model} ({uri})")
+    table = Table("version", "alias", "experiment", "method", "round", "seed", "scored on", *envs, "micro",
+                  "macro", title=f"{model} ({uri}); figures compare only within one 'scored on' task set")
     for r in rows:
-        table.add_row(str(r["version"]), ",".join(r["aliases"]), r["experiment"] or "", r["method"] or "",
-                      str(r["round"]), str(r["seed"]), *(_cell(r["success"].get(e)) for e in envs),
-                      _cell(r["micro"]), _cell(r["macro"]))
+        table.add_row(str(r["version"]), ",".join(a.split("-")[0] for a in r["aliases"]), r["experiment"] or "",
+                      r["method"] or "", str(r["round"]), str(r["seed"]), r.get("task_set") or "",
+                      *(_cell(r["success"].get(e)) for e in envs), _cell(r["micro"]), _cell(r["macro"]))
     out.print(table)
 
 

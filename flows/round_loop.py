@@ -46,7 +46,7 @@ from tasks.buffer import update_buffer
 from tasks.evaluate import evaluate
 from tasks.exchange import download_global, upload
 from tasks.filter import success_filter
-from tasks.register import register
+from tasks.register import register, task_set
 from tasks.rollout import rollout
 from tasks.track import close_unfinished, ended_as, finish, log_round, open_experiment
 from tasks.train import train
@@ -100,7 +100,9 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
             if tracking is not None:
                 round_run = log_round(tracking, round, record, egress)
                 if adapter is not None:
-                    version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers)
+                    scored_on = task_set(cfg.profile, cfg.federation.eval_split, cfg.eval.passes, record)
+                    version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers,
+                                       scored_on)
                     get_run_logger().info("round %d: registered fedse-global version %s", round, version)
             create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
                                   description=f"{how.name} round {round}: success per environment")

@@ -80,7 +80,10 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
         assert lineage == doc["rounds"][int(v.tags["round"])]["buffers_dvc"]
         assert all(in_cache(str(tmp_path / "dvc"), h) for h in lineage.values())
     assert doc["rounds"][0]["buffers_dvc"]["maze"] != doc["rounds"][1]["buffers_dvc"]["maze"]  # it grew
-    champion = client.get_registered_model("fedse-global").aliases["champion"]
+    # rounds 0 and 1 were scored on the same tasks here, so they compete for one champion alias
+    (scored_on,) = {v.tags["task_set"] for v in versions}
+    assert scored_on.startswith("smoke-test-2x1-")
+    champion = client.get_registered_model("fedse-global").aliases[f"champion-{scored_on}"]
     best = max(versions, key=lambda v: float(v.tags["macro"]))
     assert champion == best.version
 
@@ -255,3 +258,33 @@ def test_a_client_that_hangs_past_the_deadline_is_missing(micro_params: Path, se
     assert r0["aggregation"]["missing"] == {
         "wordle": "timed out: no upload within federation.client_timeout = 20 s"}
     assert r0["clients"]["maze"]["steps"] > 0
+
+
+def test_versions_scored_on_other_task_sets_never_compete_for_one_alias(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.register import register, task_set
+    from tasks.track import Tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracking = Tracking(uri, exp, client.create_run(exp).info.run_id, "t")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    def scored(tasks: int, macro: float) -> dict:
+        return {"envs": {"maze": {"success": macro, "task_ids": list(range(tasks))}}, "micro": macro, "macro": macro}
+
+    smoke, quick = scored(4, 0.9), scored(25, 0.3)
+    sets = [task_set("smoke", "test", 1, smoke), task_set("quick", "test", 2, quick)]
+    assert sets[0].startswith("smoke-test-4x1-") and sets[1].startswith("quick-test-25x2-")
+    assert task_set("quick", "test", 2, scored(25, 0.1)) == sets[1]  # the same tasks: the same set
+    assert task_set("quick", "test", 1, quick) != sets[1] and task_set("quick", "val", 2, quick) != sets[1]
+    for record, scored_on in [(smoke, sets[0]), (quick, sets[1]), (scored(25, 0.5), sets[1])]:
+        run = client.create_run(exp).info.run_id
+        register.fn(tracking, run, 0, "fedse", 0, {"path": str(adapter), "sha256": "x", "bytes": 1}, record, {},
+                    scored_on)
+    aliases = client.get_registered_model("fedse-global").aliases
+    assert aliases == {f"champion-{sets[0]}": 1, f"champion-{sets[1]}": 3}  # the smoke model's 0.9 wins nothing
