@@ -255,6 +255,14 @@ def receive_update(transport: Transport, round: int, client: str) -> tuple[str, 
     return client, state, int(upload.metadata.get("successes", 1))
 
 
+def foreign_objects(transport: Transport, cfg: Config, round: int) -> dict[str, Any]:
+    """Objects in this round of the exchange outside its layout (`Transport.unexpected`), for the round's
+    aggregation record: the server reads none of them, and says they are there."""
+    names = [name for name, _ in client_groups(cfg, method(cfg.federation.method))]
+    found = transport.unexpected(round, names)
+    return {"unexpected_objects": found} if found else {}
+
+
 def publish(transport: Transport, how: Method, round: int, state: AdapterState) -> tuple[AdapterState, Upload]:
     """Server side: broadcast the new global adapter; returns it as the clients receive it."""
     return transport.publish_global(round, state, {"method": how.name})
@@ -387,6 +395,8 @@ class Federation:
         updates = list(self._client_updates(round, global_state))
         step = next_global(self.cfg, how, updates, global_state, self.momentum, round, self.missing)
         new, self.momentum = step.state, step.momentum
+        if self.exchange is not None:
+            step.info |= foreign_objects(self.exchange, self.cfg, round)
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
         if step.info:
             record["aggregation"] = step.info

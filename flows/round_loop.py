@@ -201,6 +201,8 @@ def _table(record: dict[str, Any]) -> list[dict[str, Any]]:
     agg = record.get("aggregation", {})
     absent = [{"env": f"rejected: {r['client']}", "success": r["reason"], "n": ""} for r in agg.get("rejected", [])]
     absent += [{"env": f"missing: {c}", "success": why, "n": ""} for c, why in agg.get("missing", {}).items()]
+    absent += [{"env": "unexpected object (not read)", "success": key, "n": ""}
+               for key in agg.get("unexpected_objects", [])]
     return [*rows, {"env": "micro", "success": round(record["micro"], 4), "n": sum(r["n"] for r in rows)},
             {"env": "macro", "success": round(record["macro"], 4), "n": ""}, *absent]
 

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedse.config import Config
-from fedse.federation import AdapterState, global_record, next_global, publish, receive_update
+from fedse.federation import AdapterState, foreign_objects, global_record, next_global, publish, receive_update
 from fedse.methods import method
 from fedse.model import save_adapter, set_adapter_state
 from fedse.transport import Transport
@@ -30,6 +30,8 @@ def aggregate(cfg: Config, updates: list[tuple[str, AdapterState, int]], global_
     how = method(cfg.federation.method)
     received = [receive_update(exchange, round, name) for name in senders or []] if exchange else updates
     step = next_global(cfg, how, received, global_state, momentum, round, missing)
+    if exchange is not None:
+        step.info |= foreign_objects(exchange, cfg, round)
     new = step.state
     sent = None
     if exchange is not None:

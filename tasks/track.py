@@ -98,6 +98,7 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
             metrics[f"aggregation.{key}"] = float(value)
     if "aggregation" in record:
         metrics["aggregation.rejected"] = float(len(record["aggregation"].get("rejected", [])))
+        metrics["aggregation.unexpected_objects"] = float(len(record["aggregation"].get("unexpected_objects", [])))
     return metrics
 
 
