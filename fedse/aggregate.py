@@ -21,12 +21,16 @@ new = current + η (mean − current), in ΔW space for the exact rules and per 
 Every round reports the relative aggregation error ‖mean_k ΔW_k − ΔW_agg‖ / ‖mean_k ΔW_k‖ of the rule itself
 (before the server step), computed from Gram matrices of the factors, never from dense products.
 
-Every adapter is validated against the first before use: a client that sends a wrong key, shape, dtype or a
-NaN is named in the error, and nothing is aggregated.
+Two robust rules replace the factor mean by a coordinate-wise statistic that one extreme client cannot drag
+(both unweighted): ``median``, and ``trimmed_mean`` (drop the ⌈trim·K⌉ largest and smallest values of each
+coordinate, average the rest). Before any rule the server screens the uploads (fedse/screen.py); here every
+adapter is still validated against the first, so a direct caller that sends a wrong key, shape, dtype or a NaN
+gets the client named in the error, and nothing is aggregated.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 State = Mapping[str, torch.Tensor]
 Update = tuple[str, State, float]  # (client, adapter tensors, weight)
-RULES = ("factors", "exact", "fedsvd")
+RULES = ("factors", "median", "trimmed_mean", "exact", "fedsvd")
 
 
 class AggregationError(ValueError):
@@ -48,8 +52,12 @@ class AggregationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rule: Literal["factors", "exact", "fedsvd"] | None = Field(
+    rule: Literal["factors", "median", "trimmed_mean", "exact", "fedsvd"] | None = Field(
         None, description="null = the method's own rule (factors for the paper's methods)")
+    trim: float = Field(0.2, gt=0, lt=0.5, description="trimmed_mean: share of clients dropped at each end of "
+                        "every coordinate (at least one)")
+    max_norm_ratio: float | None = Field(10.0, gt=1, description="screening: reject an upload whose update norm "
+                                         "exceeds this multiple of the other clients' median; null = off")
     rank: int | None = Field(None, ge=1, description="exact: the global adapter's rank r_g; null = K·r")
     server_lr: float = Field(1.0, gt=0, description="server step η: 1 = FedAvg, > 1 undoes the 1/K dilution")
     momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM momentum (rule factors only)")
@@ -57,7 +65,7 @@ class AggregationSpec(BaseModel):
 
     @model_validator(mode="after")
     def _momentum_needs_factors(self) -> AggregationSpec:
-        if self.momentum and self.rule in ("exact", "fedsvd"):
+        if self.momentum and self.rule not in (None, "factors"):
             raise ValueError(f"momentum is only supported with rule factors, not {self.rule}")
         return self
 
@@ -216,8 +224,8 @@ def aggregate(adapters: Iterable[Update], current: State, spec: AggregationSpec,
     check_state("server (current global adapter)", current, updates[0][1])
     total = sum(w for _, _, w in updates)
     weights = [w / total for _, _, w in updates]
-    if rule == "factors":
-        out = _factors(updates, current, spec, scale, weights, momentum)
+    if rule in ("factors", "median", "trimmed_mean"):
+        out = _factors(updates, current, spec, scale, weights, momentum, rule)
     elif rule == "exact":
         out = _exact(updates, current, spec, scale, weights)
     elif rule == "fedsvd":
@@ -229,10 +237,24 @@ def aggregate(adapters: Iterable[Update], current: State, spec: AggregationSpec,
     return out
 
 
+def center(values: list[torch.Tensor], weights: list[float], rule: str, trim: float) -> torch.Tensor:
+    """The per-coordinate centre of the clients' values of one tensor: weighted mean (factors), median, or
+    trimmed mean (the ⌈trim·K⌉ extremes at each end dropped, at least one, at most leaving one value)."""
+    if rule == "factors":
+        return sum(v * w for v, w in zip(values, weights, strict=True))
+    k = len(values)
+    ordered = torch.stack(values).sort(dim=0).values
+    if rule == "median":
+        return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+    cut = min(max(1, math.ceil(trim * k)), (k - 1) // 2)
+    return ordered[cut:k - cut].mean(dim=0)
+
+
 def _factors(updates: list[Update], current: State, spec: AggregationSpec, scale: float, weights: list[float],
-             momentum: State | None) -> Aggregate:
-    """The paper's rule: element-wise mean of A and of B, then the server step (and FedAvgM momentum)."""
-    mean = {k: sum(_f64(s[k]) * w for (_, s, _), w in zip(updates, weights, strict=True)) for k in current}
+             momentum: State | None, rule: str = "factors") -> Aggregate:
+    """The paper's rule: element-wise mean of A and of B (or a robust centre of them), then the server step
+    (and FedAvgM momentum)."""
+    mean = {k: center([_f64(s[k]) for _, s, _ in updates], weights, rule, spec.trim) for k in current}
     err2 = norm2 = 0.0
     for a_key, b_key in lora_pairs(current):
         x, y = _stack(updates, a_key, b_key, [scale * w for w in weights])

@@ -68,6 +68,13 @@ class Buffer:
         self._records.extend(fresh)
         return fresh
 
+    def truncate(self, count: int) -> None:
+        """Keep the oldest `count` records (on disk too): a resumed run drops what an unfinished round added."""
+        self._records = self._records[:count]
+        self._hashes = {t.content_hash for t in self._records}
+        if self.path.exists():
+            write_jsonl(self.path, self._records)
+
     def commit(self, round: int, added: list[Trajectory], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the records, then this round's manifest (with `extra` fields), each atomically; returns it."""
         write_jsonl(self.path, self._records)

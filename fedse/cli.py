@@ -362,20 +362,24 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
 @app.command("run")
 @clear_errors
 def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, local, centralized, pretrained, "
-                                       "no_filter, no_history, weighted [params: federation.method]"),
+                                       "no_filter, no_history, weighted, local_se [params: federation.method]"),
             profile: str = typer.Option(None, "--profile", help="smoke, quick, full, paper [params: profile]"),
             seed: int = typer.Option(None, "--seed", help="run seed [params: seed]"),
             out_dir: Path = typer.Option(None, "--out", help="run folder [runs/<method>-<profile>-s<seed>]"),
-            sets: list[str] = typer.Option(None, "--set", help="override a parameter, e.g. model.lora.r=4")) -> None:
+            sets: list[str] = typer.Option(None, "--set", help="override a parameter, e.g. model.lora.r=4"),
+            resume: Path = typer.Option(None, "--resume", help="continue the killed run in this folder (same "
+                                        "parameters): finished rounds and clients are not redone")) -> None:
     """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
     from fedse.federation import Federation
 
     cfg = run_config(State.params, profile, method, seed, [*State.overrides, *(sets or [])])
     State._config = cfg
-    out_dir = out_dir or cfg.federation.out / run_name(cfg)
+    if resume is not None and out_dir is not None and Path(out_dir) != Path(resume):
+        raise ValueError(f"--out {out_dir} and --resume {resume} name different folders; give one")
+    out_dir = resume or out_dir or cfg.federation.out / run_name(cfg)
     with _progress() as bar:
         agent = _agent(None, bar)
-        doc = Federation(agent, cfg, out_dir, progress=RichProgress(bar)).run()
+        doc = Federation(agent, cfg, out_dir, progress=RichProgress(bar), resume=resume is not None).run()
     summarise_run(doc, out_dir)
 
 
@@ -459,12 +463,12 @@ def compare_cmd(model: str = typer.Option("fedse-global", "--model", help="regis
         out.print_json(json.dumps(rows))
         return
     envs = sorted({e for r in rows for e in r["success"]})
-    table = Table("version", "alias", "experiment", "method", "round", "seed", *envs, "micro", "macro",
-                  title=f"{model} ({uri})")
+    table = Table("version", "alias", "experiment", "method", "round", "seed", "scored on", *envs, "micro",
+                  "macro", title=f"{model} ({uri}); figures compare only within one 'scored on' task set")
     for r in rows:
-        table.add_row(str(r["version"]), ",".join(r["aliases"]), r["experiment"] or "", r["method"] or "",
-                      str(r["round"]), str(r["seed"]), *(_cell(r["success"].get(e)) for e in envs),
-                      _cell(r["micro"]), _cell(r["macro"]))
+        table.add_row(str(r["version"]), ",".join(a.split("-")[0] for a in r["aliases"]), r["experiment"] or "",
+                      r["method"] or "", str(r["round"]), str(r["seed"]), r.get("task_set") or "",
+                      *(_cell(r["success"].get(e)) for e in envs), _cell(r["micro"]), _cell(r["macro"]))
     out.print(table)
 
 

@@ -88,6 +88,10 @@ class FederationConfig(Strict):
     final_eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env after the first "
                                             "and the last round (null = as eval_episodes)")
     max_buffer: int | None = Field(default=None, ge=1, description="train on at most the newest N; null = all")
+    client_timeout: float | None = Field(default=None, gt=0, description="seconds the Prefect flow waits for a "
+                                         "client's upload in a round before counting it missing; null = no limit")
+    quorum: int | None = Field(default=None, ge=1, description="usable uploads a round needs to aggregate (a "
+                               "client that failed, timed out or was screened out is missing); null = a majority")
     out: Path = Path("runs")
 
     @model_validator(mode="after")
@@ -108,6 +112,8 @@ class OrchestrationConfig(Strict):
                                                       "model in memory) or process pool (a model per worker)")
     workers: int = Field(default=4, ge=1)
     gpu_slots: int = Field(default=1, ge=1, description="train tasks (tag gpu) running at once")
+    retries: int = Field(default=0, ge=0, description="retries of a client's rollout, train and transfer tasks")
+    retry_delay: float = Field(default=2.0, ge=0, description="backoff factor (s): retry i waits delay·2^i")
 
 
 class Config(Strict):
@@ -169,8 +175,16 @@ class Config(Strict):
     def aggregation_info(self) -> dict[str, Any]:
         """What metrics.json and MLflow say about the server's rule (so runs of different rules never pool)."""
         spec = self.aggregation
-        return {"rule": self.rule(), "server_lr": spec.server_lr, "momentum": spec.momentum,
-                "fedprox_mu": spec.fedprox_mu, "rank": self.global_rank()}
+        info = {"rule": self.rule(), "server_lr": spec.server_lr, "momentum": spec.momentum,
+                "fedprox_mu": spec.fedprox_mu, "rank": self.global_rank(), "max_norm_ratio": spec.max_norm_ratio}
+        return info | ({"trim": spec.trim} if info["rule"] == "trimmed_mean" else {})
+
+    def quorum(self, clients: int) -> int:
+        """Usable uploads a round of `clients` needs: `federation.quorum`, else a strict majority."""
+        need = self.federation.quorum or clients // 2 + 1
+        if need > clients:
+            raise ConfigError(f"federation.quorum {need} exceeds the {clients} client(s) of this run")
+        return need
 
 
 class ConfigError(ValueError):

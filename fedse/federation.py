@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedse import audit
+from fedse import audit, checkpoint
 from fedse.aggregate import Aggregate, aggregate, orthonormal_init, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, shortest_per_task, success_filter
@@ -34,9 +34,10 @@ from fedse.envs.registry import env_class
 from fedse.evaluate import EnvScore, score, summarise
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
-from fedse.model import Agent, adapter_state, save_adapter, set_adapter_state, state_hash
+from fedse.model import Agent, adapter_state, read_adapter, save_adapter, set_adapter_state, state_hash
 from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
+from fedse.screen import screen, with_quorum
 from fedse.trajectory import Trajectory, read_jsonl
 from fedse.transport import Transport, Upload, experiment_name
 
@@ -207,19 +208,26 @@ def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[T
     }
 
 
+def failure(exc: BaseException) -> str:
+    """A client's failure as one line for metrics.json, MLflow and the round table."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
 def successes(data: list[Trajectory]) -> int:
     """The weight of a client's upload under weighted averaging: successful trajectories it trained on."""
     return sum(t.success for t in data)
 
 
 # ------------------------------------------------------------------ the exchange (fedse.transport)
-def open_exchange(cfg: Config, folder: Path) -> Transport | None:
-    """The run's exchange, checked to be unused; None when no adapter travels (local, centralized,
-    pretrained: there is no server)."""
+def open_exchange(cfg: Config, folder: Path, experiment: str | None = None) -> Transport | None:
+    """The run's exchange; None when no adapter travels (local, centralized, pretrained: there is no server).
+    A new run's (no `experiment` given) is checked to be unused; a resumed run reopens its own."""
     if not method(cfg.federation.method).federated:
         return None
-    transport = Transport(cfg.transport, experiment_name(cfg.transport, folder), folder)
-    transport.check_fresh()
+    transport = Transport(cfg.transport, experiment or experiment_name(cfg.transport, folder), folder)
+    if experiment is None:
+        transport.check_fresh()
     return transport
 
 
@@ -245,6 +253,14 @@ def receive_update(transport: Transport, round: int, client: str) -> tuple[str, 
     """Server side: a client's upload as downloaded and verified, with the weight it sent (1 if none)."""
     state, upload = transport.fetch_client(round, client)
     return client, state, int(upload.metadata.get("successes", 1))
+
+
+def foreign_objects(transport: Transport, cfg: Config, round: int) -> dict[str, Any]:
+    """Objects in this round of the exchange outside its layout (`Transport.unexpected`), for the round's
+    aggregation record: the server reads none of them, and says they are there."""
+    names = [name for name, _ in client_groups(cfg, method(cfg.federation.method))]
+    found = transport.unexpected(round, names)
+    return {"unexpected_objects": found} if found else {}
 
 
 def publish(transport: Transport, how: Method, round: int, state: AdapterState) -> tuple[AdapterState, Upload]:
@@ -282,14 +298,21 @@ def lora_scale(cfg: Config) -> float:
 
 
 def next_global(cfg: Config, how: Method, updates: Iterable[tuple[str, AdapterState, int]],
-                global_state: AdapterState, momentum: AdapterState | None = None) -> Aggregate:
-    """The server step: the method's aggregation rule over the uploads (weights 1, or each client's successes
-    for `weighted`); without a server the updates are only consumed (local keeps each client's own adapter;
-    centralized's single client is the model)."""
+                global_state: AdapterState, momentum: AdapterState | None = None, round: int = 0,
+                missing: dict[str, str] | None = None) -> Aggregate:
+    """The server step: the uploads screened (fedse/screen.py), then the method's aggregation rule over those
+    kept (weights 1, or each client's successes for `weighted`) if a quorum remains, counting `missing`
+    clients (name: why) as absent; without a server the updates are only consumed (local keeps each client's
+    own adapter; centralized's single client is the model)."""
     if how.federated:
         weighted = how.aggregation == "weighted"
         uploads = [(name, state, float(weight) if weighted else 1.0) for name, state, weight in updates]
-        return aggregate(uploads, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
+        kept, rejected = screen(uploads, global_state, cfg.aggregation.max_norm_ratio)
+        with_quorum(kept, rejected, missing or {}, cfg.quorum(len(uploads) + len(missing or {})), round)
+        step = aggregate(kept, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
+        step.info |= {"rejected": [{"client": r.client, "reason": r.reason} for r in rejected]} if rejected else {}
+        step.info |= {"missing": dict(missing)} if missing else {}
+        return step
     last = global_state
     for _, state, _ in updates:
         last = state
@@ -308,11 +331,16 @@ def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state
 class Federation:
     """Runs `cfg.federation.rounds` rounds of one method and writes `out/metrics.json` after every round."""
 
-    def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None) -> None:
+    def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None,
+                 resume: bool = False) -> None:
+        """`resume`: continue the run in `out` (fedse.checkpoint) instead of refusing a used folder."""
         self.agent, self.cfg, self.out = agent, cfg, Path(out)
-        if self.out.exists() and any(self.out.iterdir()):
-            raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out "
-                             "or delete it")
+        config = cfg.model_dump(mode="json")
+        if resume:
+            experiment = checkpoint.identity(self.out, config)["experiment"]
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out, "
+                             "delete it, or continue it with --resume")
         self.method = method(cfg.federation.method)
         self.progress = progress or Silent()
         self.seed = cfg.seed
@@ -320,14 +348,18 @@ class Federation:
         self.momentum: AdapterState | None = None  # the server's FedAvgM buffer, carried across rounds
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
                         for name, envs in client_groups(cfg, self.method)]
-        self.rounds: list[dict[str, Any]] = []
-        self.exchange = open_exchange(cfg, self.out)
+        self.rounds: list[dict[str, Any]] = checkpoint.completed(self.out) if resume else []
+        self.missing: dict[str, str] = {}  # this round's clients that failed, and why
+        self.exchange = open_exchange(cfg, self.out, experiment if resume else None)
+        if not resume:
+            checkpoint.begin(self.out, config, self.exchange.experiment if self.exchange else None)
 
     def run(self) -> dict[str, Any]:
-        """All rounds (one evaluation of the base for `pretrained`); returns the metrics document."""
-        global_state = self.initial
+        """All rounds (one evaluation of the base for `pretrained`), from the first one metrics.json does not
+        list; returns the metrics document."""
+        global_state = self.restore(len(self.rounds))
         total = 1 if not self.method.train else self.cfg.federation.rounds
-        for round in range(total):
+        for round in range(len(self.rounds), total):
             started = time.perf_counter()
             record: dict[str, Any] = {"round": round}
             if self.method.train:
@@ -335,14 +367,36 @@ class Federation:
             self.evaluate(round, global_state, record)
             record["seconds"] = time.perf_counter() - started
             self.rounds.append(record)
-            write_json(self.out / "metrics.json", self.document(complete=round == total - 1))
+            write_json(self.out / checkpoint.METRICS, self.document(complete=round == total - 1))
         return self.document(complete=True)
 
+    def restore(self, start: int) -> AdapterState:
+        """The global adapter, own adapters, momentum and buffers as they were after round `start` − 1."""
+        for client in self.clients:
+            if checkpoint.client_done(self.out, client.name, start) is None:
+                checkpoint.rewind(client.buffer, start - 1)
+        if start == 0:
+            return self.initial
+        last = start - 1
+        for client in self.clients:
+            if not self.method.federated and self.method.train:
+                client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, last,
+                                                                            ".safetensors"))
+        if self.cfg.aggregation.momentum and self.method.federated:
+            self.momentum = checkpoint.load_state(self.out / "server" / f"momentum_{last}.safetensors")
+        if self.method.federated or self.method.pooled:
+            return read_adapter(self.out / "adapters" / f"round_{last}")
+        return self.initial
+
     def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
-        """Client updates streamed into the aggregator; returns the next global adapter."""
+        """Every client's update, then the server step over those that arrived; returns the next global
+        adapter."""
         how = self.method
-        step = next_global(self.cfg, how, self._client_updates(round, global_state), global_state, self.momentum)
+        updates = list(self._client_updates(round, global_state))
+        step = next_global(self.cfg, how, updates, global_state, self.momentum, round, self.missing)
         new, self.momentum = step.state, step.momentum
+        if self.exchange is not None:
+            step.info |= foreign_objects(self.exchange, self.cfg, round)
         record["clients"] = {c.name: dict(c.stats) for c in self.clients}
         if step.info:
             record["aggregation"] = step.info
@@ -353,40 +407,65 @@ class Federation:
             digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
                                   {"method": how.name, "round": round, "seed": self.seed})
             record["global"] = global_record(digest, new, sent)
+        if self.momentum is not None:
+            checkpoint.save_state(self.out / "server" / f"momentum_{round}.safetensors", self.momentum)
         return new
 
     def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:
-        """Each client's round, one at a time, so the aggregator holds one upload at a time."""
-        how = self.method
+        """Each client's round, one at a time, so the aggregator holds one upload at a time. With a server, a
+        client that fails is missing from the round (`self.missing`, with why) and the others go on; the
+        server then decides whether a quorum remains."""
+        self.missing = {}
         for client in self.clients:
-            start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
-            fresh: list[Trajectory] = []
-            if how.explore:
-                job = self.progress.start(f"round {round}: {client.name} explores",
-                                          self.cfg.federation.explore_episodes)
-                fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
-                                advance=lambda n, job=job: self.progress.update(job, advance=n))
-                self.progress.finish(job)
-            data, manifest = client_data(client.buffer, keep(fresh, how, self.cfg.federation.explore_attempts),
-                                         round, how,
-                                         client_seeds(self.cfg, client.envs, round),
-                                         self.cfg.envs.options.get(client.envs[0]))
-            label = f"round {round}: {client.name} trains on {len(data)} trajectories"
-            job = self.progress.start(label, None)
+            try:
+                yield self._client_round(round, client, global_state)
+            except Exception as exc:
+                if not self.method.federated:
+                    raise
+                reason = failure(exc)
+                self.missing[client.name] = reason
+                client.stats = {"failed": reason}
 
-            def advance(step: int, total: int, loss: float, job: Any = job, label: str = label) -> None:
-                self.progress.update(job, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
-
-            state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
+    def _client_round(self, round: int, client: Client, global_state: AdapterState,
+                      ) -> tuple[str, AdapterState, int]:
+        """One client's round: explore, filter, buffer, train, upload; or, when a crash interrupted the run
+        after the client had finished this round, what it left (its upload, or its own adapter)."""
+        how = self.method
+        done = checkpoint.client_done(self.out, client.name, round)
+        if done is not None:
+            client.stats = done
+            if self.exchange is not None:
+                return receive_update(self.exchange, round, client.name)
+            client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round,
+                                                                        ".safetensors"))
+            return client.name, client.state, done["successes_trained_on"]
+        start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
+        fresh: list[Trajectory] = []
+        if how.explore:
+            job = self.progress.start(f"round {round}: {client.name} explores", self.cfg.federation.explore_episodes)
+            fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
+                            advance=lambda n, job=job: self.progress.update(job, advance=n))
             self.progress.finish(job)
-            client.state = state
-            if self.exchange is None:
-                client.stats = update_stats(fresh, manifest, data, stats, state)
-                yield client.name, state, successes(data)
-                continue
-            upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
-            client.stats = update_stats(fresh, manifest, data, stats, state, upload)
-            yield receive_update(self.exchange, round, client.name)
+        data, manifest = client_data(client.buffer, keep(fresh, how, self.cfg.federation.explore_attempts), round,
+                                     how, client_seeds(self.cfg, client.envs, round),
+                                     self.cfg.envs.options.get(client.envs[0]))
+        label = f"round {round}: {client.name} trains on {len(data)} trajectories"
+        job = self.progress.start(label, None)
+
+        def advance(step: int, total: int, loss: float, job: Any = job, label: str = label) -> None:
+            self.progress.update(job, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
+
+        state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
+        self.progress.finish(job)
+        client.state = state
+        if self.exchange is None:
+            client.stats = update_stats(fresh, manifest, data, stats, state)
+            checkpoint.mark_client_done(self.out, client.name, round, client.stats, state)
+            return client.name, state, successes(data)
+        upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
+        client.stats = update_stats(fresh, manifest, data, stats, state, upload)
+        checkpoint.mark_client_done(self.out, client.name, round, client.stats)
+        return receive_update(self.exchange, round, client.name)
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
         """The global adapter on every env; for `local`, each client's own adapter on its own env."""

@@ -58,7 +58,7 @@ PAPER_RANKS = {2: (47.0, 19.1), 4: (51.8, 38.1), 8: (57.5, 76.3), 16: (59.1, 152
 
 # what a run without an "aggregation" record used: the server averaged the LoRA factors, plain FedAvg
 AGGREGATION_DEFAULTS: dict[str, Any] = {"rule": "factors", "server_lr": 1.0, "momentum": 0.0, "fedprox_mu": 0.0,
-                                        "rank": None}
+                                        "rank": None, "max_norm_ratio": 10.0, "trim": 0.2}
 VARIANT = re.compile(r"^fedse( \[.*\])?( best-of-\d+)?$")  # a variant of Fed-SE's server or exploration
 EXPLORE_KEYS = [("explore_success", "explore success", ".3f"), ("self_share", "self-generated share", ".3f"),
                 ("length_ratio", "length / expert's", ".2f")]
@@ -146,7 +146,7 @@ def aggregation_tag(doc: Doc) -> str:
     agg = aggregation(doc)
     parts = [] if agg["rule"] == AGGREGATION_DEFAULTS["rule"] else [str(agg["rule"])]
     default_rank = len(doc.get("envs") or []) * doc.get("lora_r", 8) if agg["rule"] == "exact" else None
-    for key in ("server_lr", "momentum", "fedprox_mu", "rank"):
+    for key in ("server_lr", "momentum", "fedprox_mu", "rank", "max_norm_ratio", "trim"):
         if agg[key] != AGGREGATION_DEFAULTS[key] and not (key == "rank" and agg[key] == default_rank):
             parts.append(f"{key} {agg[key]:g}" if isinstance(agg[key], float) else f"{key} {agg[key]}")
     return f" [{', '.join(parts)}]" if parts else ""

@@ -318,6 +318,16 @@ class Transport:
         upload, data = self._send(SERVER, round, GLOBAL, state, metadata)
         return decode(data, upload, upload.key), upload
 
+    def unexpected(self, round: int, clients: list[str]) -> list[str]:
+        """Keys under this round that are not in its layout (each client's adapter and manifest, the global
+        one's), as the server lists them. Identities scoped by key patterns cannot stop everything (in
+        SeaweedFS `*` also matches `/`, so a client may write deeper paths under another's folder); the server
+        never reads such objects, and reports them."""
+        base = f"{self.experiment}/round_{round}"
+        expected = {f"{base}/{sender}/{name}" for sender in [*map(client_role, clients), GLOBAL]
+                    for name in (DATA, MANIFEST)}
+        return sorted(k for k in self._backend(SERVER).keys(f"{base}/") if k not in expected)
+
     def check_fresh(self) -> None:
         """Refuse to start an experiment whose name already holds objects (a stale manifest would otherwise
         pass for a new upload)."""

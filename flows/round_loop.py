@@ -1,8 +1,10 @@
 """Flow `fedse`: the round loop of `fedse.federation`, with every step a Prefect task.
 
 Each round maps the client chain (download_global →) rollout → filter → buffer → train → upload over the
-clients, waits for all of them (any failed client fails the flow: every future's result is collected), then
-aggregates (the server downloads the uploads from the exchange), registers and evaluates the global adapter;
+clients (rollout, train and the transfers retried `orchestration.retries` times with exponential backoff),
+waits for them until `federation.client_timeout`, then aggregates what arrived (the server downloads the
+uploads from the exchange, screens them, and needs `federation.quorum` of them; a failed, late or rejected
+client is recorded as missing with its reason), registers and evaluates the global adapter;
 the next round starts only after this one's aggregation and registration have completed. It writes the same
 `metrics.json` as `fedse run`, so `fedse report` reads either. Parameter `transport` picks the exchange's
 backend (`s3` in the served deployment; default: params.yaml's `transport.backend`, a local folder).
@@ -18,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
 from fedse.atomic import write_json
 from fedse.config import Config, OrchestrationConfig, run_config
@@ -28,6 +31,7 @@ from fedse.federation import (
     document,
     eval_state,
     exchange_info,
+    failure,
     open_exchange,
     start_state,
     successes,
@@ -42,9 +46,9 @@ from tasks.buffer import update_buffer
 from tasks.evaluate import evaluate
 from tasks.exchange import download_global, upload
 from tasks.filter import success_filter
-from tasks.register import register
+from tasks.register import register, task_set
 from tasks.rollout import rollout
-from tasks.track import finish, log_round, open_experiment
+from tasks.track import close_unfinished, ended_as, finish, log_round, open_experiment
 from tasks.train import train
 from tasks.version_buffer import version_buffer
 
@@ -80,27 +84,35 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
                                         description=f"{how.name}: rounds completed of {total}")
     global_state, own, rounds = initial, {}, []
     server: dict[str, Any] = {"momentum": None}  # what the server carries across rounds (FedAvgM)
-    for round in range(total):
-        started = time.perf_counter()
-        record: dict[str, Any] = {"round": round}
-        adapter, buffers, egress = None, {}, {}
-        if how.train:
-            global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
-                                                               folder, record, dvc_repo, exchange, server)
-        record.update(evaluate_all(cfg, how, round, global_state, own, initial))
-        record["seconds"] = time.perf_counter() - started
-        rounds.append(record)
-        write_json(folder / "metrics.json", document(cfg, model, rounds, round == total - 1, exchange_info(exchange)))
+    try:
+        for round in range(total):
+            started = time.perf_counter()
+            record: dict[str, Any] = {"round": round}
+            adapter, buffers, egress = None, {}, {}
+            if how.train:
+                global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
+                                                                   folder, record, dvc_repo, exchange, server)
+            record.update(evaluate_all(cfg, how, round, global_state, own, initial))
+            record["seconds"] = time.perf_counter() - started
+            rounds.append(record)
+            write_json(folder / "metrics.json",
+                       document(cfg, model, rounds, round == total - 1, exchange_info(exchange)))
+            if tracking is not None:
+                round_run = log_round(tracking, round, record, egress)
+                if adapter is not None:
+                    scored_on = task_set(cfg.profile, cfg.federation.eval_split, cfg.eval.passes, record)
+                    version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers,
+                                       scored_on)
+                    get_run_logger().info("round %d: registered fedse-global version %s", round, version)
+            create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
+                                  description=f"{how.name} round {round}: success per environment")
+            update_progress_artifact(progress, 100.0 * (round + 1) / total)
         if tracking is not None:
-            round_run = log_round(tracking, round, record, egress)
-            if adapter is not None:
-                version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers)
-                get_run_logger().info("round %d: registered fedse-global version %s", round, version)
-        create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
-                              description=f"{how.name} round {round}: success per environment")
-        update_progress_artifact(progress, 100.0 * (round + 1) / total)
-    if tracking is not None:
-        finish(tracking, str(folder / "metrics.json"))
+            finish(tracking, str(folder / "metrics.json"))
+    except BaseException as exc:
+        if tracking is not None:  # no MLflow run of a failed or cancelled flow may stay RUNNING
+            close_unfinished(tracking, ended_as(exc), failure(exc))
+        raise
     print(f"metrics: {folder / 'metrics.json'}")
     return document(cfg, model, rounds, True, exchange_info(exchange)) | {"out": str(folder)}
 
@@ -113,37 +125,54 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
 
     Returns the new global adapter, where it was saved, the DVC hash of each client's buffer version, and
     what each client uploaded (its egress record)."""
+    retry = {"retries": cfg.orchestration.retries,
+             "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
     chains = []
     for name, envs in groups:
-        start = download_global.submit(exchange, round, name) if exchange is not None and round > 0 \
-            else start_state(how, global_state, own.get(name), initial)
-        fresh = rollout.submit(cfg, envs[0], start, round) if how.explore else None
+        start = download_global.with_options(**retry).submit(exchange, round, name) \
+            if exchange is not None and round > 0 else start_state(how, global_state, own.get(name), initial)
+        fresh = rollout.with_options(**retry).submit(cfg, envs[0], start, round) if how.explore else None
         kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round,
                                      cfg.federation.explore_attempts)
         data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
         versioned = version_buffer.submit(dvc_repo, data, name, round) if dvc_repo else None
-        trained = train.submit(cfg, start, data, round, name)
-        sent = upload.submit(exchange, cfg, str(folder), trained, data, round, name) if exchange else None
+        trained = train.with_options(**retry).submit(cfg, start, data, round, name)
+        sent = upload.with_options(**retry).submit(exchange, cfg, str(folder), trained, data, round, name) \
+            if exchange else None
         chains.append((name, fresh, data, trained, versioned, sent))
-    updates, stats, buffers, egress = [], {}, {}, {}
+    deadline = time.monotonic() + cfg.federation.client_timeout if cfg.federation.client_timeout else None
+    updates, stats, buffers, egress, missing = [], {}, {}, {}, {}
     for name, fresh, data, trained, versioned, sent in chains:
-        # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
-        fresh_list = fresh.result() if fresh is not None else []
-        client_data = data.result()
-        if versioned is not None:
-            buffers[name] = versioned.result()
-        state, train_stats = trained.result()
+        try:
+            if deadline is not None and not finished_by(sent or trained, deadline):
+                missing[name] = f"timed out: no upload within federation.client_timeout = " \
+                                f"{cfg.federation.client_timeout:g} s"
+                stats[name] = {"failed": missing[name]}
+                continue
+            # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
+            fresh_list = fresh.result() if fresh is not None else []
+            client_data = data.result()
+            if versioned is not None:
+                buffers[name] = versioned.result()
+            state, train_stats = trained.result()
+            if sent is not None:
+                egress[name] = sent.result()
+        except Exception as exc:
+            if not how.federated:  # no server to go on without this client
+                raise
+            missing[name] = failure(exc)
+            stats[name] = {"failed": missing[name]}
+            continue
         own[name] = state
-        if sent is not None:
-            egress[name] = sent.result()
         stats[name] = update_stats(fresh_list, client_data.manifest, client_data.records, train_stats, state,
                                    egress.get(name))
         if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
             updates.append((name, state, successes(client_data.records)))
     record["clients"] = stats
+    delivered = [name for name, _ in groups if name not in missing]
     new, adapter, server["momentum"], info = aggregate.submit(cfg, updates, global_state, round, str(folder),
-                                                              exchange, [name for name, _ in groups],
-                                                              server["momentum"]).result()
+                                                              exchange, delivered, server["momentum"],
+                                                              missing).result()
     if info:
         record["aggregation"] = info
     if adapter is not None:
@@ -151,6 +180,12 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
     if buffers:
         record["buffers_dvc"] = buffers
     return new, adapter, buffers, egress
+
+
+def finished_by(future: Any, deadline: float) -> bool:
+    """Whether a client's last task ended (in any state) before the round's deadline."""
+    future.wait(timeout=max(0.0, deadline - time.monotonic()))
+    return future.state.is_final()
 
 
 def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterState, own: dict[str, AdapterState],
@@ -161,9 +196,15 @@ def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterStat
 
 
 def _table(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The round's scores, then any client the server aggregated without (rejected or missing) and why."""
     rows = [{"env": env, "success": round(s["success"], 4), "n": s["n"]} for env, s in record["envs"].items()]
+    agg = record.get("aggregation", {})
+    absent = [{"env": f"rejected: {r['client']}", "success": r["reason"], "n": ""} for r in agg.get("rejected", [])]
+    absent += [{"env": f"missing: {c}", "success": why, "n": ""} for c, why in agg.get("missing", {}).items()]
+    absent += [{"env": "unexpected object (not read)", "success": key, "n": ""}
+               for key in agg.get("unexpected_objects", [])]
     return [*rows, {"env": "micro", "success": round(record["micro"], 4), "n": sum(r["n"] for r in rows)},
-            {"env": "macro", "success": round(record["macro"], 4), "n": ""}]
+            {"env": "macro", "success": round(record["macro"], 4), "n": ""}, *absent]
 
 
 def _key(text: str) -> str:

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedse.config import Config
-from fedse.federation import AdapterState, global_record, next_global, publish, receive_update
+from fedse.federation import AdapterState, foreign_objects, global_record, next_global, publish, receive_update
 from fedse.methods import method
 from fedse.model import save_adapter, set_adapter_state
 from fedse.transport import Transport
@@ -20,15 +20,18 @@ from tasks.agent import borrowed
 @task(name="aggregate", cache_policy=NO_CACHE, task_run_name="aggregate-round-{round}")
 def aggregate(cfg: Config, updates: list[tuple[str, AdapterState, int]], global_state: AdapterState,
               round: int, out: str, exchange: Transport | None = None, senders: list[str] | None = None,
-              momentum: AdapterState | None = None,
+              momentum: AdapterState | None = None, missing: dict[str, str] | None = None,
               ) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None, dict[str, Any]]:
-    """`updates` for a method without server; `exchange` and `senders` (the clients to download) otherwise.
+    """`updates` for a method without server; `exchange` and `senders` (the clients to download) otherwise;
+    `missing` names the clients that failed or timed out, and why (they count against the quorum).
 
     Returns the new global adapter, its record (None without a server), the server's momentum buffer for the
     next round, and what the aggregation rule logged (its relative error, the energy an SVD kept)."""
     how = method(cfg.federation.method)
     received = [receive_update(exchange, round, name) for name in senders or []] if exchange else updates
-    step = next_global(cfg, how, received, global_state, momentum)
+    step = next_global(cfg, how, received, global_state, momentum, round, missing)
+    if exchange is not None:
+        step.info |= foreign_objects(exchange, cfg, round)
     new = step.state
     sent = None
     if exchange is not None:

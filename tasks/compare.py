@@ -42,7 +42,7 @@ def versions(uri: str, model: str = MODEL) -> list[dict[str, Any]]:
         rows.append({
             "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
             "experiment": tags.get("experiment"), "method": tags.get("method"),
-            "round": _int(tags.get("round")), "seed": _int(tags.get("seed")),
+            "round": _int(tags.get("round")), "seed": _int(tags.get("seed")), "task_set": tags.get("task_set"),
             "micro": _float(tags.get("micro")), "macro": _float(tags.get("macro")),
             "success": {k.removeprefix("success."): float(val) for k, val in tags.items() if k.startswith("success.")},
             "adapter_sha256": tags.get("adapter_sha256"), "adapter_bytes": _int(tags.get("adapter_bytes")),

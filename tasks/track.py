@@ -92,11 +92,21 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
         metrics["global.bytes_sent"] = float(record["global"]["bytes_sent"])
     if "seconds" in record:
         metrics["round_seconds"] = record["seconds"]
-    for key in ("agg_error", "retained_energy"):  # how exact the server's rule was this round
+    for key in ("agg_error", "retained_energy", "clients"):  # how exact the server's rule was, over how many
         value = record.get("aggregation", {}).get(key)
         if isinstance(value, int | float) and math.isfinite(value):
             metrics[f"aggregation.{key}"] = float(value)
+    if "aggregation" in record:
+        metrics["aggregation.rejected"] = float(len(record["aggregation"].get("rejected", [])))
+        metrics["aggregation.unexpected_objects"] = float(len(record["aggregation"].get("unexpected_objects", [])))
     return metrics
+
+
+def absence_tags(record: dict[str, Any]) -> dict[str, str]:
+    """`rejected.<client>` and `missing.<client>`: who the server aggregated without this round, and why."""
+    agg = record.get("aggregation", {})
+    tags = {f"rejected.{r['client']}": r["reason"][:TAG_CHUNK] for r in agg.get("rejected", [])}
+    return tags | {f"missing.{client}": why[:TAG_CHUNK] for client, why in agg.get("missing", {}).items()}
 
 
 def egress_tags(uploads: dict[str, Upload]) -> dict[str, str]:
@@ -123,13 +133,31 @@ def log_round(tracking: Tracking, round: int, record: dict[str, Any], egress: di
     client = tracking.client()
     run = client.create_run(tracking.experiment_id, run_name=f"round-{round}", tags={
         MLFLOW_PARENT_RUN_ID: tracking.run_id, "round": str(round), MLFLOW_RUN_NAME: f"round-{round}",
-        **egress_tags(egress or {})})
+        **egress_tags(egress or {}), **absence_tags(record)})
     metrics = round_metrics(record)
     stamp = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])
     client.log_batch(tracking.run_id, metrics=[Metric(k, v, stamp, round) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def ended_as(exc: BaseException) -> str:
+    """MLflow's status for a flow that stopped on `exc`: KILLED when it was stopped (cancellation, SIGTERM,
+    Ctrl-C: not an Exception), FAILED when it broke."""
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
+def close_unfinished(tracking: Tracking, status: str, reason: str) -> None:
+    """Mark the parent run and any nested round run still RUNNING as ended with `status`, the reason as tag
+    `failure`, so a failed or cancelled flow leaves nothing that looks alive. A plain call, not a task: it
+    runs while the flow is failing or being cancelled."""
+    client = tracking.client()
+    nested = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.run_id}' "
+                                "and attributes.status = 'RUNNING'")
+    for run_id in [r.info.run_id for r in nested] + [tracking.run_id]:
+        client.set_tag(run_id, "failure", reason[:TAG_CHUNK])
+        client.set_terminated(run_id, status=status)
 
 
 @task(name="track-finish", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

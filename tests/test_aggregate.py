@@ -227,3 +227,29 @@ def test_exact_does_not_depend_on_the_order_clients_arrive_in(k: int, r: int, se
     total = sum(w for _, _, w in clients)
     mean = sum(w * delta(s, 1.5) for _, s, w in clients) / total
     assert torch.allclose(delta(one.state, 1.5), mean, atol=1e-4)
+
+
+# ------------------------------------------------------------------ robust rules
+def test_median_and_trimmed_mean_ignore_one_extreme_client() -> None:
+    current = adapter(0.0)
+    honest = [("a", adapter(1.0), 1.0), ("b", adapter(2.0), 1.0), ("c", adapter(3.0), 1.0)]
+    wild = ("x", adapter(1000.0), 1.0)
+    median = aggregate([*honest, wild], current, AggregationSpec(rule="median"), 1.0).state
+    assert torch.allclose(median["a.lora_A.weight"], torch.full((2, 3), 2.5))  # even K: mean of the middle two
+    trimmed = aggregate([*honest, wild, ("y", adapter(-1000.0), 1.0)], current,
+                        AggregationSpec(rule="trimmed_mean", trim=0.2), 1.0).state
+    assert torch.allclose(trimmed["a.lora_A.weight"], torch.full((2, 3), 2.0))  # 1 dropped at each end of 5
+    assert torch.allclose(trimmed["a.lora_B.weight"], torch.full((3, 2), -2.0))
+
+
+def test_trimmed_mean_of_three_is_their_median_and_odd_median_is_the_middle() -> None:
+    ups = [("a", adapter(1.0), 1.0), ("b", adapter(5.0), 1.0), ("c", adapter(2.0), 1.0)]
+    spec = AggregationSpec(rule="trimmed_mean", trim=0.1)
+    assert torch.equal(aggregate(ups, adapter(0.0), spec, 1.0).state["a.lora_A.weight"], torch.full((2, 3), 2.0))
+    med = aggregate(ups, adapter(0.0), AggregationSpec(rule="median"), 1.0)
+    assert torch.equal(med.state["a.lora_A.weight"], torch.full((2, 3), 2.0)) and med.info["rule"] == "median"
+
+
+def test_momentum_is_refused_with_a_robust_rule() -> None:
+    with pytest.raises(ValueError, match="momentum is only supported with rule factors"):
+        AggregationSpec(rule="median", momentum=0.5)

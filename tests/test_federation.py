@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedse.aggregate import AggregationError
 from fedse.config import Config, load_config
 from fedse.envs.registry import env_class
 from fedse.federation import Federation, explore_task_ids, keep
@@ -224,3 +225,49 @@ def test_missing_seed_file_is_one_clear_line(micro_spec, tmp_path: Path) -> None
     cfg = smoke(micro_spec, tmp_path / "nowhere", "fedse")
     with pytest.raises(ValueError, match=r"maze\.jsonl: seed trajectories not found"):
         run(cfg, tmp_path / "out")
+
+
+class ScaledUpload(Federation):
+    """A federation whose `wordle` client uploads its update scaled 100x (a broken or hostile client)."""
+
+    def _client_updates(self, round, global_state):
+        for name, state, weight in super()._client_updates(round, global_state):
+            if name == "wordle":
+                state = {k: global_state[k] + 100 * (v - global_state[k]) for k, v in state.items()}
+            yield name, state, weight
+
+
+def test_a_scaled_upload_is_screened_out_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path) -> None:
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1, quorum=1)
+    doc = ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()
+    info = doc["rounds"][0]["aggregation"]
+    assert [r["client"] for r in info["rejected"]] == ["wordle"] and "max_norm_ratio" in info["rejected"][0]["reason"]
+    assert info["clients"] == 1 and doc["aggregation"]["max_norm_ratio"] == 10.0
+
+
+def test_below_the_quorum_the_round_fails_naming_the_rejected_client(micro_spec, seeds, tmp_path) -> None:
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1)  # 2 clients: a majority is both
+    with pytest.raises(AggregationError, match=r"below the quorum of 2; missing: wordle \(rejected: update norm"):
+        ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()
+
+
+def test_a_failing_client_is_missing_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path,
+                                                                         monkeypatch) -> None:
+    import fedse.federation as federation
+
+    real = federation.local_train
+
+    def wordle_breaks(agent, cfg, start, data, seed, advance=None):
+        if data and data[0].env == "wordle":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        return real(agent, cfg, start, data, seed, advance)
+
+    monkeypatch.setattr(federation, "local_train", wordle_breaks)
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1, quorum=1)
+    doc = run(cfg, tmp_path / "quorum")
+    r0 = doc["rounds"][0]
+    reason = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert r0["aggregation"]["missing"] == {"wordle": reason} and r0["aggregation"]["clients"] == 1
+    assert r0["clients"]["wordle"] == {"failed": reason} and r0["clients"]["maze"]["steps"] > 0
+    with pytest.raises(AggregationError, match="below the quorum of 2; missing: wordle \\(RuntimeError: CUDA error"):
+        run(smoke(micro_spec, seeds, "fedse", rounds=1), tmp_path / "majority")

@@ -80,7 +80,10 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
         assert lineage == doc["rounds"][int(v.tags["round"])]["buffers_dvc"]
         assert all(in_cache(str(tmp_path / "dvc"), h) for h in lineage.values())
     assert doc["rounds"][0]["buffers_dvc"]["maze"] != doc["rounds"][1]["buffers_dvc"]["maze"]  # it grew
-    champion = client.get_registered_model("fedse-global").aliases["champion"]
+    # rounds 0 and 1 were scored on the same tasks here, so they compete for one champion alias
+    (scored_on,) = {v.tags["task_set"] for v in versions}
+    assert scored_on.startswith("smoke-test-2x1-")
+    champion = client.get_registered_model("fedse-global").aliases[f"champion-{scored_on}"]
     best = max(versions, key=lambda v: float(v.tags["macro"]))
     assert champion == best.version
 
@@ -92,13 +95,39 @@ def broken_train(*args, **kwargs):
 
 def test_a_failing_client_fails_the_flow(micro_params: Path, seeds: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
     import flows.round_loop as loop
 
     monkeypatch.setattr(loop, "train", broken_train)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state = loop.round_loop(method="fedit", profile="smoke", params=str(micro_params), sets=smoke_sets(seeds),
-                            out=str(tmp_path / "run"), return_state=True)
+                            out=str(tmp_path / "run"), return_state=True, tracking_uri=uri, experiment="t")
     assert state.is_failed()
     assert not (tmp_path / "run" / "metrics.json").exists()  # no round was recorded as complete
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert parent.info.status == "FAILED"  # not left RUNNING
+    assert parent.data.tags["failure"].startswith("AggregationError: round 0: 0 usable upload(s)")
+
+
+def test_an_interrupted_flow_marks_its_runs_killed_nested_ones_too(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from tasks.track import Tracking, close_unfinished, ended_as
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t")
+    parent = client.create_run(exp).info.run_id
+    nested = client.create_run(exp, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
+    done = client.create_run(exp, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
+    client.set_terminated(done)
+    status = ended_as(KeyboardInterrupt())
+    close_unfinished(Tracking(uri, exp, parent, "t"), status, "KeyboardInterrupt")
+    assert [client.get_run(r).info.status for r in (parent, nested, done)] == ["KILLED", "KILLED", "FINISHED"]
+    assert ended_as(RuntimeError("x")) == "FAILED"
 
 
 def test_an_upstream_failure_fails_the_flow_with_its_own_error(micro_params: Path, tmp_path: Path) -> None:
@@ -161,3 +190,101 @@ def test_tracking_without_the_server_into_a_served_experiment_is_one_clear_error
     MlflowClient(uri).create_experiment("served", artifact_location="mlflow-artifacts:/artifacts/1")
     with pytest.raises(ValueError, match="keeps its artifacts behind the MLflow server"):
         open_experiment.fn(load_config("params.yaml", profile="smoke"), uri, "served", "flow-run")
+
+
+def test_a_round_without_some_clients_says_who_and_why_in_mlflow_and_the_artifact() -> None:
+    from flows.round_loop import _table
+    from tasks.track import absence_tags, round_metrics
+
+    record = {"round": 2, "envs": {"maze": {"success": 0.5, "n": 4}}, "micro": 0.5, "macro": 0.5,
+              "aggregation": {"clients": 1, "agg_error": 0.1,
+                              "rejected": [{"client": "wordle", "reason": "update norm 9.1 is 120.0x ..."}],
+                              "missing": {"textcraft": "timed out after 60 s"}}}
+    assert absence_tags(record) == {"rejected.wordle": "update norm 9.1 is 120.0x ...",
+                                    "missing.textcraft": "timed out after 60 s"}
+    metrics = round_metrics(record)
+    assert metrics["aggregation.rejected"] == 1.0 and metrics["aggregation.clients"] == 1.0
+    rows = _table(record)
+    assert rows[-2:] == [{"env": "rejected: wordle", "success": "update norm 9.1 is 120.0x ...", "n": ""},
+                         {"env": "missing: textcraft", "success": "timed out after 60 s", "n": ""}]
+    assert absence_tags({"round": 0}) == {}
+
+
+def test_a_client_is_retried_and_one_that_keeps_failing_is_missing_from_a_quorum_round(
+        micro_params: Path, seeds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.round_loop as loop
+    from tasks.train import train as real_train
+
+    attempts: dict[str, int] = {}
+
+    @task(name="train")
+    def flaky_train(cfg, start, data, round, name):
+        attempts[name] = attempts.get(name, 0) + 1
+        if name == "wordle" or attempts[name] == 1:  # maze fails once, wordle every time
+            raise RuntimeError(f"{name} crashed")
+        return real_train.fn(cfg, start, data, round, name)
+
+    monkeypatch.setattr(loop, "train", flaky_train)
+    sets = [*smoke_sets(seeds), "federation.rounds=1", "federation.quorum=1", "orchestration.retries=2",
+            "orchestration.retry_delay=0"]
+    state = loop.round_loop(method="fedse", profile="smoke", params=str(micro_params), sets=sets,
+                            out=str(tmp_path / "run"), return_state=True)
+    assert state.is_completed()
+    assert attempts == {"maze": 2, "wordle": 3}  # one retry healed maze; wordle used all of its retries
+    r0 = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert r0["aggregation"]["missing"] == {"wordle": "RuntimeError: wordle crashed"}
+    assert r0["aggregation"]["clients"] == 1 and r0["clients"]["wordle"] == {"failed": "RuntimeError: wordle crashed"}
+
+
+def test_a_client_that_hangs_past_the_deadline_is_missing(micro_params: Path, seeds: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import flows.round_loop as loop
+    from tasks.train import train as real_train
+
+    @task(name="train")
+    def hanging_train(cfg, start, data, round, name):
+        if name == "wordle":
+            time.sleep(45)  # never delivers within the deadline; it holds no model while it hangs
+        return real_train.fn(cfg, start, data, round, name)
+
+    monkeypatch.setattr(loop, "train", hanging_train)
+    sets = [*smoke_sets(seeds), "federation.rounds=1", "federation.quorum=1", "federation.client_timeout=20"]
+    state = loop.round_loop(method="fedse", profile="smoke", params=str(micro_params), sets=sets,
+                            out=str(tmp_path / "run"), return_state=True)
+    assert state.is_completed()
+    r0 = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert r0["aggregation"]["missing"] == {
+        "wordle": "timed out: no upload within federation.client_timeout = 20 s"}
+    assert r0["clients"]["maze"]["steps"] > 0
+
+
+def test_versions_scored_on_other_task_sets_never_compete_for_one_alias(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.register import register, task_set
+    from tasks.track import Tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracking = Tracking(uri, exp, client.create_run(exp).info.run_id, "t")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    def scored(tasks: int, macro: float) -> dict:
+        return {"envs": {"maze": {"success": macro, "task_ids": list(range(tasks))}}, "micro": macro, "macro": macro}
+
+    smoke, quick = scored(4, 0.9), scored(25, 0.3)
+    sets = [task_set("smoke", "test", 1, smoke), task_set("quick", "test", 2, quick)]
+    assert sets[0].startswith("smoke-test-4x1-") and sets[1].startswith("quick-test-25x2-")
+    assert task_set("quick", "test", 2, scored(25, 0.1)) == sets[1]  # the same tasks: the same set
+    assert task_set("quick", "test", 1, quick) != sets[1] and task_set("quick", "val", 2, quick) != sets[1]
+    for record, scored_on in [(smoke, sets[0]), (quick, sets[1]), (scored(25, 0.5), sets[1])]:
+        run = client.create_run(exp).info.run_id
+        register.fn(tracking, run, 0, "fedse", 0, {"path": str(adapter), "sha256": "x", "bytes": 1}, record, {},
+                    scored_on)
+    aliases = client.get_registered_model("fedse-global").aliases
+    assert aliases == {f"champion-{sets[0]}": 1, f"champion-{sets[1]}": 3}  # the smoke model's 0.9 wins nothing

@@ -45,6 +45,19 @@ def test_local_round_trip_is_exact_and_laid_out_per_round_and_sender(tmp_path: P
     assert all(torch.equal(t.fetch_global(0, "wordle")[k], published[k]) for k in state)
 
 
+def test_the_server_lists_what_lies_outside_a_rounds_layout(tmp_path: Path) -> None:
+    t = local(tmp_path)
+    t.upload(1, "maze", adapter(), {})
+    base = tmp_path / "run" / "exchange" / "exp-1" / "round_1"
+    assert t.unexpected(1, ["maze", "wordle"]) == []  # a client that has not uploaded is no anomaly
+    (base / "client_maze" / "notes.txt").write_text("x")
+    (base / "client_wordle" / "deep" / "round_1").mkdir(parents=True)
+    (base / "client_wordle" / "deep" / "round_1" / "adapter.json").write_text("{}")
+    assert t.unexpected(1, ["maze", "wordle"]) == ["exp-1/round_1/client_maze/notes.txt",
+                                                   "exp-1/round_1/client_wordle/deep/round_1/adapter.json"]
+    assert t.unexpected(0, ["maze", "wordle"]) == []
+
+
 def test_bf16_halves_the_tensor_bytes_and_comes_back_as_fp32(tmp_path: Path) -> None:
     state = adapter()
     full = local(tmp_path / "a").upload(0, "maze", state, {})
@@ -161,6 +174,25 @@ def test_a_client_cannot_overwrite_another_clients_adapter_or_the_global_one(obj
     assert t.fetch_client(0, "wordle")[1] == wordle
     assert all(torch.equal(t.fetch_global(0, "maze")[k], global_state[k]) for k in global_state)
     assert published.sha256 == t._receive("server", 0, "global")[1].sha256
+
+
+def test_objects_outside_the_round_layout_are_reported_whoever_could_write_them(object_store) -> None:
+    t = s3(object_store, "gap")
+    t.upload(0, "maze", adapter(1), {})
+    t.upload(0, "wordle", adapter(2), {})
+    t.publish_global(0, adapter(3), {})
+    assert t.unexpected(0, ["maze", "wordle"]) == []
+    # client maze's write pattern round_*/client_maze/* : SeaweedFS's * also matches '/', so it may reach
+    # into wordle's folder at a deeper path; either the store refuses, or the server sees and reports it
+    planted = "gap/round_0/client_wordle/x/round_0/client_maze/adapter.json"
+    try:
+        object_store.client(client_role("maze")).put_object(Bucket="fedse", Key=planted, Body=b"{}")
+        landed = True
+    except Exception as exc:
+        assert "AccessDenied" in str(exc)
+        landed = False
+    assert t.unexpected(0, ["maze", "wordle"]) == ([planted] if landed else [])
+    assert t.fetch_client(0, "wordle")[1].sender == "client_wordle"  # what the server reads is unaffected
 
 
 def test_s3_partial_upload_is_not_complete(object_store) -> None:
