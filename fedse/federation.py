@@ -336,6 +336,8 @@ class Federation:
         """`resume`: continue the run in `out` (fedse.checkpoint) instead of refusing a used folder."""
         self.agent, self.cfg, self.out = agent, cfg, Path(out)
         config = cfg.model_dump(mode="json")
+        if resume and not (self.out / checkpoint.RUN).exists() and not (self.out.exists() and any(self.out.iterdir())):
+            resume = False  # killed before it wrote anything: there is nothing to resume, so it starts afresh
         if resume:
             experiment = checkpoint.identity(self.out, config)["experiment"]
         elif self.out.exists() and any(self.out.iterdir()):

@@ -107,8 +107,12 @@ def test_local_clients_resume_from_their_own_adapters(micro_spec, seeds, tmp_pat
 def test_resuming_with_other_parameters_or_no_run_is_one_line(micro_spec, seeds, tmp_path) -> None:  # noqa: F811
     cfg = smoke(micro_spec, seeds, "fedse", rounds=1)
     agent = load_agent(cfg.agent_spec(), seed=cfg.seed)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run")
     with pytest.raises(ResumeError, match=r"no run\.json there"):
-        Federation(agent, cfg, tmp_path / "nothing", resume=True)
+        Federation(agent, cfg, tmp_path / "other", resume=True)
+    Federation(agent, cfg, tmp_path / "nothing", resume=True)  # killed before it wrote anything: starts afresh
+    assert (tmp_path / "nothing" / "run.json").exists()
     Federation(agent, cfg, tmp_path / "run").run()
     other = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
     with pytest.raises(ResumeError, match=r"parameters differ from the run's: federation.rounds: 1 in the run, 3 now"):
