@@ -105,7 +105,13 @@ def main(argv: list[str]) -> int:
               "(make setup installs them; on a bare GPU image carry them as wheels)", file=sys.stderr)
         return 2
     import torch
+    import yaml
 
+    profiles = (yaml.safe_load((ROOT / "params.yaml").read_text()) or {}).get("profiles") or {}
+    if args.profile not in profiles:
+        print(f"error: --profile {args.profile}: not a profile of params.yaml (known: {', '.join(profiles)}); "
+              "e.g. --profile quick --set model.preset=smollm2-135m", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device}: torch {torch.__version__} sees no CUDA device "
               "(run bench/gpu.sh --dry-run to check the script on a CPU)", file=sys.stderr)

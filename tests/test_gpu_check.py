@@ -36,9 +36,14 @@ def test_dry_run_scores_both_methods_and_prints_one_summary_line(tmp_path: Path)
     assert "fedse" in (tmp_path / "results.md").read_text() and (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_an_unknown_profile_is_one_line() -> None:
+    done = gpu_sh("--profile", "nope")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "not a profile" in done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_asking_for_cuda_without_it_is_one_line() -> None:
-    done = gpu_sh("--device", "cuda")
+    done = gpu_sh("--profile", "quick", "--device", "cuda")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "sees no CUDA device" in done.stderr
 
