@@ -51,16 +51,18 @@ def well_formed(client: str, state: State, weight: float, current: State) -> str
 
 
 def outliers(norms: Mapping[str, float], max_ratio: float) -> dict[str, str]:
-    """Clients whose update norm exceeds max_ratio × the median of the others' (needs 2 clients or more)."""
+    """Clients whose update norm exceeds max_ratio × the median of the others' (needs 2 clients or more).
+
+    When the others did not move at all (a round without new data for them: `no_history`) there is no scale
+    to compare with, and nobody is rejected for it."""
     out: dict[str, str] = {}
     if len(norms) < 2:
         return out
     for client, norm in norms.items():
         others = statistics.median(n for c, n in norms.items() if c != client)
-        if norm > max_ratio * others and norm > 0:
-            ratio = f"{norm / others:.1f}x" if others > 0 else "infinitely"
-            out[client] = (f"update norm {norm:.3g} is {ratio} the median of the other clients' ({others:.3g}); "
-                           f"bound aggregation.max_norm_ratio = {max_ratio:g}")
+        if others > 0 and norm > max_ratio * others:  # others that did not move (no new data) set no scale
+            out[client] = (f"update norm {norm:.3g} is {norm / others:.1f}x the median of the other clients' "
+                           f"({others:.3g}); bound aggregation.max_norm_ratio = {max_ratio:g}")
     return out
 
 

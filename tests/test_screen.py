@@ -61,6 +61,13 @@ def test_a_sign_flipped_adapter_is_far_from_the_broadcast_one() -> None:
     assert [r.client for r in rejected] == ["evil"]
 
 
+def test_a_client_that_did_not_move_sets_no_scale_for_the_others() -> None:
+    # no_history: a client without new data this round uploads the broadcast adapter unchanged
+    kept, rejected = screen([honest("maze", 0.3), ("wordle", GLOBAL, 1.0)], GLOBAL, 10.0)
+    assert rejected == [] and len(kept) == 2
+    assert outliers({"a": 0.0, "b": 0.0}, 10.0) == {}
+
+
 def test_screening_off_keeps_every_well_formed_upload() -> None:
     big = ("big", state(500.0, 500.0), 1.0)
     kept, rejected = screen([honest("a", 0.1), big], GLOBAL, None)
