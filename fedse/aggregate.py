@@ -100,12 +100,17 @@ def check_state(client: str, state: State, reference: State | None) -> None:
             raise AggregationError(f"client {client}: tensor {key} holds NaN or infinite values")
 
 
+def check_weight(client: str, weight: float) -> None:
+    """A finite, non-negative client weight (NaN compares false, so it fails too)."""
+    if not weight >= 0 or weight != weight:
+        raise AggregationError(f"client {client}: weight {weight} must be a finite number ≥ 0")
+
+
 def collect(adapters: Iterable[Update]) -> list[Update]:
     """Validate every upload against the first and every weight; returns them as a list."""
     out: list[Update] = []
     for client, state, weight in adapters:
-        if not weight >= 0 or weight != weight:
-            raise AggregationError(f"client {client}: weight {weight} must be a finite number ≥ 0")
+        check_weight(client, weight)
         check_state(client, state, out[0][1] if out else None)
         out.append((client, state, float(weight)))
     if not out:

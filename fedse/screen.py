@@ -22,7 +22,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fedse.aggregate import AggregationError, State, Update, check_state
+from fedse.aggregate import AggregationError, State, Update, check_state, check_weight
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,8 @@ def update_norm(state: State, current: State) -> float:
 
 def well_formed(client: str, state: State, weight: float, current: State) -> str | None:
     """Why this upload cannot be aggregated at all, or None."""
-    if not weight >= 0 or weight != weight:
-        return f"weight {weight} must be a finite number ≥ 0"
     try:
+        check_weight(client, weight)
         check_state(client, state, current)
     except AggregationError as exc:
         return str(exc).removeprefix(f"client {client}: ")
