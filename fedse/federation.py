@@ -336,11 +336,11 @@ class Federation:
         """`resume`: continue the run in `out` (fedse.checkpoint) instead of refusing a used folder."""
         self.agent, self.cfg, self.out = agent, cfg, Path(out)
         config = cfg.model_dump(mode="json")
-        if resume and not (self.out / checkpoint.RUN).exists() and not (self.out.exists() and any(self.out.iterdir())):
-            resume = False  # killed before it wrote anything: there is nothing to resume, so it starts afresh
+        used = self.out.exists() and any(self.out.iterdir())
+        resume = resume and used  # killed before it wrote anything: nothing to resume, so it starts afresh
         if resume:
             experiment = checkpoint.identity(self.out, config)["experiment"]
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif used:
             raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out, "
                              "delete it, or continue it with --resume")
         self.method = method(cfg.federation.method)
@@ -380,8 +380,8 @@ class Federation:
         if start == 0:
             return self.initial
         last = start - 1
-        for client in self.clients:
-            if not self.method.federated and self.method.train:
+        if self.method.train and not self.method.federated:  # no server: each client goes on from its own
+            for client in self.clients:
                 client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, last,
                                                                             ".safetensors"))
         if self.cfg.aggregation.momentum and self.method.federated:
