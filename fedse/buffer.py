@@ -69,10 +69,13 @@ class Buffer:
         return fresh
 
     def truncate(self, count: int) -> None:
-        """Keep the oldest `count` records (on disk too): a resumed run drops what an unfinished round added."""
+        """Keep the oldest `count` records (on disk too): a resumed run drops what an unfinished round added.
+        An empty buffer has no file, as a new one."""
         self._records = self._records[:count]
         self._hashes = {t.content_hash for t in self._records}
-        if self.path.exists():
+        if self.path.exists() and not self._records:
+            self.path.unlink()
+        elif self.path.exists():
             write_jsonl(self.path, self._records)
 
     def commit(self, round: int, added: list[Trajectory], extra: dict[str, Any] | None = None) -> dict[str, Any]:

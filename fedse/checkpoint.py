@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from fedse.atomic import write_bytes, write_json
-from fedse.buffer import RECORDS, Buffer
+from fedse.buffer import Buffer
 
 RUN = "run.json"
 METRICS = "metrics.json"
@@ -142,5 +142,3 @@ def rewind(buffer: Buffer, round: int) -> None:
     for later in buffer.root.glob("manifest_*.json"):
         if int(later.stem.split("_", 1)[1]) > round:
             later.unlink()
-    if keep == 0 and (buffer.root / RECORDS).exists():
-        (buffer.root / RECORDS).unlink()
