@@ -147,7 +147,6 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
             if deadline is not None and not finished_by(sent or trained, deadline):
                 missing[name] = f"timed out: no upload within federation.client_timeout = " \
                                 f"{cfg.federation.client_timeout:g} s"
-                stats[name] = {"failed": missing[name]}
                 continue
             # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
             fresh_list = fresh.result() if fresh is not None else []
@@ -161,14 +160,13 @@ def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], rou
             if not how.federated:  # no server to go on without this client
                 raise
             missing[name] = failure(exc)
-            stats[name] = {"failed": missing[name]}
             continue
         own[name] = state
         stats[name] = update_stats(fresh_list, client_data.manifest, client_data.records, train_stats, state,
                                    egress.get(name))
         if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
             updates.append((name, state, successes(client_data.records)))
-    record["clients"] = stats
+    record["clients"] = stats | {name: {"failed": why} for name, why in missing.items()}
     delivered = [name for name, _ in groups if name not in missing]
     new, adapter, server["momentum"], info = aggregate.submit(cfg, updates, global_state, round, str(folder),
                                                               exchange, delivered, server["momentum"],
