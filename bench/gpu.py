@@ -97,21 +97,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    preset = next((s.split("=", 1)[1] for s in reversed(args.sets) if s.startswith("model.preset=")),
-                  "smollm2-135m" if args.profile == "smollm2" else "tiny")
-    lacking = missing_packages(preset)
+    lacking = missing_packages("tiny")  # the base set first: reading params.yaml needs yaml
+    if not lacking:
+        import yaml
+
+        params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
+        profiles = params.get("profiles") or {}
+        if args.profile not in profiles:
+            print(f"error: --profile {args.profile}: not a profile of params.yaml (known: {', '.join(profiles)}); "
+                  "e.g. --profile quick --set model.preset=smollm2-135m", file=sys.stderr)
+            return 2
+        # the preset the run will load: the last --set, else the profile's, else params.yaml's model section
+        preset = next((s.split("=", 1)[1] for s in reversed(args.sets) if s.startswith("model.preset=")),
+                      ((profiles[args.profile] or {}).get("model") or {}).get("preset")
+                      or (params.get("model") or {}).get("preset", "tiny"))
+        lacking = missing_packages(preset)
     if lacking:
         print(f"error: gpu check needs Python packages this interpreter lacks: {', '.join(lacking)} "
               "(make setup installs them; on a bare GPU image carry them as wheels)", file=sys.stderr)
         return 2
     import torch
-    import yaml
 
-    profiles = (yaml.safe_load((ROOT / "params.yaml").read_text()) or {}).get("profiles") or {}
-    if args.profile not in profiles:
-        print(f"error: --profile {args.profile}: not a profile of params.yaml (known: {', '.join(profiles)}); "
-              "e.g. --profile quick --set model.preset=smollm2-135m", file=sys.stderr)
-        return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device}: torch {torch.__version__} sees no CUDA device "
               "(run bench/gpu.sh --dry-run to check the script on a CPU)", file=sys.stderr)
