@@ -63,6 +63,24 @@ def run_method(method: str, args: argparse.Namespace, sets: list[str], work: Pat
     return folder, time.perf_counter() - started, code
 
 
+def ensure_seed(profile: str, sets: list[str]) -> int:
+    """Write the profile's missing expert seed files first (`fedse seed`, what `dvc repro seed` writes, same bytes):
+    a clean clone or a bare GPU image has no data/seed/, and the first round trains on it."""
+    sys.path.insert(0, str(ROOT))
+    from fedse.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml", profile=profile, overrides=sets)
+    folder = Path(cfg.seed_data.dir)
+    folder = folder if folder.is_absolute() else ROOT / folder
+    lacking = [name for name in cfg.client_envs() if not (folder / f"{name}.jsonl").exists()]
+    if not lacking:
+        return 0
+    print(f"seed: writing expert trajectories for {', '.join(lacking)} into {folder} ...", flush=True)
+    cmd = [sys.executable, "-m", "fedse.cli", "seed", "--out", str(folder),
+           *[a for name in lacking for a in ("--env", name)]]
+    return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).returncode
+
+
 def curve(folder: Path) -> tuple[float, float]:
     """(first scored macro, last scored macro) of a finished run."""
     rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
@@ -128,6 +146,9 @@ def main(argv: list[str]) -> int:
     sets = [f"model.device={args.device}", *args.sets]
     methods = [m for m in args.methods.split(",") if m]
     started = time.perf_counter()
+    if ensure_seed(args.profile, args.sets) != 0:
+        print("error: `fedse seed` failed; run it by hand to see why", file=sys.stderr)
+        return 1
     results: dict[str, tuple[float, float]] = {}
     timing: dict[str, float] = {}
     skipped: list[str] = []
