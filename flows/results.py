@@ -18,6 +18,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -48,12 +49,23 @@ def stale() -> list[str]:
     return [name for name in json.loads(out.stdout or "{}") if not name.endswith(".dvc")]
 
 
-def commands() -> dict[str, str]:
-    """Every stage's resolved command (matrix and foreach items expanded), by stage name."""
+def commands() -> dict[str, tuple[str, list[Path]]]:
+    """Every stage's resolved command (matrix and foreach items expanded) and its outputs, by stage name."""
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:
-        return {stage.addressing: stage.cmd for stage in repo.index.stages if stage.cmd}
+        return {stage.addressing: (stage.cmd, [Path(out.fs_path) for out in stage.outs])
+                for stage in repo.index.stages if stage.cmd}
+
+
+def clear(outs: list[Path]) -> None:
+    """Remove a stage's outputs before running it, as `dvc repro` does: a run killed midway (a session's
+    end, a power cut) leaves a half-written run folder, and the flow refuses to write into a used one."""
+    for out in outs:
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        elif out.exists() or out.is_symlink():
+            out.unlink()
 
 
 def weight(stage: str) -> float:
@@ -69,11 +81,14 @@ def order(stages: list[str], patterns: list[str] | None) -> list[str]:
     return sorted((s for s in stages if rank[s] is not None), key=lambda s: (rank[s], -weight(s), s))
 
 
-def record_timing(path: Path, wall: float, jobs: int, timing: dict[str, float], failed: list[str]) -> float:
-    """Add this invocation to the timing file and return the table's wall time so far: an interrupted or
-    partial table is built over several invocations, and its cost is their sum, not the last one's."""
+def record_timing(path: Path, wall: float, jobs: int, timing: dict[str, float], failed: list[str],
+                  began: str) -> float:
+    """Write this invocation (started at `began`) into the timing file and return the table's wall time so
+    far: an interrupted or partial table is built over several invocations, and its cost is their sum, not the
+    last one's. Called after every stage, so an invocation killed midway still counts up to its last stage."""
     previous = json.loads(path.read_text()) if path.exists() else {}
-    sessions = [*previous.get("sessions", []), {"wall_seconds": wall, "jobs": jobs, "stages": sorted(timing)}]
+    this = {"began": began, "wall_seconds": round(wall, 1), "jobs": jobs, "stages": sorted(timing)}
+    sessions = [*(s for s in previous.get("sessions", []) if s.get("began") != began), this]
     total = sum(s["wall_seconds"] for s in sessions)
     summary = {"wall_seconds": total, "sessions": sessions, "stages": previous.get("stages", {}) | timing,
                "failed": failed}
@@ -81,9 +96,11 @@ def record_timing(path: Path, wall: float, jobs: int, timing: dict[str, float], 
     return total
 
 
-def run_stage(stage: str, cmd: str, record: threading.Lock) -> tuple[str, float, int]:
-    """Run one stage's command on one thread, then record it in dvc.lock; (stage, seconds, exit status)."""
+def run_stage(stage: str, cmd: str, outs: list[Path], record: threading.Lock) -> tuple[str, float, int]:
+    """Run one stage's command on one thread (its old outputs cleared first), then record it in dvc.lock;
+    (stage, seconds, exit status)."""
     LOGS.mkdir(parents=True, exist_ok=True)
+    clear(outs)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = time.perf_counter()
@@ -105,7 +122,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="stage name patterns, e.g. 'experiment@fedse-*'")
     parser.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    timings = ROOT / "reports" / "results-timing.json"
     for stage in FIRST:
         if stage in stale() and not args.dry_run:
             print(f"dvc repro {stage}", flush=True)
@@ -121,7 +139,7 @@ def main(argv: list[str]) -> int:
     timing: dict[str, float] = {}
     record = threading.Lock()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_stage, s, cmds[s], record) for s in todo]
+        futures = [pool.submit(run_stage, s, *cmds[s], record) for s in todo]
         for done, future in enumerate(as_completed(futures), 1):
             stage, seconds, code = future.result()
             timing[stage] = seconds
@@ -129,6 +147,7 @@ def main(argv: list[str]) -> int:
             print(f"[{done}/{len(todo)}] {stage}: {seconds / 60:.1f} min {status}", flush=True)
             if code != 0:
                 failed.append(stage)
+            record_timing(timings, time.perf_counter() - started, args.jobs, timing, failed, began)
     remaining = [s for s in stale() if s not in LAST]
     if not failed and remaining:
         more = " ..." if len(remaining) > 6 else ""
@@ -141,7 +160,7 @@ def main(argv: list[str]) -> int:
             print(f"error: dvc repro failed: {finish.stderr.strip()[-500:]}", file=sys.stderr)
             failed.append("dvc repro")
     wall = time.perf_counter() - started
-    total = record_timing(ROOT / "reports" / "results-timing.json", wall, args.jobs, timing, failed) if todo else wall
+    total = record_timing(timings, wall, args.jobs, timing, failed, began) if todo else wall
     print(f"results table: {wall / 60:.1f} min wall for {len(todo)} stage(s) on {args.jobs} job(s)"
           f" ({total / 60:.1f} min over every invocation so far)"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)

@@ -2,7 +2,7 @@
 
 import json
 
-from flows.results import order, record_timing
+from flows.results import clear, order, record_timing
 
 STAGES = ["experiment@centralized-0", "experiment@fedit-0", "experiment@fedse-0", "experiment@fedse-1",
           "full@fedse", "rank@2", "variant@exact-s0"]
@@ -23,9 +23,28 @@ def test_a_stage_matching_two_patterns_runs_at_the_first() -> None:
 
 def test_timing_sums_the_invocations_that_built_the_table(tmp_path) -> None:
     path = tmp_path / "timing.json"
-    assert record_timing(path, 60.0, 2, {"a": 50.0}, []) == 60.0
-    assert record_timing(path, 90.0, 2, {"b": 80.0, "a": 40.0}, ["b"]) == 150.0
+    assert record_timing(path, 60.0, 2, {"a": 50.0}, [], "t1") == 60.0
+    assert record_timing(path, 90.0, 2, {"b": 80.0, "a": 40.0}, ["b"], "t2") == 150.0
     kept = json.loads(path.read_text())
     assert kept["stages"] == {"a": 40.0, "b": 80.0}
     assert [s["stages"] for s in kept["sessions"]] == [["a"], ["a", "b"]]
     assert kept["failed"] == ["b"]
+
+
+def test_an_invocation_recorded_after_each_stage_counts_once_at_its_latest_wall(tmp_path) -> None:
+    """A table driver killed midway (a session ends) has written its wall time up to its last stage."""
+    path = tmp_path / "timing.json"
+    record_timing(path, 60.0, 2, {"a": 50.0}, [], "t1")
+    record_timing(path, 30.0, 2, {"b": 25.0}, [], "t2")
+    assert record_timing(path, 70.0, 2, {"b": 25.0, "c": 60.0}, [], "t2") == 130.0
+    assert [s["stages"] for s in json.loads(path.read_text())["sessions"]] == [["a"], ["b", "c"]]
+
+
+def test_a_stage_s_old_outputs_are_cleared_before_it_runs(tmp_path) -> None:
+    """As dvc repro does: a half-written run folder from a killed run would make the flow refuse to start."""
+    folder, file, absent = tmp_path / "run", tmp_path / "metrics.json", tmp_path / "never"
+    (folder / "buffers").mkdir(parents=True)
+    (folder / "buffers" / "b.jsonl").write_text("{}")
+    file.write_text("{}")
+    clear([folder, file, absent])
+    assert not folder.exists() and not file.exists() and list(tmp_path.iterdir()) == []
