@@ -3,7 +3,8 @@
 Each row injects one fault into a real run of the smoke profile (the tiny model, three clients, two rounds;
 `--set` adds overrides, `--params` another params file) and compares it with the same run undisturbed:
 
-* kill -9 of the driver (`fedse run` in its own process) at random moments, then `fedse run --resume`;
+* kill -9 of the driver (`fedse run` in its own process) at random moments, then `fedse run --resume`; the
+  same for the Prefect flow (`python -m flows.experiment`, its whole process group), then its `resume`;
 * a client whose training raises; a client that hangs (through the Prefect flow and its round deadline);
 * a NaN, wrong-shape, 100x-scaled or sign-flipped upload (screened out), and the 100x one unscreened;
 * the object store (SeaweedFS) stopped mid-round, then started again and the run resumed;
@@ -14,7 +15,8 @@ can go on), records_lost (buffer records the undisturbed run has and this one la
 (the final global adapter's sha256 equals the undisturbed run's; null where the fault changes the result by
 design), macro (final macro success) and what the run did.
 
-    python bench/faults.py [--kills 10] [--json] [--only kill,upload-nan,...] [--set federation.rounds=2]
+    python bench/faults.py [--kills 10] [--flow-kills 3] [--json] [--only kill,kill-flow,upload-nan,...]
+                           [--set federation.rounds=2]
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Bench:
         self.cfg = self.config()
         self.clean: dict[str, Any] = {}
         self.clean_seconds = 0.0
+        self.flow_done: tuple[dict[str, Any], float] | None = None
 
     def config(self, *extra: str) -> Config:
         return run_config(self.params, "smoke", "fedse", self.seed, [*self.sets, *extra])
@@ -86,6 +89,25 @@ class Bench:
         sets = [item for s in self.sets for item in ("--set", s)]
         return [sys.executable, "-m", "fedse.cli", "--params", self.params, "run", "--profile", "smoke",
                 "--method", "fedse", "--seed", str(self.seed), *sets, *args]
+
+    def flow(self, *args: str) -> list[str]:
+        """The Prefect flow on a temporary local API (`python -m flows.experiment`), tracking into the bench's
+        own MLflow store."""
+        sets = [item for s in self.sets for item in ("--set", s)]
+        return [sys.executable, "-m", "flows.experiment", "--params", self.params, "--profile", "smoke",
+                "--method", "fedse", "--seed", str(self.seed), "--tracking-uri", f"sqlite:///{self.work / 'mlflow.db'}",
+                *sets, *args]
+
+    def flow_clean(self) -> tuple[dict[str, Any], float]:
+        """The undisturbed flow run (once), and its wall time."""
+        if not self.flow_done:
+            out = self.work / "flow-clean"
+            started = time.perf_counter()
+            done = subprocess.run(self.flow("--out", str(out)), cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"error: the undisturbed flow run failed: {one_line(done.stderr)}")
+            self.flow_done = (outcome(out), time.perf_counter() - started)
+        return self.flow_done
 
     def in_process(self, out: Path, *extra: str, resume: bool = False) -> dict[str, Any]:
         cfg = self.config(*extra)
@@ -107,23 +129,30 @@ def one_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def kill(bench: Bench, at: float, index: int) -> dict[str, Any]:
-    """kill -9 the driver `at` seconds in, then resume until it completes."""
-    out = bench.work / f"kill-{index}"
-    proc = subprocess.Popen(bench.cli("--out", str(out)), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def kill(bench: Bench, at: float, index: int, flow: bool = False) -> dict[str, Any]:
+    """kill -9 the driver (`fedse run`, or with `flow` the Prefect flow's process group: its temporary API and
+    task workers die with it, as in a power cut) at `at` of the undisturbed run's wall time, then resume until
+    it completes; compared with the undisturbed run of the same driver."""
+    out = bench.work / f"{'flow-' if flow else ''}kill-{index}"
+    clean, seconds = bench.flow_clean() if flow else (bench.clean, bench.clean_seconds)
+    start = bench.flow("--out", str(out)) if flow else bench.cli("--out", str(out))
+    proc = subprocess.Popen(start, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        proc.wait(timeout=at)
+        proc.wait(timeout=at * seconds)
         when = "finished before the kill"
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        when = f"killed at {at:.1f} s, round {len(outcome(out)['rounds'])} in progress"
-    resumed = subprocess.run(bench.cli("--resume", str(out)), cwd=ROOT, capture_output=True, text=True)
+        when = f"killed at {at * seconds:.1f} s, round {len(outcome(out)['rounds'])} in progress"
+    again = bench.flow("--out", str(out), "--resume") if flow else bench.cli("--resume", str(out))
+    resumed = subprocess.run(again, cwd=ROOT, capture_output=True, text=True)
     got = outcome(out)
     survived = resumed.returncode == 0 and got["complete"]
-    did = f"{when}; --resume {'completed' if survived else 'failed: ' + one_line(resumed.stderr)}"
-    return row(f"kill -9 driver #{index + 1}", survived, bench.clean, got, got["sha"] == bench.clean["sha"], did)
+    how = "resume" if flow else "--resume"
+    did = f"{when}; {how} {'completed' if survived else 'failed: ' + one_line(resumed.stderr)}"
+    name = f"kill -9 flow #{index + 1}" if flow else f"kill -9 driver #{index + 1}"
+    return row(name, survived, clean, got, got["sha"] == clean["sha"], did)
 
 
 @contextmanager
@@ -321,28 +350,31 @@ FAULTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10, help="kill -9 points (random, seeded)")
-    parser.add_argument("--only", default=None, help=f"comma-separated: kill,{','.join(FAULTS)}")
+    parser.add_argument("--flow-kills", type=int, default=3, help="kill -9 points of the Prefect flow")
+    parser.add_argument("--only", default=None, help=f"comma-separated: kill,kill-flow,{','.join(FAULTS)}")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override a parameter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    chosen = args.only.split(",") if args.only else ["kill", *FAULTS]
-    unknown = sorted(set(chosen) - {"kill", *FAULTS})
+    chosen = args.only.split(",") if args.only else ["kill", "kill-flow", *FAULTS]
+    unknown = sorted(set(chosen) - {"kill", "kill-flow", *FAULTS})
     if unknown:
-        print(f"error: unknown fault(s) {', '.join(unknown)}; known: kill, {', '.join(FAULTS)}", file=sys.stderr)
+        print(f"error: unknown fault(s) {', '.join(unknown)}; known: kill, kill-flow, {', '.join(FAULTS)}",
+              file=sys.stderr)
         return 2
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedse-faults-") as tmp:
         bench = Bench(args.params, args.sets, Path(tmp), args.seed)
         bench.run_clean()
-        if "kill" in chosen:
-            rng = random.Random(args.seed)
-            for i in range(args.kills):
-                rows.append(kill(bench, rng.uniform(0.05, 0.95) * bench.clean_seconds, i))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        rng = random.Random(args.seed)
+        kills = [(i, False) for i in range(args.kills)] if "kill" in chosen else []
+        kills += [(i, True) for i in range(args.flow_kills)] if "kill-flow" in chosen else []
+        for i, flow in kills:
+            rows.append(kill(bench, rng.uniform(0.05, 0.95), i, flow))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for name in chosen:
-            if name != "kill":
+            if name not in ("kill", "kill-flow"):
                 rows.append(FAULTS[name](bench))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         summary = {"clean": {"macro": bench.clean["macro"], "seconds": bench.clean_seconds, "sha": bench.clean["sha"]},

@@ -8,10 +8,13 @@ Upload and broadcast go through `fedse.transport` (a folder by default, S3 when 
 exactly the adapters it downloaded and verified, and a client starts round t+1 from the global adapter it
 downloaded; what each client sent is logged by `fedse.audit`.
 
-The pieces are small functions (`explore`, `client_data`, `local_train`, `evaluate_adapter`) so that the
-Prefect flow composes the very same calls as task boundaries; `Federation.run` composes them with plain
-calls. All clients share one frozen base model in memory and swap adapter tensors in and out of it: the
-base is the same everywhere, only φ differs, exactly as on separate machines.
+The loop is written once, `Federation`: rounds, checkpoints and resume (fedse.checkpoint), missing clients
+and the quorum, the server step (`server_round`), evaluation, metrics.json. Who does a round's work is its
+`Runner`: `InProcess` calls the small step functions (`explore`, `client_data`, `local_train`,
+`evaluate_adapter`) one client at a time on one agent (`fedse run`); the Prefect flow's runner
+(flows/round_loop.py) submits the very same calls as tasks. In process, all clients share one frozen base
+model and swap adapter tensors in and out of it: the base is the same everywhere, only φ differs, exactly as
+on separate machines.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,7 +77,6 @@ class Client:
     envs: list[str]
     buffer: Buffer
     state: AdapterState | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ the steps (what the flow's tasks call)
@@ -327,14 +329,154 @@ def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state
     return global_state
 
 
-# ------------------------------------------------------------------ the plain driver
-class Federation:
-    """Runs `cfg.federation.rounds` rounds of one method and writes `out/metrics.json` after every round."""
+def server_round(cfg: Config, how: Method, round: int, out: Path, exchange: Transport | None,
+                 updates: list[tuple[str, AdapterState, int]], delivered: list[str], global_state: AdapterState,
+                 momentum: AdapterState | None, missing: dict[str, str],
+                 save: Callable[[AdapterState, Path, dict[str, Any]], str],
+                 ) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None, dict[str, Any]]:
+    """The server's step of a round, whatever runs it: download and verify the `delivered` clients' uploads
+    from the exchange (or, without a server, take `updates`), screen and aggregate them, publish the new global
+    adapter, and `save` it (PEFT format) under `out/adapters/round_<t>`. Returns the new global adapter, its
+    record (None when a method has no global adapter), the server's momentum and what the rule logged."""
+    received = [receive_update(exchange, round, name) for name in delivered] if exchange else updates
+    step = next_global(cfg, how, received, global_state, momentum, round, missing)
+    if exchange is not None:
+        step.info |= foreign_objects(exchange, cfg, round)
+    new, sent = step.state, None
+    if exchange is not None:
+        new, sent = publish(exchange, how, round, new)
+    if not (how.federated or how.pooled):
+        return new, None, step.momentum, step.info
+    folder = out / "adapters" / f"round_{round}"
+    digest = save(new, folder, {"method": how.name, "round": round, "seed": cfg.seed})
+    return new, global_record(digest, new, sent) | {"path": str(folder)}, step.momentum, step.info
 
-    def __init__(self, agent: Agent, cfg: Config, out: Path, progress: Progress | None = None,
-                 resume: bool = False) -> None:
-        """`resume`: continue the run in `out` (fedse.checkpoint) instead of refusing a used folder."""
-        self.agent, self.cfg, self.out = agent, cfg, Path(out)
+
+# ------------------------------------------------------------------ the round loop, and how its clients run
+@dataclass
+class ClientJob:
+    """One client's work in a round: its environments, and the adapter it starts from (None: the global
+    adapter of the previous round, which the client downloads from the exchange itself)."""
+
+    name: str
+    envs: list[str]
+    start: AdapterState | None
+
+
+@dataclass
+class ClientOutcome:
+    """What a client's round hands back to the loop: its trained adapter (the server reads the verified
+    upload from the exchange, not this), the round's numbers, its weight under weighted averaging, what it
+    uploaded, and the DVC hash of its buffer version when the runner versions buffers."""
+
+    state: AdapterState
+    stats: dict[str, Any]
+    weight: int
+    upload: Upload | None = None
+    buffer_version: str | None = None
+
+
+class Runner(Protocol):
+    """How the clients' work, the server step and the evaluation run: plain calls in this process
+    (`InProcess`), or Prefect tasks (flows/round_loop.py). The round loop around them (`Federation`) is one."""
+
+    model: str  # the base model's name, for metrics.json
+
+    def initial(self) -> AdapterState: ...
+
+    def clients(self, fed: Federation, round: int, jobs: list[ClientJob],
+                ) -> Iterator[tuple[str, ClientOutcome | Exception]]: ...
+
+    def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
+               delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
+               missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
+                                                 dict[str, Any]]: ...
+
+    def evaluate(self, fed: Federation, round: int, states: dict[str, AdapterState]) -> dict[str, EnvScore]: ...
+
+
+class InProcess:
+    """Every step a plain call on one agent in this process, one client at a time (`fedse run`); long work
+    reports to `progress`."""
+
+    def __init__(self, agent: Agent, progress: Progress | None = None) -> None:
+        self.agent, self.progress, self.model = agent, progress or Silent(), agent.name
+
+    def initial(self) -> AdapterState:
+        return adapter_state(self.agent)
+
+    def clients(self, fed: Federation, round: int, jobs: list[ClientJob],
+                ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
+        for job in jobs:
+            try:
+                yield job.name, self.client(fed, round, job)
+            except Exception as exc:
+                yield job.name, exc
+
+    def client(self, fed: Federation, round: int, job: ClientJob) -> ClientOutcome:
+        """One client's round: (download the global adapter,) explore, filter, buffer, train, upload."""
+        how, cfg = fed.method, fed.cfg
+        start = round_start(fed.exchange, how, round, job.name, job.start or {}, job.start, fed.initial)
+        fresh: list[Trajectory] = []
+        if how.explore:
+            bar = self.progress.start(f"round {round}: {job.name} explores", cfg.federation.explore_episodes)
+            fresh = explore(self.agent, cfg, job.envs[0], start, round, cfg.seed,
+                            advance=lambda n, bar=bar: self.progress.update(bar, advance=n))
+            self.progress.finish(bar)
+        data, manifest = client_data(Buffer(fed.out / "buffers" / job.name),
+                                     keep(fresh, how, cfg.federation.explore_attempts), round, how,
+                                     client_seeds(cfg, job.envs, round), cfg.envs.options.get(job.envs[0]))
+        label = f"round {round}: {job.name} trains on {len(data)} trajectories"
+        bar = self.progress.start(label, None)
+
+        def advance(step: int, total: int, loss: float, bar: Any = bar, label: str = label) -> None:
+            self.progress.update(bar, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
+
+        state, stats = local_train(self.agent, cfg, start, data, cfg.seed * 1_000 + round, advance)
+        self.progress.finish(bar)
+        sent = send_update(fed.exchange, cfg, fed.out, round, job.name, state, successes(data)) \
+            if fed.exchange is not None else None
+        return ClientOutcome(state, update_stats(fresh, manifest, data, stats, state, sent), successes(data), sent)
+
+    def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
+               delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
+               missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
+                                                 dict[str, Any]]:
+        def save(state: AdapterState, folder: Path, meta: dict[str, Any]) -> str:
+            set_adapter_state(self.agent, state, origin="global adapter")
+            return save_adapter(self.agent, folder, meta)
+
+        return server_round(fed.cfg, fed.method, round, fed.out, fed.exchange, updates, delivered, global_state,
+                            momentum, missing, save)
+
+    def evaluate(self, fed: Federation, round: int, states: dict[str, AdapterState]) -> dict[str, EnvScore]:
+        scores = {}
+        for env, state in states.items():
+            bar = self.progress.start(f"round {round}: evaluating {env}",
+                                      len(eval_task_ids(fed.cfg, env, round)) * fed.cfg.eval.passes)
+            scores[env] = evaluate_adapter(self.agent, fed.cfg, state, env, fed.cfg.seed, round,
+                                           advance=lambda n, bar=bar: self.progress.update(bar, advance=n))
+            self.progress.finish(bar)
+        return scores
+
+
+RoundHook = Callable[[int, dict[str, Any], dict[str, Any] | None, dict[str, Upload]], None]
+
+
+class Federation:
+    """The round loop, written once: `cfg.federation.rounds` rounds of one method, metrics.json written after
+    every round (its commit point), resumable from its folder (fedse.checkpoint). Who runs each client's work,
+    the server step and the evaluation is the `runner`; `Federation(agent, cfg, out)` runs them in-process."""
+
+    def __init__(self, agent: Agent | None, cfg: Config, out: Path, progress: Progress | None = None,
+                 resume: bool = False, runner: Runner | None = None, on_round: RoundHook | None = None) -> None:
+        """`resume`: continue the run in `out` instead of refusing a used folder. `on_round(round, record,
+        adapter, egress)` is called after each round is committed (the flow tracks it in MLflow there)."""
+        if runner is None:
+            if agent is None:
+                raise ValueError("Federation needs an agent or a runner")
+            runner = InProcess(agent, progress)
+        self.runner, self.cfg, self.out, self.on_round = runner, cfg, Path(out), on_round
         config = cfg.model_dump(mode="json")
         used = self.out.exists() and any(self.out.iterdir())
         resume = resume and used  # killed before it wrote anything: nothing to resume, so it starts afresh
@@ -344,9 +486,8 @@ class Federation:
             raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out, "
                              "delete it, or continue it with --resume")
         self.method = method(cfg.federation.method)
-        self.progress = progress or Silent()
         self.seed = cfg.seed
-        self.initial = initial_state(cfg, adapter_state(agent))
+        self.initial = initial_state(cfg, runner.initial())
         self.momentum: AdapterState | None = None  # the server's FedAvgM buffer, carried across rounds
         self.clients = [Client(name, envs, Buffer(self.out / "buffers" / name))
                         for name, envs in client_groups(cfg, self.method)]
@@ -364,12 +505,15 @@ class Federation:
         for round in range(len(self.rounds), total):
             started = time.perf_counter()
             record: dict[str, Any] = {"round": round}
+            adapter, egress = None, {}
             if self.method.train:
-                global_state = self.round(round, global_state, record)
+                global_state, adapter, egress = self.round(round, global_state, record)
             self.evaluate(round, global_state, record)
             record["seconds"] = time.perf_counter() - started
             self.rounds.append(record)
             write_json(self.out / checkpoint.METRICS, self.document(complete=round == total - 1))
+            if self.on_round is not None:
+                self.on_round(round, record, adapter, egress)
         return self.document(complete=True)
 
     def restore(self, start: int) -> AdapterState:
@@ -390,104 +534,68 @@ class Federation:
             return read_adapter(self.out / "adapters" / f"round_{last}")
         return self.initial
 
-    def round(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> AdapterState:
-        """Every client's update, then the server step over those that arrived; returns the next global
-        adapter."""
-        how = self.method
-        updates = list(self._client_updates(round, global_state))
-        step = next_global(self.cfg, how, updates, global_state, self.momentum, round, self.missing)
-        new, self.momentum = step.state, step.momentum
-        if self.exchange is not None:
-            step.info |= foreign_objects(self.exchange, self.cfg, round)
-        record["clients"] = {c.name: dict(c.stats) for c in self.clients}
-        if step.info:
-            record["aggregation"] = step.info
-        sent = None
-        if self.exchange is not None:
-            new, sent = publish(self.exchange, how, round, new)
-        if how.federated or how.pooled:
-            digest = save_adapter(self._with(new), self.out / "adapters" / f"round_{round}",
-                                  {"method": how.name, "round": round, "seed": self.seed})
-            record["global"] = global_record(digest, new, sent)
-        if self.momentum is not None:
-            checkpoint.save_state(self.out / "server" / f"momentum_{round}.safetensors", self.momentum)
-        return new
-
-    def _client_updates(self, round: int, global_state: AdapterState) -> Iterator[tuple[str, AdapterState, int]]:
-        """Each client's round, one at a time, so the aggregator holds one upload at a time. With a server, a
-        client that fails is missing from the round (`self.missing`, with why) and the others go on; the
-        server then decides whether a quorum remains."""
+    def round(self, round: int, global_state: AdapterState, record: dict[str, Any],
+              ) -> tuple[AdapterState, dict[str, Any] | None, dict[str, Upload]]:
+        """Every client's work (the runner's), then the server step over those that delivered; returns the next
+        global adapter, its record and what each client uploaded. A client that fails is missing from the
+        round, with why (a method without a server cannot go on without it); a client that had finished this
+        round before a crash is not run again."""
+        how, outcomes, jobs = self.method, {}, []
         self.missing = {}
         for client in self.clients:
-            try:
-                yield self._client_round(round, client, global_state)
-            except Exception as exc:
-                if not self.method.federated:
-                    raise
-                reason = failure(exc)
-                self.missing[client.name] = reason
-                client.stats = {"failed": reason}
+            done = checkpoint.client_done(self.out, client.name, round)
+            if done is not None:
+                outcomes[client.name] = self._finished(client, round, done)
+            else:
+                start = None if self.exchange is not None and round > 0 else \
+                    start_state(how, global_state, client.state, self.initial)
+                jobs.append(ClientJob(client.name, client.envs, start))
+        for name, got in self.runner.clients(self, round, jobs):
+            if isinstance(got, Exception):
+                if not how.federated:  # no server to go on without this client
+                    raise got
+                self.missing[name] = failure(got)
+                continue
+            outcomes[name] = got
+            checkpoint.mark_client_done(self.out, name, round, got.stats,
+                                        got.state if self.exchange is None else None)
+        for client in self.clients:
+            if client.name in outcomes:
+                client.state = outcomes[client.name].state
+        delivered = [c.name for c in self.clients if c.name in outcomes]
+        updates = [(name, outcomes[name].state, outcomes[name].weight) for name in delivered] \
+            if self.exchange is None else []
+        new, adapter, self.momentum, info = self.runner.server(self, round, updates, delivered, global_state,
+                                                               self.momentum, self.missing)
+        record["clients"] = {c.name: outcomes[c.name].stats if c.name in outcomes else {"failed": self.missing[c.name]}
+                             for c in self.clients}
+        if info:
+            record["aggregation"] = info
+        if adapter is not None:
+            record["global"] = {k: v for k, v in adapter.items() if k != "path"}
+        versions = {name: o.buffer_version for name, o in outcomes.items() if o.buffer_version}
+        if versions:
+            record["buffers_dvc"] = versions
+        if self.momentum is not None:
+            checkpoint.save_state(self.out / "server" / f"momentum_{round}.safetensors", self.momentum)
+        return new, adapter, {name: o.upload for name, o in outcomes.items() if o.upload is not None}
 
-    def _client_round(self, round: int, client: Client, global_state: AdapterState,
-                      ) -> tuple[str, AdapterState, int]:
-        """One client's round: explore, filter, buffer, train, upload; or, when a crash interrupted the run
-        after the client had finished this round, what it left (its upload, or its own adapter)."""
-        how = self.method
-        done = checkpoint.client_done(self.out, client.name, round)
-        if done is not None:
-            client.stats = done
-            if self.exchange is not None:
-                return receive_update(self.exchange, round, client.name)
-            client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round,
-                                                                        ".safetensors"))
-            return client.name, client.state, done["successes_trained_on"]
-        start = round_start(self.exchange, how, round, client.name, global_state, client.state, self.initial)
-        fresh: list[Trajectory] = []
-        if how.explore:
-            job = self.progress.start(f"round {round}: {client.name} explores", self.cfg.federation.explore_episodes)
-            fresh = explore(self.agent, self.cfg, client.envs[0], start, round, self.seed,
-                            advance=lambda n, job=job: self.progress.update(job, advance=n))
-            self.progress.finish(job)
-        data, manifest = client_data(client.buffer, keep(fresh, how, self.cfg.federation.explore_attempts), round,
-                                     how, client_seeds(self.cfg, client.envs, round),
-                                     self.cfg.envs.options.get(client.envs[0]))
-        label = f"round {round}: {client.name} trains on {len(data)} trajectories"
-        job = self.progress.start(label, None)
-
-        def advance(step: int, total: int, loss: float, job: Any = job, label: str = label) -> None:
-            self.progress.update(job, completed=step, total=total, label=f"{label} (loss {loss:.3f})")
-
-        state, stats = local_train(self.agent, self.cfg, start, data, self.seed * 1_000 + round, advance)
-        self.progress.finish(job)
-        client.state = state
-        if self.exchange is None:
-            client.stats = update_stats(fresh, manifest, data, stats, state)
-            checkpoint.mark_client_done(self.out, client.name, round, client.stats, state)
-            return client.name, state, successes(data)
-        upload = send_update(self.exchange, self.cfg, self.out, round, client.name, state, successes(data))
-        client.stats = update_stats(fresh, manifest, data, stats, state, upload)
-        checkpoint.mark_client_done(self.out, client.name, round, client.stats)
-        return receive_update(self.exchange, round, client.name)
+    def _finished(self, client: Client, round: int, stats: dict[str, Any]) -> ClientOutcome:
+        """A client that finished this round before a crash: its marker's numbers, and (without a server) its
+        own adapter; with one, the server reads its upload from the exchange."""
+        if self.exchange is not None:
+            return ClientOutcome(client.state or self.initial, stats, stats.get("successes_trained_on", 1))
+        state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round, ".safetensors"))
+        return ClientOutcome(state, stats, stats["successes_trained_on"])
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
         """The global adapter on every env; for `local`, each client's own adapter on its own env."""
         own = {c.name: c.state for c in self.clients if c.state is not None}
-        per_env: dict[str, EnvScore] = {}
-        for env in self.cfg.client_envs():
-            state = eval_state(self.method, env, own, global_state, self.initial)
-            job = self.progress.start(f"round {round}: evaluating {env}",
-                                      len(eval_task_ids(self.cfg, env, round)) * self.cfg.eval.passes)
-            per_env[env] = evaluate_adapter(self.agent, self.cfg, state, env, self.seed, round,
-                                            advance=lambda n, job=job: self.progress.update(job, advance=n))
-            self.progress.finish(job)
-        record.update(summarise(per_env))
-
-    def _with(self, state: AdapterState) -> Agent:
-        set_adapter_state(self.agent, state, origin="global adapter")
-        return self.agent
+        states = {env: eval_state(self.method, env, own, global_state, self.initial) for env in self.cfg.client_envs()}
+        record.update(summarise(self.runner.evaluate(self, round, states)))
 
     def document(self, complete: bool) -> dict[str, Any]:
-        return document(self.cfg, self.agent.name, self.rounds, complete, exchange_info(self.exchange))
+        return document(self.cfg, self.runner.model, self.rounds, complete, exchange_info(self.exchange))
 
 
 def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bool,

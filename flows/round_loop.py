@@ -1,4 +1,5 @@
-"""Flow `fedse`: the round loop of `fedse.federation`, with every step a Prefect task.
+"""Flow `fedse`: the round loop of `fedse.federation` (`Federation`, the one loop `fedse run` also runs), with
+its client work, server step and evaluation as Prefect tasks (`Tasks`, the loop's runner).
 
 Each round maps the client chain (download_global →) rollout → filter → buffer → train → upload over the
 clients (rollout, train and the transfers retried `orchestration.retries` times with exponential backoff),
@@ -6,13 +7,16 @@ waits for them until `federation.client_timeout`, then aggregates what arrived (
 uploads from the exchange, screens them, and needs `federation.quorum` of them; a failed, late or rejected
 client is recorded as missing with its reason), registers and evaluates the global adapter;
 the next round starts only after this one's aggregation and registration have completed. It writes the same
-`metrics.json` as `fedse run`, so `fedse report` reads either. Parameter `transport` picks the exchange's
-backend (`s3` in the served deployment; default: params.yaml's `transport.backend`, a local folder).
+run folder as `fedse run` (metrics.json, checkpoints), so `fedse report` reads either and parameter `resume`
+continues a killed flow run from its folder as `fedse run --resume` does, MLflow records included (rounds
+already tracked are not tracked twice). Parameter `transport` picks the exchange's backend (`s3` in the served
+deployment; default: params.yaml's `transport.backend`, a local folder).
 
 No `from __future__ import annotations` here: Prefect validates flow parameters from the annotations.
 """
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,91 +26,62 @@ from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from fedse.atomic import write_json
 from fedse.config import Config, OrchestrationConfig, run_config
-from fedse.evaluate import summarise
-from fedse.federation import (
-    AdapterState,
-    client_groups,
-    document,
-    eval_state,
-    exchange_info,
-    failure,
-    open_exchange,
-    start_state,
-    successes,
-    update_stats,
-)
-from fedse.methods import Method
-from fedse.methods import method as method_of
-from fedse.transport import Transport, Upload
+from fedse.evaluate import EnvScore
+from fedse.federation import AdapterState, ClientJob, ClientOutcome, Federation, failure, successes, update_stats
+from fedse.transport import Upload
 from tasks.agent import borrowed, fresh_adapter
 from tasks.aggregate import aggregate
 from tasks.buffer import update_buffer
 from tasks.evaluate import evaluate
 from tasks.exchange import download_global, upload
 from tasks.filter import success_filter
-from tasks.register import register, task_set
+from tasks.register import register, registered, task_set
 from tasks.rollout import rollout
-from tasks.track import close_unfinished, ended_as, finish, log_round, open_experiment
+from tasks.track import Tracking, close_unfinished, ended_as, finish, log_round, open_experiment, reopen, round_run
 from tasks.train import train
 from tasks.version_buffer import version_buffer
 
 
 def run_folder(cfg: Config, out: str | None, flow_run: str) -> Path:
+    """The run's folder: `out`, else runs/flows/<method>-<profile>-s<seed>-<flow run id>."""
     name = f"{cfg.federation.method}-{cfg.profile}-s{cfg.seed}-{flow_run[:8]}"
-    folder = Path(out) if out else cfg.federation.out / "flows" / name
-    if folder.exists() and any(folder.iterdir()):
-        raise ValueError(f"{folder}: already holds a run; choose another out or delete it")
-    return folder
+    return Path(out) if out else cfg.federation.out / "flows" / name
 
 
 @flow(name="fedse", log_prints=True)
 def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, params: str = "params.yaml",
                sets: list[str] | None = None, out: str | None = None, tracking_uri: str | None = None,
                experiment: str | None = None, dvc_repo: str | None = None,
-               transport: str | None = None) -> dict[str, Any]:
-    """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json."""
+               transport: str | None = None, resume: str | None = None) -> dict[str, Any]:
+    """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json.
+    `resume`: the folder of a killed run of the same settings, to continue (its completed rounds are kept)."""
     chosen = [f"transport.backend={transport}"] if transport else []  # before `sets`: an explicit override wins
     cfg = run_config(params, profile, method, seed, [*chosen, *(sets or [])])
-    how = method_of(cfg.federation.method)
     flow_run = str(get_run_context().flow_run.id)
-    folder = run_folder(cfg, out, flow_run)
-    exchange = open_exchange(cfg, folder)
-    tracking = open_experiment(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run) \
+    folder = Path(resume) if resume else run_folder(cfg, out, flow_run)
+    runner = Tasks(cfg, dvc_repo)
+    fed = Federation(None, cfg, folder, resume=resume is not None, runner=runner)
+    tracking = track(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run, folder, resume is not None) \
         if tracking_uri else None
-    initial = fresh_adapter(cfg)
-    with borrowed(cfg) as agent:
-        model = agent.name
-    groups = client_groups(cfg, how)
-    total = cfg.federation.rounds if how.train else 1
-    progress = create_progress_artifact(0.0, key=_key(f"fedse-progress-{flow_run}"),
-                                        description=f"{how.name}: rounds completed of {total}")
-    global_state, own, rounds = initial, {}, []
-    server: dict[str, Any] = {"momentum": None}  # what the server carries across rounds (FedAvgM)
+    total = cfg.federation.rounds if fed.method.train else 1
+    progress = create_progress_artifact(100.0 * len(fed.rounds) / total, key=_key(f"fedse-progress-{flow_run}"),
+                                        description=f"{fed.method.name}: rounds completed of {total}")
+
+    def on_round(round: int, record: dict[str, Any], adapter: dict[str, Any] | None,
+                 egress: dict[str, Upload]) -> None:
+        if tracking is not None:
+            record_round(tracking, cfg, round, record, adapter, egress)
+        create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
+                              description=f"{fed.method.name} round {round}: success per environment")
+        update_progress_artifact(progress, 100.0 * (round + 1) / total)
+
+    fed.on_round = on_round
     try:
-        for round in range(total):
-            started = time.perf_counter()
-            record: dict[str, Any] = {"round": round}
-            adapter, buffers, egress = None, {}, {}
-            if how.train:
-                global_state, adapter, buffers, egress = one_round(cfg, how, groups, round, global_state, own, initial,
-                                                                   folder, record, dvc_repo, exchange, server)
-            record.update(evaluate_all(cfg, how, round, global_state, own, initial))
-            record["seconds"] = time.perf_counter() - started
-            rounds.append(record)
-            write_json(folder / "metrics.json",
-                       document(cfg, model, rounds, round == total - 1, exchange_info(exchange)))
-            if tracking is not None:
-                round_run = log_round(tracking, round, record, egress)
-                if adapter is not None:
-                    scored_on = task_set(cfg.profile, cfg.federation.eval_split, cfg.eval.passes, record)
-                    version = register(tracking, round_run, round, how.name, cfg.seed, adapter, record, buffers,
-                                       scored_on)
-                    get_run_logger().info("round %d: registered fedse-global version %s", round, version)
-            create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
-                                  description=f"{how.name} round {round}: success per environment")
-            update_progress_artifact(progress, 100.0 * (round + 1) / total)
+        if tracking is not None:  # rounds a killed run completed but had not tracked yet
+            for round, record in enumerate(fed.rounds):
+                record_round(tracking, cfg, round, record, committed_adapter(folder, round, record), {})
+        doc = fed.run()
         if tracking is not None:
             finish(tracking, str(folder / "metrics.json"))
     except BaseException as exc:
@@ -114,83 +89,105 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
             close_unfinished(tracking, ended_as(exc), failure(exc))
         raise
     print(f"metrics: {folder / 'metrics.json'}")
-    return document(cfg, model, rounds, True, exchange_info(exchange)) | {"out": str(folder)}
+    return doc | {"out": str(folder)}
 
 
-def one_round(cfg: Config, how: Method, groups: list[tuple[str, list[str]]], round: int, global_state: AdapterState,
-              own: dict[str, AdapterState], initial: AdapterState, folder: Path, record: dict[str, Any],
-              dvc_repo: str | None, exchange: Transport | None, server: dict[str, Any]) \
-        -> tuple[AdapterState, dict[str, Any] | None, dict[str, str], dict[str, Upload]]:
-    """Map the client chain, collect every result (a failure raises here), then aggregate.
+def track(cfg: Config, uri: str, experiment: str, flow_run: str, folder: Path, resume: bool) -> Tracking:
+    """This run's parent MLflow run: a resumed run's own (reopened), else a new one, remembered in the run
+    folder so a later resume finds it."""
+    if resume:
+        found = reopen(uri, folder)
+        if found is not None:
+            return found
+    tracking = open_experiment(cfg, uri, experiment, flow_run)
+    tracking.remember(folder)
+    return tracking
 
-    Returns the new global adapter, where it was saved, the DVC hash of each client's buffer version, and
-    what each client uploaded (its egress record)."""
-    retry = {"retries": cfg.orchestration.retries,
-             "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
-    chains = []
-    for name, envs in groups:
-        start = download_global.with_options(**retry).submit(exchange, round, name) \
-            if exchange is not None and round > 0 else start_state(how, global_state, own.get(name), initial)
-        fresh = rollout.with_options(**retry).submit(cfg, envs[0], start, round) if how.explore else None
-        kept = success_filter.submit(fresh if fresh is not None else [], how.name, name, round,
-                                     cfg.federation.explore_attempts)
-        data = update_buffer.submit(cfg, str(folder / "buffers" / name), kept, round, name, envs)
-        versioned = version_buffer.submit(dvc_repo, data, name, round) if dvc_repo else None
-        trained = train.with_options(**retry).submit(cfg, start, data, round, name)
-        sent = upload.with_options(**retry).submit(exchange, cfg, str(folder), trained, data, round, name) \
-            if exchange else None
-        chains.append((name, fresh, data, trained, versioned, sent))
-    deadline = time.monotonic() + cfg.federation.client_timeout if cfg.federation.client_timeout else None
-    updates, stats, buffers, egress, missing = [], {}, {}, {}, {}
-    for name, fresh, data, trained, versioned, sent in chains:
-        try:
+
+def record_round(tracking: Tracking, cfg: Config, round: int, record: dict[str, Any], adapter: dict[str, Any] | None,
+                 egress: dict[str, Upload]) -> None:
+    """The round in MLflow (a nested run) and its global adapter in the registry, each only if not there yet."""
+    run_id = round_run(tracking, round) or log_round(tracking, round, record, egress)
+    if adapter is not None and not registered(tracking, round):
+        scored_on = task_set(cfg.profile, cfg.federation.eval_split, cfg.eval.passes, record)
+        version = register(tracking, run_id, round, cfg.federation.method, cfg.seed, adapter, record,
+                           record.get("buffers_dvc", {}), scored_on)
+        get_run_logger().info("round %d: registered fedse-global version %s", round, version)
+
+
+def committed_adapter(folder: Path, round: int, record: dict[str, Any]) -> dict[str, Any] | None:
+    """A completed round's global adapter as the registry takes it (its record and folder), if it has one."""
+    if "global" not in record:
+        return None
+    return record["global"] | {"path": str(folder / "adapters" / f"round_{round}")}
+
+
+class Tasks:
+    """The loop's runner in a flow: each client's round as a chain of Prefect tasks, all clients at once on the
+    flow's task runner; the server step and every evaluation as tasks too."""
+
+    def __init__(self, cfg: Config, dvc_repo: str | None) -> None:
+        self.cfg, self.dvc_repo = cfg, dvc_repo
+        with borrowed(cfg) as agent:
+            self.model = agent.name
+
+    def initial(self) -> AdapterState:
+        return fresh_adapter(self.cfg)
+
+    def clients(self, fed: Federation, round: int, jobs: list[ClientJob],
+                ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
+        """Submit every client's chain, then collect them in order; a client's failure (after its retries) or
+        a missed deadline is handed back as its exception."""
+        cfg, how, exchange = self.cfg, fed.method, fed.exchange
+        retry = {"retries": cfg.orchestration.retries,
+                 "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
+        chains = []
+        for job in jobs:
+            start = job.start if job.start is not None else \
+                download_global.with_options(**retry).submit(exchange, round, job.name)
+            fresh = rollout.with_options(**retry).submit(cfg, job.envs[0], start, round) if how.explore else None
+            kept = success_filter.submit(fresh if fresh is not None else [], how.name, job.name, round,
+                                         cfg.federation.explore_attempts)
+            data = update_buffer.submit(cfg, str(fed.out / "buffers" / job.name), kept, round, job.name, job.envs)
+            versioned = version_buffer.submit(self.dvc_repo, data, job.name, round) if self.dvc_repo else None
+            trained = train.with_options(**retry).submit(cfg, start, data, round, job.name)
+            sent = upload.with_options(**retry).submit(exchange, cfg, str(fed.out), trained, data, round, job.name) \
+                if exchange is not None else None
+            chains.append((job.name, fresh, data, trained, versioned, sent))
+        timeout = cfg.federation.client_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        for name, fresh, data, trained, versioned, sent in chains:
             if deadline is not None and not finished_by(sent or trained, deadline):
-                missing[name] = f"timed out: no upload within federation.client_timeout = " \
-                                f"{cfg.federation.client_timeout:g} s"
+                yield name, TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s")
                 continue
-            # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
-            fresh_list = fresh.result() if fresh is not None else []
-            client_data = data.result()
-            if versioned is not None:
-                buffers[name] = versioned.result()
-            state, train_stats = trained.result()
-            if sent is not None:
-                egress[name] = sent.result()
-        except Exception as exc:
-            if not how.federated:  # no server to go on without this client
-                raise
-            missing[name] = failure(exc)
-            continue
-        own[name] = state
-        stats[name] = update_stats(fresh_list, client_data.manifest, client_data.records, train_stats, state,
-                                   egress.get(name))
-        if exchange is None:  # no server: the updates stay in the flow (local keeps them, centralized is one)
-            updates.append((name, state, successes(client_data.records)))
-    record["clients"] = stats | {name: {"failed": why} for name, why in missing.items()}
-    delivered = [name for name, _ in groups if name not in missing]
-    new, adapter, server["momentum"], info = aggregate.submit(cfg, updates, global_state, round, str(folder),
-                                                              exchange, delivered, server["momentum"],
-                                                              missing).result()
-    if info:
-        record["aggregation"] = info
-    if adapter is not None:
-        record["global"] = {k: v for k, v in adapter.items() if k != "path"}
-    if buffers:
-        record["buffers_dvc"] = buffers
-    return new, adapter, buffers, egress
+            try:  # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
+                explored = fresh.result() if fresh is not None else []
+                got = data.result()
+                version = versioned.result() if versioned is not None else None
+                state, stats = trained.result()
+                up = sent.result() if sent is not None else None
+            except Exception as exc:
+                yield name, exc
+                continue
+            yield name, ClientOutcome(state, update_stats(explored, got.manifest, got.records, stats, state, up),
+                                      successes(got.records), up, version)
+
+    def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
+               delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
+               missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
+                                                 dict[str, Any]]:
+        return aggregate.submit(self.cfg, updates, global_state, round, str(fed.out), fed.exchange, delivered,
+                                momentum, missing).result()
+
+    def evaluate(self, fed: Federation, round: int, states: dict[str, AdapterState]) -> dict[str, EnvScore]:
+        futures = {env: evaluate.submit(self.cfg, state, env, round) for env, state in states.items()}
+        return {env: future.result() for env, future in futures.items()}
 
 
 def finished_by(future: Any, deadline: float) -> bool:
     """Whether a client's last task ended (in any state) before the round's deadline."""
     future.wait(timeout=max(0.0, deadline - time.monotonic()))
     return future.state.is_final()
-
-
-def evaluate_all(cfg: Config, how: Method, round: int, global_state: AdapterState, own: dict[str, AdapterState],
-                 initial: AdapterState) -> dict[str, Any]:
-    futures = {env: evaluate.submit(cfg, eval_state(how, env, own, global_state, initial), env, round)
-               for env in cfg.client_envs()}
-    return summarise({env: future.result() for env, future in futures.items()})
 
 
 def _table(record: dict[str, Any]) -> list[dict[str, Any]]:

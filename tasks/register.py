@@ -48,6 +48,18 @@ def version_tags(tracking: Tracking, method: str, round: int, seed: int, adapter
     return tags
 
 
+def registered(tracking: Tracking, round: int, model: str = MODEL) -> bool:
+    """Whether this parent run's round already has its registered version (a resumed flow does not add a
+    second one)."""
+    client = tracking.client()
+    try:
+        found = client.search_model_versions(f"name='{model}' and tag.parent_run_id = '{tracking.run_id}' "
+                                             f"and tag.round = '{round}'")
+    except MlflowException:
+        return False
+    return bool(found)
+
+
 @task(name="register", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="register-round-{round}")
 def register(tracking: Tracking, round_run: str, round: int, method: str, seed: int, adapter: dict[str, Any],
              record: dict[str, Any], buffers: dict[str, str], evaluated_on: str, model: str = MODEL) -> str:

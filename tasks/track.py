@@ -7,7 +7,7 @@ run", because tasks run in worker threads or processes.
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from fedse.atomic import write_json
 from fedse.config import Config
 from fedse.transport import Upload
 
 TAG_CHUNK = 5000  # MLflow tag values hold at most 8000 characters
+REMEMBERED = "tracking.json"  # in the run folder: which parent run a resumed flow run continues
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,39 @@ class Tracking:
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
+
+    def remember(self, folder: Path) -> None:
+        """Note this parent run in the run folder, so that resuming the run continues it instead of a new one."""
+        write_json(Path(folder) / REMEMBERED, asdict(self))
+
+
+def reopen(uri: str, folder: Path) -> Tracking | None:
+    """The parent run a killed run folder was tracked in (its tracking.json), marked RUNNING again; None when
+    the folder was not tracked, or tracked at another URI (a new parent run is opened then)."""
+    path = Path(folder) / REMEMBERED
+    if not path.exists():
+        return None
+    saved = Tracking(**json.loads(path.read_text()))
+    if saved.uri != uri:
+        return None
+    client = saved.client()
+    client.update_run(saved.run_id, status="RUNNING")
+    client.set_tag(saved.run_id, "resumed", "true")
+    return saved
+
+
+def round_run(tracking: Tracking, round: int) -> str | None:
+    """The nested run of `round` when it was tracked to the end; one a crash left unfinished (RUNNING, or
+    closed as FAILED/KILLED) is deleted so the round is tracked again, once."""
+    client = tracking.client()
+    runs = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.run_id}' "
+                              f"and tags.round = '{round}'")
+    done = [r.info.run_id for r in runs if r.info.status == "FINISHED"]
+    if done:
+        return done[0]
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return None
 
 
 def flat_params(cfg: Config) -> dict[str, str]:

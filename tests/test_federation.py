@@ -227,28 +227,36 @@ def test_missing_seed_file_is_one_clear_line(micro_spec, tmp_path: Path) -> None
         run(cfg, tmp_path / "out")
 
 
-class ScaledUpload(Federation):
-    """A federation whose `wordle` client uploads its update scaled 100x (a broken or hostile client)."""
+def scaled_upload(monkeypatch: pytest.MonkeyPatch, fed: Federation) -> Federation:
+    """`fed` with its `wordle` client uploading its round-0 update scaled 100x (a broken or hostile client)."""
+    import fedse.federation as federation
 
-    def _client_updates(self, round, global_state):
-        for name, state, weight in super()._client_updates(round, global_state):
-            if name == "wordle":
-                state = {k: global_state[k] + 100 * (v - global_state[k]) for k, v in state.items()}
-            yield name, state, weight
+    real = federation.send_update
+
+    def send(transport, cfg, folder, round, client, state, weight):
+        if client == "wordle":
+            state = {k: fed.initial[k] + 100 * (v - fed.initial[k]) for k, v in state.items()}
+        return real(transport, cfg, folder, round, client, state, weight)
+
+    monkeypatch.setattr(federation, "send_update", send)
+    return fed
 
 
-def test_a_scaled_upload_is_screened_out_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path) -> None:
+def test_a_scaled_upload_is_screened_out_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path,
+                                                                            monkeypatch) -> None:
     cfg = smoke(micro_spec, seeds, "fedse", rounds=1, quorum=1)
-    doc = ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()
+    doc = scaled_upload(monkeypatch, Federation(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path)).run()
     info = doc["rounds"][0]["aggregation"]
     assert [r["client"] for r in info["rejected"]] == ["wordle"] and "max_norm_ratio" in info["rejected"][0]["reason"]
     assert info["clients"] == 1 and doc["aggregation"]["max_norm_ratio"] == 10.0
 
 
-def test_below_the_quorum_the_round_fails_naming_the_rejected_client(micro_spec, seeds, tmp_path) -> None:
+def test_below_the_quorum_the_round_fails_naming_the_rejected_client(micro_spec, seeds, tmp_path,
+                                                                     monkeypatch) -> None:
     cfg = smoke(micro_spec, seeds, "fedse", rounds=1)  # 2 clients: a majority is both
+    fed = scaled_upload(monkeypatch, Federation(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path))
     with pytest.raises(AggregationError, match=r"below the quorum of 2; missing: wordle \(rejected: update norm"):
-        ScaledUpload(load_agent(cfg.agent_spec(), seed=cfg.seed), cfg, tmp_path).run()
+        fed.run()
 
 
 def test_a_failing_client_is_missing_and_the_round_goes_on_with_a_quorum(micro_spec, seeds, tmp_path,

@@ -256,7 +256,7 @@ def test_a_client_that_hangs_past_the_deadline_is_missing(micro_params: Path, se
     assert state.is_completed()
     r0 = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
     assert r0["aggregation"]["missing"] == {
-        "wordle": "timed out: no upload within federation.client_timeout = 20 s"}
+        "wordle": "TimeoutError: no upload within federation.client_timeout = 20 s"}
     assert r0["clients"]["maze"]["steps"] > 0
 
 
@@ -288,3 +288,62 @@ def test_versions_scored_on_other_task_sets_never_compete_for_one_alias(tmp_path
                     scored_on)
     aliases = client.get_registered_model("fedse-global").aliases
     assert aliases == {f"champion-{sets[0]}": 1, f"champion-{sets[1]}": 3}  # the smoke model's 0.9 wins nothing
+
+
+def test_a_failed_flow_resumed_ends_as_an_uninterrupted_one_and_tracks_each_round_once(
+        micro_params: Path, seeds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 1 fails (wordle's training breaks, below the quorum) after maze delivered; `resume` continues the
+    folder: maze is not retrained, the final adapter is the uninterrupted run's, and MLflow holds one parent
+    run, one nested run and one registered version per round."""
+    from mlflow import MlflowClient
+
+    import flows.round_loop as loop
+    from tasks.train import train as real_train
+
+    sets = [*smoke_sets(seeds), "orchestration.retries=0"]
+    clean = loop.round_loop(method="fedse", profile="smoke", seed=6, params=str(micro_params), sets=sets,
+                            out=str(tmp_path / "clean"))
+    calls: list[tuple[str, int]] = []
+    broken = [True]
+
+    @task(name="train")
+    def breaking(cfg, start, data, round, name):
+        calls.append((name, round))
+        if (name, round) == ("wordle", 1) and broken[0]:
+            raise RuntimeError("out of memory")
+        return real_train.fn(cfg, start, data, round, name)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "train", breaking)
+    failed = loop.round_loop(method="fedse", profile="smoke", seed=6, params=str(micro_params), sets=sets,
+                             out=str(run), tracking_uri=uri, experiment="t", return_state=True)
+    assert failed.is_failed() and "below the quorum of 2" in str(failed.result(raise_on_failure=False))
+    assert len(json.loads((run / "metrics.json").read_text())["rounds"]) == 1
+
+    calls.clear()
+    broken[0] = False
+    resumed = loop.round_loop(method="fedse", profile="smoke", seed=6, params=str(micro_params), sets=sets,
+                              resume=str(run), tracking_uri=uri, experiment="t")
+    assert calls == [("wordle", 1)]  # maze's round-1 upload was already in the exchange
+    assert [r["global"]["sha256"] for r in resumed["rounds"]] == [r["global"]["sha256"] for r in clean["rounds"]]
+
+    client = MlflowClient(uri)
+    every = client.search_runs([client.get_experiment_by_name("t").experiment_id], max_results=50)
+    parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    nested = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["round"] for r in nested) == ["0", "1"]
+    versions = client.search_model_versions(f"name='fedse-global' and tag.parent_run_id = '{parents[0].info.run_id}'")
+    assert sorted(v.tags["round"] for v in versions) == ["0", "1"]
+
+
+def test_resume_of_a_folder_with_other_settings_is_refused_in_one_line(micro_params: Path, seeds: Path,
+                                                                       tmp_path: Path) -> None:
+    from flows.round_loop import round_loop
+
+    sets = [*smoke_sets(seeds), "federation.rounds=1"]
+    round_loop(method="fedit", profile="smoke", seed=0, params=str(micro_params), sets=sets, out=str(tmp_path / "r"))
+    state = round_loop(method="fedit", profile="smoke", seed=1, params=str(micro_params), sets=sets,
+                       resume=str(tmp_path / "r"), return_state=True)
+    assert state.is_failed() and "seed" in str(state.result(raise_on_failure=False))

@@ -148,3 +148,69 @@ def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack
     shutil.rmtree(stack.root / ".dvc" / "cache")
     assert not in_cache(str(stack.root), version)
     assert pull(str(stack.root), version) > 0 and in_cache(str(stack.root), version)
+
+
+def test_two_experiments_on_one_stack_keep_to_their_own_keys_runs_and_buffers(stack: Stack, micro_params: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of the same settings and seed started together on the served deployment: each writes only
+    under its own exchange prefix, its own MLflow parent run and its own buffers, and each ends exactly where
+    it would alone (the same global adapters), which cross-talk of any kind would break."""
+    import time
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    seeds = tmp_path / "seeds"
+    for env in ("maze", "wordle"):
+        assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"]).exit_code == 0
+    before = set(objects(stack, "fedse"))
+    sets = ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
+            "federation.explore_episodes=2", "federation.eval_episodes=2", f"transport.audit_dir={tmp_path / 'egress'}"]
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        started = [run_deployment("fedse/round-loop", timeout=0, parameters={
+            "method": "fedse", "profile": "smoke", "seed": 5, "params": str(micro_params), "sets": sets,
+            "out": str(tmp_path / name), "experiment": "fedse-two-at-once"}) for name in ("a", "b")]
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 900
+            runs = [client.read_flow_run(r.id) for r in started]
+            while not all(r.state is not None and r.state.is_final() for r in runs) and time.monotonic() < deadline:
+                time.sleep(3)
+                runs = [client.read_flow_run(r.id) for r in started]
+    assert all(r.state is not None and r.state.is_completed() for r in runs), [r.state for r in runs]
+    docs = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b")]
+    prefixes = [d["exchange"]["experiment"] for d in docs]
+    assert prefixes[0] != prefixes[1]
+
+    # keys: each run's 12 objects under its own prefix, their manifests naming its own uploads
+    exchange = {k: v for k, v in objects(stack, "fedse").items() if k not in before}
+    assert sorted({k.split("/", 1)[0] for k in exchange}) == sorted(prefixes)
+    for doc, prefix in zip(docs, prefixes, strict=True):
+        mine = {k: v for k, v in exchange.items() if k.startswith(f"{prefix}/")}
+        assert len(mine) == 12
+        for r, record in enumerate(doc["rounds"]):
+            for name, stats in record["clients"].items():
+                manifest = json.loads(mine[f"{prefix}/round_{r}/client_{name}/adapter.json"])
+                assert manifest["sha256"] == stats["upload_sha256"]
+
+    # buffers: in each run's own folder, the same records; and the same global adapters as each other
+    def buffer(name: str, client: str) -> bytes:
+        return (tmp_path / name / "buffers" / client / "buffer.jsonl").read_bytes()
+
+    assert all(buffer("a", c) == buffer("b", c) for c in ("maze", "wordle"))
+    assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
+
+    # runs: two parent runs in the experiment, one per flow run, each with its own two round runs and versions
+    mlflow = MlflowClient(stack.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name("fedse-two-at-once")
+    every = mlflow.search_runs([experiment.experiment_id], max_results=100)
+    parents = {r.info.run_id: r for r in every if "mlflow.parentRunId" not in r.data.tags}
+    assert sorted(r.data.tags["prefect.flow_run_id"] for r in parents.values()) == sorted(str(r.id) for r in runs)
+    for parent in parents:
+        rounds = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent]
+        assert sorted(r.data.tags["round"] for r in rounds) == ["0", "1"]
+        versions = mlflow.search_model_versions(f"name='fedse-global' and tag.parent_run_id = '{parent}'")
+        assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in rounds)

@@ -54,7 +54,12 @@ def clean_row(row: dict, identical: bool | None = None) -> None:
 
 @pytest.mark.parametrize("fraction", [0.1, 0.45, 0.8])
 def test_kill_9_of_the_driver_then_resume_ends_as_the_undisturbed_run(bench: Bench, fraction: float) -> None:
-    clean_row(kill(bench, fraction * bench.clean_seconds, int(fraction * 100)), identical=True)
+    clean_row(kill(bench, fraction, int(fraction * 100)), identical=True)
+
+
+def test_kill_9_of_the_flow_then_its_resume_parameter_ends_as_the_undisturbed_flow_run(bench: Bench) -> None:
+    """The Prefect flow's whole process group (its temporary API, its task workers) killed mid-run."""
+    clean_row(kill(bench, 0.6, 60, flow=True), identical=True)
 
 
 def test_the_object_store_going_down_mid_round_is_one_line_and_resume_finishes_identically(bench: Bench) -> None:
