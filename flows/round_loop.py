@@ -207,10 +207,20 @@ def _key(text: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in text.lower())
 
 
-def task_runner(kind: str, workers: int) -> Any:
+def task_runner(kind: str, workers: int, address: str | None = None) -> Any:
+    """The Prefect task runner `kind` names. Dask: the scheduler at `address`, else a local cluster of
+    `workers` processes with one thread each (each process loads its own model once, as a process pool's)."""
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
     return ProcessPoolTaskRunner(max_workers=workers) if kind == "process" else ThreadPoolTaskRunner(workers)
 
 
 def configured(orchestration: OrchestrationConfig) -> Any:
     """The flow on the task runner `orchestration:` names (what `make run` and the served deployment run)."""
-    return round_loop.with_options(task_runner=task_runner(orchestration.task_runner, orchestration.workers))
+    return round_loop.with_options(task_runner=task_runner(orchestration.task_runner, orchestration.workers,
+                                                           orchestration.dask_address))

@@ -155,27 +155,33 @@ def test_a_second_run_in_the_same_process_starts_from_the_fresh_adapter(micro_pa
     assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
 
 
-def test_the_process_pool_runner_gives_the_same_adapters(micro_params: Path, seeds: Path, tmp_path: Path) -> None:
-    """orchestration.task_runner=process (the quick profile's): every worker loads its own model from the same
-    seed, so the run is the thread runner's, adapter for adapter, and its buffer versions reach the DVC cache
-    (every task argument crosses the process boundary pickled)."""
+def test_the_process_pool_and_dask_runners_give_the_same_adapters(micro_params: Path, seeds: Path,
+                                                                   tmp_path: Path) -> None:
+    """orchestration.task_runner=process (the quick profile's) and dask (a local cluster of 2 worker processes):
+    every worker loads its own model from the same seed, so the run is the thread runner's, adapter for adapter,
+    and its buffer versions reach the DVC cache (every task argument crosses the process boundary pickled).
+    One torch thread everywhere: a Dask worker has one (OMP_NUM_THREADS=1), and float sums in another order are
+    other bits."""
     from dvc.repo import Repo
 
     from flows.round_loop import round_loop, task_runner
     from tasks.version_buffer import in_cache
 
     docs = []
-    for kind in ("thread", "process"):
+    for kind in ("thread", "process", "dask"):
         repo = tmp_path / f"dvc-{kind}"
         Repo.init(str(repo), no_scm=True).close()
         flow = round_loop.with_options(task_runner=task_runner(kind, 2))
-        state = flow(method="fedit", profile="smoke", seed=5, params=str(micro_params), sets=smoke_sets(seeds),
+        state = flow(method="fedit", profile="smoke", seed=5, params=str(micro_params),
+                     sets=[*smoke_sets(seeds), "learner.threads=1", "policy.threads=1"],
                      out=str(tmp_path / kind), dvc_repo=str(repo), return_state=True)
         assert state.is_completed(), state
         docs.append(json.loads((tmp_path / kind / "metrics.json").read_text()))
         versions = docs[-1]["rounds"][-1]["buffers_dvc"]
         assert set(versions) == {"maze", "wordle"} and all(in_cache(str(repo), v) for v in versions.values())
-    assert [r["global"]["sha256"] for r in docs[0]["rounds"]] == [r["global"]["sha256"] for r in docs[1]["rounds"]]
+    shas = [[r["global"]["sha256"] for r in doc["rounds"]] for doc in docs]
+    assert shas[0] == shas[1] == shas[2]
+    assert [doc["rounds"][-1]["macro"] for doc in docs] == [docs[0]["rounds"][-1]["macro"]] * 3
 
 
 def test_tracking_without_the_server_into_a_served_experiment_is_one_clear_error(tmp_path: Path) -> None:
