@@ -91,7 +91,10 @@ class FederationConfig(Strict):
     client_timeout: float | None = Field(default=None, gt=0, description="seconds the Prefect flow waits for a "
                                          "client's upload in a round before counting it missing; null = no limit")
     quorum: int | None = Field(default=None, ge=1, description="usable uploads a round needs to aggregate (a "
-                               "client that failed, timed out or was screened out is missing); null = a majority")
+                               "client that failed, timed out or was screened out is missing); null = a majority "
+                               "of the round's participants")
+    clients_per_round: int | None = Field(default=None, ge=1, description="partial participation: this many "
+                                          "clients, drawn afresh each round (seeded), take part; null = all")
     out: Path = Path("runs")
 
     @model_validator(mode="after")
@@ -140,6 +143,9 @@ class Config(Strict):
         unknown = [c for c in self.federation.clients or [] if c not in self.envs.names]
         if unknown:
             raise ValueError(f"federation.clients: {', '.join(unknown)} not in envs.names {self.envs.names}")
+        per_round, clients = self.federation.clients_per_round, len(self.client_envs())
+        if per_round is not None and per_round > clients:
+            raise ValueError(f"federation.clients_per_round: {per_round} is more than the {clients} clients")
         return self
 
     def client_envs(self) -> list[str]:

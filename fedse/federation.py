@@ -130,10 +130,11 @@ def client_data(buffer: Buffer, kept: list[Trajectory], round: int, how: Method,
     """Put this round's kept episodes in the buffer; return what the client trains on and the manifest.
 
     With history (Fed-SE) that is the whole cumulative buffer; without, only this round's new records (the
-    seeds count as round 0's data). The manifest also says how much of the buffer is the agent's own and how
-    direct its new successes are against the expert's (`fedse.quality`).
+    seeds, given in the client's first round only, count as that round's data). The manifest also says how
+    much of the buffer is the agent's own and how direct its new successes are against the expert's
+    (`fedse.quality`).
     """
-    added = buffer.add((seeds if round == 0 else []) + kept)
+    added = buffer.add(seeds + kept)
     manifest = buffer.commit(round, added, experience(buffer.records, added, options))
     data = buffer.records if how.history else added
     return data, manifest
@@ -185,9 +186,32 @@ def start_state(how: Method, global_state: AdapterState, own: AdapterState | Non
     return global_state if how.federated else (own if own is not None else initial)
 
 
-def client_seeds(cfg: Config, envs: list[str], round: int) -> list[Trajectory]:
-    """The expert seeds enter the buffer in round 0 only."""
-    return [t for env in envs for t in seed_records(cfg, env)] if round == 0 else []
+def client_seeds(cfg: Config, client: str, envs: list[str], round: int) -> list[Trajectory]:
+    """The expert seeds enter the buffer once, in the first round the client takes part in (round 0 unless
+    `federation.clients_per_round` leaves it out)."""
+    return [t for env in envs for t in seed_records(cfg, env)] if round == first_round(cfg, client) else []
+
+
+def participants(cfg: Config, round: int) -> list[str]:
+    """The clients that take part in `round`, in client order: all of them, or `federation.clients_per_round`
+    drawn afresh each round, seeded by (run seed, round) alone, so every method and a resumed run draw the
+    same clients."""
+    names = [name for name, _ in client_groups(cfg, method(cfg.federation.method))]
+    k = cfg.federation.clients_per_round
+    if k is None or k >= len(names):
+        return names
+    chosen = set(random.Random(f"participants-{cfg.seed}-{round}").sample(names, k))
+    return [name for name in names if name in chosen]
+
+
+def first_round(cfg: Config, client: str) -> int:
+    """The first round `client` takes part in (`federation.rounds` if it never does)."""
+    return next((r for r in range(cfg.federation.rounds) if client in participants(cfg, r)), cfg.federation.rounds)
+
+
+def last_round(cfg: Config, client: str, up_to: int) -> int:
+    """The last round ≤ `up_to` that `client` took part in (−1 if none): the state its buffer was left in."""
+    return next((r for r in range(up_to, -1, -1) if client in participants(cfg, r)), -1)
 
 
 def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[Trajectory], stats: TrainStats,
@@ -425,7 +449,7 @@ class InProcess:
             self.progress.finish(bar)
         data, manifest = client_data(Buffer(fed.out / "buffers" / job.name),
                                      keep(fresh, how, cfg.federation.explore_attempts), round, how,
-                                     client_seeds(cfg, job.envs, round), cfg.envs.options.get(job.envs[0]))
+                                     client_seeds(cfg, job.name, job.envs, round), cfg.envs.options.get(job.envs[0]))
         label = f"round {round}: {job.name} trains on {len(data)} trajectories"
         bar = self.progress.start(label, None)
 
@@ -520,14 +544,15 @@ class Federation:
         """The global adapter, own adapters, momentum and buffers as they were after round `start` − 1."""
         for client in self.clients:
             if checkpoint.client_done(self.out, client.name, start) is None:
-                checkpoint.rewind(client.buffer, start - 1)
+                checkpoint.rewind(client.buffer, last_round(self.cfg, client.name, start - 1))
         if start == 0:
             return self.initial
         last = start - 1
         if self.method.train and not self.method.federated:  # no server: each client goes on from its own
             for client in self.clients:
-                client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, last,
-                                                                            ".safetensors"))
+                mine = last_round(self.cfg, client.name, last)  # its last round (partial participation)
+                client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, mine,
+                                                                            ".safetensors")) if mine >= 0 else None
         if self.cfg.aggregation.momentum and self.method.federated:
             self.momentum = checkpoint.load_state(self.out / "server" / f"momentum_{last}.safetensors")
         if self.method.federated or self.method.pooled:
@@ -542,7 +567,11 @@ class Federation:
         round before a crash is not run again."""
         how, outcomes, jobs = self.method, {}, []
         self.missing = {}
-        for client in self.clients:
+        taking_part = participants(self.cfg, round)
+        if self.cfg.federation.clients_per_round is not None:
+            record["participants"] = taking_part
+        clients = [c for c in self.clients if c.name in taking_part]
+        for client in clients:
             done = checkpoint.client_done(self.out, client.name, round)
             if done is not None:
                 outcomes[client.name] = self._finished(client, round, done)
@@ -559,16 +588,16 @@ class Federation:
             outcomes[name] = got
             checkpoint.mark_client_done(self.out, name, round, got.stats,
                                         got.state if self.exchange is None else None)
-        for client in self.clients:
+        for client in clients:
             if client.name in outcomes:
                 client.state = outcomes[client.name].state
-        delivered = [c.name for c in self.clients if c.name in outcomes]
+        delivered = [c.name for c in clients if c.name in outcomes]
         updates = [(name, outcomes[name].state, outcomes[name].weight) for name in delivered] \
             if self.exchange is None else []
         new, adapter, self.momentum, info = self.runner.server(self, round, updates, delivered, global_state,
                                                                self.momentum, self.missing)
         record["clients"] = {c.name: outcomes[c.name].stats if c.name in outcomes else {"failed": self.missing[c.name]}
-                             for c in self.clients}
+                             for c in clients}
         if info:
             record["aggregation"] = info
         if adapter is not None:
@@ -609,7 +638,8 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
                      "explore_attempts": fed.explore_attempts,
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
-                     "max_buffer": fed.max_buffer, "learner": cfg.learner.model_dump()},
+                     "max_buffer": fed.max_buffer, "clients_per_round": fed.clients_per_round,
+                     "learner": cfg.learner.model_dump()},
         "aggregation": cfg.aggregation_info(),
         **({"exchange": exchange} if exchange else {}),
         "rounds": rounds,

@@ -31,5 +31,5 @@ class ClientData:
 def update_buffer(cfg: Config, root: str, kept: list[Trajectory], round: int, client: str,
                   envs: list[str]) -> ClientData:
     data, manifest = client_data(Buffer(Path(root)), kept, round, method(cfg.federation.method),
-                                 client_seeds(cfg, envs, round), cfg.envs.options.get(envs[0]))
+                                 client_seeds(cfg, client, envs, round), cfg.envs.options.get(envs[0]))
     return ClientData(data, manifest, root)

@@ -279,3 +279,45 @@ def test_a_failing_client_is_missing_and_the_round_goes_on_with_a_quorum(micro_s
     assert r0["clients"]["wordle"] == {"failed": reason} and r0["clients"]["maze"]["steps"] > 0
     with pytest.raises(AggregationError, match="below the quorum of 2; missing: wordle \\(RuntimeError: CUDA error"):
         run(smoke(micro_spec, seeds, "fedse", rounds=1), tmp_path / "majority")
+
+
+def test_participants_are_a_seeded_draw_of_the_configured_size_in_client_order() -> None:
+    from fedse.federation import first_round, last_round, participants
+
+    cfg = load_config("params.yaml", profile="full", overrides=["federation.clients_per_round=2"])
+    names = cfg.client_envs()
+    draws = [participants(cfg, r) for r in range(cfg.federation.rounds)]
+    assert all(len(d) == 2 and d == [n for n in names if n in d] for d in draws)
+    assert draws == [participants(cfg, r) for r in range(cfg.federation.rounds)]  # a resumed run draws the same
+    assert len({tuple(d) for d in draws}) > 1  # afresh each round
+    for name in names:
+        rounds = [r for r, d in enumerate(draws) if name in d]
+        assert first_round(cfg, name) == (rounds[0] if rounds else cfg.federation.rounds)
+        assert last_round(cfg, name, 10) == max([r for r in rounds if r <= 10], default=-1)
+    everyone = load_config("params.yaml", profile="full")
+    assert participants(everyone, 3) == everyone.client_envs()
+    with pytest.raises(ValueError, match="clients_per_round: 9 is more than the 5 clients"):
+        load_config("params.yaml", profile="full", overrides=["federation.clients_per_round=9"])
+
+
+@pytest.mark.parametrize("name", ["fedse", "local"])
+def test_partial_participation_trains_only_the_drawn_clients_and_seeds_each_once(micro_spec, seeds, tmp_path: Path,
+                                                                                 name: str) -> None:
+    from fedse.federation import first_round, participants
+
+    cfg = smoke(micro_spec, seeds, name, rounds=3, clients_per_round=1)
+    doc = run(cfg, tmp_path)
+    assert doc["settings"]["clients_per_round"] == 1
+    for r, record in enumerate(doc["rounds"]):
+        assert record["participants"] == participants(cfg, r) and list(record["clients"]) == record["participants"]
+        if name == "fedse":
+            assert record["aggregation"]["clients"] == 1
+    for env in ENVS:
+        folder = tmp_path / "buffers" / env
+        taken = sorted(int(p.stem.split("_")[1]) for p in folder.glob("manifest_*.json")) if folder.exists() else []
+        assert taken == [r for r in range(3) if env in participants(cfg, r)]
+        if taken:
+            assert taken[0] == first_round(cfg, env)
+            first = json.loads((folder / f"manifest_{taken[0]}.json").read_text())
+            records = list(read_jsonl(folder / "buffer.jsonl"))
+            assert first["sources"]["expert"] == 6 and sum(t.policy == "expert" for t in records) == 6
