@@ -9,6 +9,10 @@ hardware pays for; the useful share is below that.
 
     python bench/bound.py [--envs textcraft,maze,wordle] [--episodes 16] [--trajectories 32] [--json]
     python bench/bound.py --set model.preset=smollm2-135m --episodes 4 --trajectories 8
+    python bench/bound.py --set model.preset=smollm2-135m --modes react,constrained   # both, side by side
+
+`--modes a,b` plays the same episodes in each policy mode in the same run (keys `act.<mode>.*`) and prints
+`act.ratio.b_over_a`, the decisions/s of b over a.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads [policy.threads, else torch's]")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override a parameter")
+    parser.add_argument("--modes", default=None, help="policy modes side by side, e.g. react,constrained")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cfg = load_config(args.params, overrides=args.sets)
@@ -122,12 +127,19 @@ def main() -> None:
         result: dict[str, Any] = {"model": agent.name, "parameters_m": params / 1e6, "threads": threads,
                                   "bound.fp32_gflops": peak_gflops(torch.float32),
                                   "bound.bf16_gflops": peak_gflops(torch.bfloat16)}
-        result |= acting(agent, cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"threads": threads})}),
-                         args.envs.split(","), args.episodes)
+        modes = args.modes.split(",") if args.modes else [None]
+        for mode in modes:
+            policy = cfg.policy.model_copy(update={"threads": threads, **({"mode": mode} if mode else {})})
+            got = acting(agent, cfg.model_copy(update={"policy": policy}), args.envs.split(","), args.episodes)
+            result |= {k.replace("act.", f"act.{mode}.", 1): v for k, v in got.items()} if len(modes) > 1 else got
         result |= training(agent, cfg, args.train_env, args.trajectories)
     bound = result["bound.fp32_gflops"]
-    result |= {"act.share_of_fp32_bound": result["act.gflops"] / bound,
-               "train.share_of_fp32_bound": result["train.gflops"] / bound}
+    for prefix in [f"act.{m}." for m in modes] if len(modes) > 1 else ["act."]:
+        result[f"{prefix}share_of_fp32_bound"] = result[f"{prefix}gflops"] / bound
+    result["train.share_of_fp32_bound"] = result["train.gflops"] / bound
+    if len(modes) > 1:
+        result[f"act.ratio.{modes[-1]}_over_{modes[0]}"] = (result[f"act.{modes[-1]}.decisions_per_sec"]
+                                                           / result[f"act.{modes[0]}.decisions_per_sec"])
     emit(result, args.json)
 
 
