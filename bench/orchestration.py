@@ -1,68 +1,128 @@
-"""Orchestration overhead: the same rounds through the Prefect flow `fedse` vs plain function calls.
+"""Orchestration overhead: the same rounds as plain function calls and through the Prefect flow `fedse` in each
+`orchestration.mode` — inprocess (tasks on a thread pool), dask (tasks on a local Dask cluster) and workers
+(each client a run of its organisation's `fedse-client` deployment on its own worker process).
 
-Both drivers run the same profile, method, seed and clients with the same model in one process, in the
-order plain, flow, plain, flow (so machine noise hits both); ratio = best flow time / best plain time
-(1.0 = no overhead). The Prefect API is a temporary local server started before timing (as a served
-deployment has one already running); MLflow tracking is off in both, so this is Prefect's own cost: task
-submission, state transitions and result handling per task.
+Every mode runs the same profile, method, seed and clients with the same model, in the order plain,
+inprocess, dask, workers, repeated (machine noise hits all of them); ratio = best time of the mode / best
+time of plain calls (1.0 = no overhead). Each mode gets the same one torch thread per model (`--threads`).
+Before timing, a stack is started on free 127.0.0.1 ports in a scratch folder (flows/stack.py: a Prefect
+server, SeaweedFS, MLflow, and one organisation's worker per client under `.orgs/`); every flow run uses that
+Prefect server, MLflow tracking is off, and the adapters travel through one local exchange folder in every
+mode, so the figures are the orchestration's own cost: task and flow-run submission, state transitions,
+process start-up and model loading per client run (workers), the Dask cluster's per-task cost (dask). The
+final global adapter's sha256 of every mode is compared with plain calls' (`same_adapter`).
 
-    python bench/orchestration.py [--profile smoke] [--clients maze,wordle] [--rounds N] [--repeats 2] [--json]
-
-`--rounds N` times only the first N rounds of the profile (each round costs the same tasks), so the quick
-profile's overhead can be measured without running two whole quick experiments per repeat.
+    python bench/orchestration.py [--profile quick] [--clients textcraft,maze,wordle] [--rounds 1]
+                                  [--repeats 2] [--modes inprocess,dask,workers] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from prefect.testing.utilities import prefect_test_harness
 from report import emit
 
 from fedse.config import load_config
 from fedse.federation import Federation
 from fedse.model import set_adapter_state
-from flows.round_loop import round_loop
+from flows.round_loop import round_loop, task_runner
+from flows.seaweed import free_ports
+from flows.stack import Stack
 from tasks.agent import borrowed, fresh_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final_sha(folder: Path) -> str:
+    return json.loads((folder / "metrics.json").read_text())["rounds"][-1]["global"]["sha256"]
+
+
+def stack_for(scratch: Path, clients: list[str]) -> Stack:
+    """A stack in the scratch folder with one organisation per client, its seeds the project's (written by
+    `fedse seed` when the project has none)."""
+    from dvc.repo import Repo
+
+    root = scratch / "stack"
+    seeds = root / "data" / "seed"
+    seeds.mkdir(parents=True)
+    Repo.init(str(root), no_scm=True).close()
+    for client in clients:
+        source = ROOT / "data" / "seed" / f"{client}.jsonl"
+        if source.exists():
+            shutil.copyfile(source, seeds / source.name)
+        else:
+            subprocess.run([sys.executable, "-m", "fedse.cli", "seed", "--out", str(seeds), "--env", client],
+                           cwd=ROOT, check=True, capture_output=True)
+    prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
+    return Stack(root=root, prefect_port=prefect, mlflow_port=mlflow, orgs=clients, s3_port=s3,
+                 extra_env={"OMP_NUM_THREADS": "1"},
+                 seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="smoke")
-    parser.add_argument("--clients", default="maze,wordle")
-    parser.add_argument("--rounds", type=int, default=None, help="only the first N rounds of the profile")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--clients", default="textcraft,maze,wordle")
+    parser.add_argument("--rounds", type=int, default=1, help="only the first N rounds of the profile")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while acting and training")
+    parser.add_argument("--modes", default="inprocess,dask,workers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sets = [f"federation.clients=[{args.clients}]"] + ([f"federation.rounds={args.rounds}"] if args.rounds else [])
-    cfg = load_config("params.yaml", profile=args.profile, overrides=sets)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    clients = args.clients.split(",")
+    modes = args.modes.split(",")
     scratch = Path(tempfile.mkdtemp(prefix="fedse-bench-"))
-    plain, flow = [], []
+    exchange = scratch / "exchange"
+    sets = [f"federation.clients=[{args.clients}]", f"federation.rounds={args.rounds}",
+            f"policy.threads={args.threads}", f"learner.threads={args.threads}", f"transport.dir={exchange}",
+            f"seed_data.dir={scratch / 'stack' / 'data' / 'seed'}"]
+    by_mode = {"inprocess": ["orchestration.mode=inprocess", "orchestration.task_runner=thread"],
+               "dask": ["orchestration.mode=dask", "orchestration.workers=2"],
+               "workers": ["orchestration.mode=workers", "federation.client_timeout=3600"]}
+    cfg = load_config(ROOT / "params.yaml", profile=args.profile, overrides=sets)
+    seconds: dict[str, list[float]] = {m: [] for m in ["plain", *modes]}
+    shas: dict[str, str] = {}
+    stack = stack_for(scratch, clients)
     try:
-        with prefect_test_harness(server_startup_timeout=120):
-            with borrowed(cfg) as agent:  # build/load once, shared by both drivers
-                initial_name = agent.name
+        stack.up()
+        with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+            with borrowed(cfg) as agent:  # build/load once before timing
+                name = agent.name
             for i in range(args.repeats):
                 with borrowed(cfg) as agent:
                     set_adapter_state(agent, fresh_adapter(cfg))  # the plain driver starts from the model's adapter
                     start = time.perf_counter()
                     Federation(agent, cfg, scratch / f"plain-{i}").run()
-                    plain.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                state = round_loop(method=cfg.federation.method, profile=args.profile, seed=cfg.seed, sets=sets,
-                                   out=str(scratch / f"flow-{i}"), return_state=True)
-                flow.append(time.perf_counter() - start)
-                if not state.is_completed():
-                    raise SystemExit(f"flow run ended {state.type}")
+                    seconds["plain"].append(time.perf_counter() - start)
+                shas["plain"] = final_sha(scratch / f"plain-{i}")
+                for mode in modes:
+                    run_sets = [*sets, *by_mode[mode]]
+                    kind = "dask" if mode == "dask" else "thread"
+                    flow = round_loop.with_options(task_runner=task_runner(kind, 2))
+                    start = time.perf_counter()
+                    state = flow(method=cfg.federation.method, profile=args.profile, seed=cfg.seed, sets=run_sets,
+                                 out=str(scratch / f"{mode}-{i}"), return_state=True)
+                    seconds[mode].append(time.perf_counter() - start)
+                    if not state.is_completed():
+                        raise SystemExit(f"{mode}: flow run ended {state.type}: {state.message}")
+                    shas[mode] = final_sha(scratch / f"{mode}-{i}")
     finally:
+        stack.down()
         shutil.rmtree(scratch, ignore_errors=True)
-    emit({"ratio_flow_vs_plain": min(flow) / min(plain), "flow_seconds": min(flow), "plain_seconds": min(plain),
-          "profile": args.profile, "clients": args.clients, "rounds": cfg.federation.rounds,
-          "model": initial_name}, args.json)
+    best = {m: min(v) for m, v in seconds.items()}
+    emit({"ratios": {m: best[m] / best["plain"] for m in modes}, "seconds": best,
+          "same_adapter": {m: shas[m] == shas["plain"] for m in modes}, "final_sha256_plain": shas["plain"],
+          "profile": args.profile, "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
+          "threads": args.threads, "model": name}, args.json)
 
 
 if __name__ == "__main__":

@@ -111,12 +111,20 @@ class FederationConfig(Strict):
 class OrchestrationConfig(Strict):
     """How the Prefect flow runs the round (read by flows/, never by the library's algorithm)."""
 
-    task_runner: Literal["thread", "process", "dask"] = Field(
-        default="thread", description="thread pool (default; one model in memory), process pool (a model per "
-        "worker), or Dask (a model per worker process; a local cluster of `workers`, or `dask_address`)")
+    mode: Literal["inprocess", "workers", "dask"] = Field(
+        default="inprocess", description="where each client's round runs: as tasks of the server's flow run on "
+        "`task_runner` (inprocess), as a run of the organisation's own `fedse-client` deployment on its own "
+        "worker (workers), or as tasks on a Dask cluster (dask: a local cluster of `workers` processes, or "
+        "`dask_address`)")
+    task_runner: Literal["thread", "process"] = Field(
+        default="thread", description="inprocess mode: a thread pool (one model in memory) or a process pool (a "
+        "model per worker)")
     workers: int = Field(default=4, ge=1)
     dask_address: str | None = Field(default=None, description="scheduler of an existing Dask cluster, e.g. "
-                                     "tcp://10.0.0.5:8786 (task_runner dask; default: a local cluster)")
+                                     "tcp://10.0.0.5:8786 (mode dask; default: a local cluster)")
+    client_deployment: str = Field(
+        default="fedse-client/{client}", description="workers mode: the deployment that runs a client's round, "
+        "`{client}` standing for the client's name")
     gpu_slots: int = Field(default=1, ge=1, description="train tasks (tag gpu) running at once")
     retries: int = Field(default=0, ge=0, description="retries of a client's rollout, train and transfer tasks")
     retry_delay: float = Field(default=2.0, ge=0, description="backoff factor (s): retry i waits delay·2^i")

@@ -17,6 +17,7 @@ No `from __future__ import annotations` here: Prefect validates flow parameters 
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from prefect.tasks import exponential_backoff
 from fedse.config import Config, OrchestrationConfig, run_config
 from fedse.evaluate import EnvScore
 from fedse.federation import AdapterState, ClientJob, ClientOutcome, Federation, failure, successes, update_stats
-from fedse.transport import Upload
+from fedse.methods import Method
+from fedse.transport import Transport, Upload
 from tasks.agent import borrowed, fresh_adapter
 from tasks.aggregate import aggregate
 from tasks.buffer import update_buffer
@@ -60,7 +62,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     cfg = run_config(params, profile, method, seed, [*chosen, *(sets or [])])
     flow_run = str(get_run_context().flow_run.id)
     folder = Path(resume) if resume else run_folder(cfg, out, flow_run)
-    runner = Tasks(cfg, dvc_repo)
+    runner = workers_runner(cfg, dvc_repo) if cfg.orchestration.mode == "workers" else Tasks(cfg, dvc_repo)
     fed = Federation(None, cfg, folder, resume=resume is not None, runner=runner)
     tracking = track(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run, folder, resume is not None) \
         if tracking_uri else None
@@ -138,39 +140,17 @@ class Tasks:
                 ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
         """Submit every client's chain, then collect them in order; a client's failure (after its retries) or
         a missed deadline is handed back as its exception."""
-        cfg, how, exchange = self.cfg, fed.method, fed.exchange
-        retry = {"retries": cfg.orchestration.retries,
-                 "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
-        chains = []
-        for job in jobs:
-            start = job.start if job.start is not None else \
-                download_global.with_options(**retry).submit(exchange, round, job.name)
-            fresh = rollout.with_options(**retry).submit(cfg, job.envs[0], start, round) if how.explore else None
-            kept = success_filter.submit(fresh if fresh is not None else [], how.name, job.name, round,
-                                         cfg.federation.explore_attempts)
-            data = update_buffer.submit(cfg, str(fed.out / "buffers" / job.name), kept, round, job.name, job.envs)
-            versioned = version_buffer.submit(self.dvc_repo, data, job.name, round) if self.dvc_repo else None
-            trained = train.with_options(**retry).submit(cfg, start, data, round, job.name)
-            sent = upload.with_options(**retry).submit(exchange, cfg, str(fed.out), trained, data, round, job.name) \
-                if exchange is not None else None
-            chains.append((job.name, fresh, data, trained, versioned, sent))
-        timeout = cfg.federation.client_timeout
+        chains = [submit_chain(self.cfg, fed.method, fed.exchange, fed.out, job, round, self.dvc_repo) for job in jobs]
+        timeout = self.cfg.federation.client_timeout
         deadline = time.monotonic() + timeout if timeout else None
-        for name, fresh, data, trained, versioned, sent in chains:
-            if deadline is not None and not finished_by(sent or trained, deadline):
-                yield name, TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s")
+        for chain in chains:
+            if deadline is not None and not finished_by(chain.last, deadline):
+                yield chain.name, TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s")
                 continue
-            try:  # upstream first, so a failure raises its own error rather than a downstream task's "not ready"
-                explored = fresh.result() if fresh is not None else []
-                got = data.result()
-                version = versioned.result() if versioned is not None else None
-                state, stats = trained.result()
-                up = sent.result() if sent is not None else None
+            try:
+                yield chain.name, chain.outcome()
             except Exception as exc:
-                yield name, exc
-                continue
-            yield name, ClientOutcome(state, update_stats(explored, got.manifest, got.records, stats, state, up),
-                                      successes(got.records), up, version)
+                yield chain.name, exc
 
     def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
                delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
@@ -182,6 +162,54 @@ class Tasks:
     def evaluate(self, fed: Federation, round: int, states: dict[str, AdapterState]) -> dict[str, EnvScore]:
         futures = {env: evaluate.submit(self.cfg, state, env, round) for env, state in states.items()}
         return {env: future.result() for env, future in futures.items()}
+
+
+@dataclass
+class Chain:
+    """One client's round as submitted tasks: (download the global adapter →) rollout → filter → buffer
+    (→ version buffer) → train (→ upload)."""
+
+    name: str
+    fresh: Any
+    data: Any
+    versioned: Any
+    trained: Any
+    sent: Any
+
+    @property
+    def last(self) -> Any:
+        return self.sent or self.trained
+
+    def outcome(self) -> ClientOutcome:
+        """The client's round as the loop takes it; raises the first failed task's own error (upstream first,
+        so a failure is not reported as a downstream task's "not ready")."""
+        explored = self.fresh.result() if self.fresh is not None else []
+        got = self.data.result()
+        version = self.versioned.result() if self.versioned is not None else None
+        state, stats = self.trained.result()
+        up = self.sent.result() if self.sent is not None else None
+        return ClientOutcome(state, update_stats(explored, got.manifest, got.records, stats, state, up),
+                             successes(got.records), up, version)
+
+
+def submit_chain(cfg: Config, how: Method, exchange: Transport | None, out: Path, job: ClientJob, round: int,
+                 dvc_repo: str | None) -> Chain:
+    """Submit one client's round as Prefect tasks (rollout, train and the transfers retried
+    `orchestration.retries` times with exponential backoff); the server's flow and an organisation's
+    `fedse-client` flow both run a client's round this way."""
+    retry = {"retries": cfg.orchestration.retries,
+             "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
+    start = job.start if job.start is not None else \
+        download_global.with_options(**retry).submit(exchange, round, job.name)
+    fresh = rollout.with_options(**retry).submit(cfg, job.envs[0], start, round) if how.explore else None
+    kept = success_filter.submit(fresh if fresh is not None else [], how.name, job.name, round,
+                                 cfg.federation.explore_attempts)
+    data = update_buffer.submit(cfg, str(out / "buffers" / job.name), kept, round, job.name, job.envs)
+    versioned = version_buffer.submit(dvc_repo, data, job.name, round) if dvc_repo else None
+    trained = train.with_options(**retry).submit(cfg, start, data, round, job.name)
+    sent = upload.with_options(**retry).submit(exchange, cfg, str(out), trained, data, round, job.name) \
+        if exchange is not None else None
+    return Chain(job.name, fresh, data, versioned, trained, sent)
 
 
 def finished_by(future: Any, deadline: float) -> bool:
@@ -220,7 +248,15 @@ def task_runner(kind: str, workers: int, address: str | None = None) -> Any:
     return ProcessPoolTaskRunner(max_workers=workers) if kind == "process" else ThreadPoolTaskRunner(workers)
 
 
+def workers_runner(cfg: Config, dvc_repo: str | None) -> "Tasks":
+    """`orchestration.mode: workers`: clients on their organisations' own deployments (flows/workers.py)."""
+    from flows.workers import Workers
+
+    return Workers(cfg, dvc_repo)
+
+
 def configured(orchestration: OrchestrationConfig) -> Any:
-    """The flow on the task runner `orchestration:` names (what `make run` and the served deployment run)."""
-    return round_loop.with_options(task_runner=task_runner(orchestration.task_runner, orchestration.workers,
-                                                           orchestration.dask_address))
+    """The flow on the task runner `orchestration:` names (what `make run` and the served deployment run):
+    Dask in mode dask, else `task_runner` (in mode workers it runs only the server's own tasks)."""
+    kind = "dask" if orchestration.mode == "dask" else orchestration.task_runner
+    return round_loop.with_options(task_runner=task_runner(kind, orchestration.workers, orchestration.dask_address))

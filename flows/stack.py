@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.seaweed import DEFAULT_PORTS, DVC, MLFLOW, SeaweedFS
+from flows import orgs
+from flows.seaweed import DEFAULT_PORTS, DVC, EXCHANGE, MLFLOW, SeaweedFS
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_REMOTE = "store"
@@ -37,6 +38,11 @@ class Stack:
     extra_env: dict[str, str] | None = None  # e.g. FEDSE_PARAMS for the served deployment
     s3_port: int = 8333
     seaweed_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    orgs: list[str] = field(default_factory=list)  # client organisations given a directory and a worker process
+
+    @property
+    def orgs_root(self) -> Path:
+        return self.root / ".orgs"
 
     @property
     def state(self) -> Path:
@@ -93,7 +99,13 @@ class Stack:
             self._wait(f"{self.mlflow_uri}/health", "MLflow server", timeout)
             pids["deployment"] = self._start("deployment", [sys.executable, "-m", "flows"], env)
             self._write(pids)
+            for client in self.orgs:
+                pids[f"org-{client}"] = self._start_org(client, store)
+                self._write(pids)
             self._wait_deployment(timeout)
+            for client in self.orgs:
+                self._wait(f"{self.prefect_api}/deployments/name/fedse-client/{client}",
+                           f"organisation {client}'s deployment fedse-client/{client}", timeout)
         except BaseException:
             self._write(pids)
             self.down()
@@ -117,6 +129,14 @@ class Stack:
             _reap(pid)
         path.unlink()
         return stopped
+
+    def _start_org(self, client: str, store: SeaweedFS) -> int:
+        """The organisation's directory (its seeds, its keys only, its DVC repository) and its worker process,
+        which serves deployment fedse-client/<client> with none of the server's variables."""
+        orgs.prepare(self.orgs_root, client, self.root / "data" / "seed", store.credentials)
+        env = orgs.environment(self.orgs_root, client, self.prefect_api, store.endpoint, EXCHANGE,
+                               base=os.environ | (self.extra_env or {}))
+        return orgs.start(self.orgs_root, client, env, self.state / f"org-{client}.log")
 
     def _dvc_remote(self, store: SeaweedFS) -> None:
         """The repository's default DVC remote becomes bucket `dvc` of the store, with the dvc role's keys, in
@@ -177,9 +197,13 @@ def _reap(pid: int, timeout: float = 15) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from fedse.config import load_config
+
+    params = Path(os.environ.get("FEDSE_PARAMS", ROOT / "params.yaml"))
     stack = Stack(prefect_port=int(os.environ.get("FEDSE_PREFECT_PORT", 4200)),
                   mlflow_port=int(os.environ.get("FEDSE_MLFLOW_PORT", 5000)),
-                  s3_port=int(os.environ.get("FEDSE_S3_PORT", 8333)))
+                  s3_port=int(os.environ.get("FEDSE_S3_PORT", 8333)),
+                  orgs=load_config(params if params.exists() else None).envs.names)
     if argv[:1] == ["up"]:
         try:
             stack.up()
@@ -193,6 +217,9 @@ def main(argv: list[str]) -> int:
               f"S3 (SeaweedFS)  {store.endpoint}: buckets fedse (adapter exchange), {MLFLOW}, {DVC} (DVC remote "
               f"{DVC_REMOTE}); data .seaweedfs/, keys per role {store.credentials}\n"
               f"deployment      fedse/round-loop (served, S3 transport; log .serve/deployment.log)\n"
+              f"organisations   {', '.join(stack.orgs)}: a worker each serving fedse-client/<client> from "
+              f".orgs/<client>/ with its own keys (logs .serve/org-<client>.log); used when a run sets "
+              f"orchestration.mode=workers\n"
               f"to use it:       export PREFECT_API_URL={stack.prefect_api} MLFLOW_TRACKING_URI={stack.mlflow_uri} "
               f"{exports}")
         return 0

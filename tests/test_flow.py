@@ -157,7 +157,7 @@ def test_a_second_run_in_the_same_process_starts_from_the_fresh_adapter(micro_pa
 
 def test_the_process_pool_and_dask_runners_give_the_same_adapters(micro_params: Path, seeds: Path,
                                                                    tmp_path: Path) -> None:
-    """orchestration.task_runner=process (the quick profile's) and dask (a local cluster of 2 worker processes):
+    """orchestration.task_runner=process (the quick profile's) and mode dask (a local cluster of 2 worker processes):
     every worker loads its own model from the same seed, so the run is the thread runner's, adapter for adapter,
     and its buffer versions reach the DVC cache (every task argument crosses the process boundary pickled).
     One torch thread everywhere: a Dask worker has one (OMP_NUM_THREADS=1), and float sums in another order are
@@ -182,6 +182,18 @@ def test_the_process_pool_and_dask_runners_give_the_same_adapters(micro_params: 
     shas = [[r["global"]["sha256"] for r in doc["rounds"]] for doc in docs]
     assert shas[0] == shas[1] == shas[2]
     assert [doc["rounds"][-1]["macro"] for doc in docs] == [docs[0]["rounds"][-1]["macro"]] * 3
+
+
+def test_the_mode_picks_the_flows_task_runner() -> None:
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from fedse.config import OrchestrationConfig
+    from flows.round_loop import configured
+
+    assert isinstance(configured(OrchestrationConfig(mode="dask", task_runner="process")).task_runner, DaskTaskRunner)
+    assert isinstance(configured(OrchestrationConfig(task_runner="process")).task_runner, ProcessPoolTaskRunner)
+    assert isinstance(configured(OrchestrationConfig(mode="workers")).task_runner, ThreadPoolTaskRunner)
 
 
 def test_tracking_without_the_server_into_a_served_experiment_is_one_clear_error(tmp_path: Path) -> None:
