@@ -33,7 +33,6 @@ from fedse.config import load_config
 from fedse.federation import Federation
 from fedse.model import set_adapter_state
 from flows.round_loop import round_loop, task_runner
-from flows.seaweed import free_ports
 from flows.stack import Stack
 from tasks.agent import borrowed, fresh_adapter
 
@@ -60,10 +59,7 @@ def stack_for(scratch: Path, clients: list[str]) -> Stack:
         else:
             subprocess.run([sys.executable, "-m", "fedse.cli", "seed", "--out", str(seeds), "--env", client],
                            cwd=ROOT, check=True, capture_output=True)
-    prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
-    return Stack(root=root, prefect_port=prefect, mlflow_port=mlflow, orgs=clients, s3_port=s3,
-                 extra_env={"OMP_NUM_THREADS": "1"},
-                 seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
+    return Stack.on_free_ports(root, orgs=clients)
 
 
 def main() -> None:

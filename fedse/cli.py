@@ -363,7 +363,7 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
 @clear_errors
 def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, local, centralized, pretrained, "
                                        "no_filter, no_history, weighted, local_se [params: federation.method]"),
-            profile: str = typer.Option(None, "--profile", help="smoke, quick, full, paper [params: profile]"),
+            profile: str = typer.Option(None, "--profile", help="smoke, quick, full, smollm2, paper [params: profile]"),
             seed: int = typer.Option(None, "--seed", help="run seed [params: seed]"),
             out_dir: Path = typer.Option(None, "--out", help="run folder [runs/<method>-<profile>-s<seed>]"),
             sets: list[str] = typer.Option(None, "--set", help="override a parameter, e.g. model.lora.r=4"),

@@ -95,6 +95,10 @@ class FederationConfig(Strict):
                                "of the round's participants")
     clients_per_round: int | None = Field(default=None, ge=1, description="partial participation: this many "
                                           "clients, drawn afresh each round (seeded), take part; null = all")
+    orgs_per_env: int = Field(default=1, ge=1, description="client organisations per environment: 1 = one "
+                              "client named after its environment (the paper); n > 1 = clients <env>-1 .. "
+                              "<env>-n, each with its own share of the env's seed file and its own explored "
+                              "tasks (simulating a larger federation)")
     out: Path = Path("runs")
 
     @model_validator(mode="after")
@@ -151,7 +155,7 @@ class Config(Strict):
         unknown = [c for c in self.federation.clients or [] if c not in self.envs.names]
         if unknown:
             raise ValueError(f"federation.clients: {', '.join(unknown)} not in envs.names {self.envs.names}")
-        per_round, clients = self.federation.clients_per_round, len(self.client_envs())
+        per_round, clients = self.federation.clients_per_round, len(self.client_names())
         if per_round is not None and per_round > clients:
             raise ValueError(f"federation.clients_per_round: {per_round} is more than the {clients} clients")
         return self
@@ -160,6 +164,12 @@ class Config(Strict):
         """The environments of this federation, in envs.names order (one client each)."""
         chosen = self.federation.clients
         return [n for n in self.envs.names if chosen is None or n in chosen]
+
+    def client_names(self) -> list[str]:
+        """The federation's clients: one per environment named after it, or `orgs_per_env` per environment
+        (<env>-1 .. <env>-n)."""
+        n = self.federation.orgs_per_env
+        return [env if n == 1 else f"{env}-{k}" for env in self.client_envs() for k in range(1, n + 1)]
 
     def rule(self) -> str:
         """The server's aggregation rule: `aggregation.rule` when set, else the method's own default."""
@@ -174,7 +184,7 @@ class Config(Strict):
 
         if self.rule() != "exact" or not method(self.federation.method).federated:
             return None
-        return self.aggregation.rank or len(self.client_envs()) * self.model.lora.r
+        return self.aggregation.rank or len(self.client_names()) * self.model.lora.r
 
     def agent_spec(self) -> ModelSpec:
         """The model the run's clients hold: `model`, with the LoRA the aggregation rule needs (rank r_g at the

@@ -80,36 +80,50 @@ class Client:
 
 
 # ------------------------------------------------------------------ the steps (what the flow's tasks call)
-def seed_records(cfg: Config, env: str) -> list[Trajectory]:
-    """A client's expert seeds: the first `seeds_per_client` records of `<seed_data.dir>/<env>.jsonl`."""
+def org_index(client: str) -> int:
+    """Which organisation of its environment a client is: 0 for a client named after its env, k − 1 for
+    <env>-k (`federation.orgs_per_env`)."""
+    _, _, k = client.partition("-")
+    return int(k) - 1 if k else 0
+
+
+def seed_records(cfg: Config, env: str, shard: int = 0) -> list[Trajectory]:
+    """A client's expert seeds: the `shard`-th block of `seeds_per_client` records of `<seed_data.dir>/<env>.jsonl`
+    (the first block for the paper's one client per env; organisations of one env get disjoint blocks)."""
     path = cfg.seed_data.dir / f"{env}.jsonl"
     if not path.exists():
         raise ValueError(f"{path}: seed trajectories not found (run `fedse seed` or `dvc repro seed`)")
     limit = cfg.federation.seeds_per_client
+    if limit is None and shard:
+        raise ValueError("federation.orgs_per_env > 1 needs federation.seeds_per_client (each organisation's share)")
+    skip = shard * (limit or 0)
     records = []
-    for traj in read_jsonl(path):
+    for i, traj in enumerate(read_jsonl(path)):
         if limit is not None and len(records) >= limit:
             break
-        records.append(traj)
+        if i >= skip:
+            records.append(traj)
     if limit is not None and len(records) < limit:
-        raise ValueError(f"{path}: holds {len(records)} trajectories, the profile asks for {limit} per client")
+        raise ValueError(f"{path}: holds {skip + len(records)} trajectories, the profile asks for {limit} per client"
+                         + (f" for {shard + 1} organisations" if shard else ""))
     return records
 
 
-def explore_task_ids(env: str, round: int, count: int, seed: int) -> list[int]:
-    """The train tasks a client plays in a round: a fresh seeded sample of its explore range each round."""
+def explore_task_ids(env: str, round: int, count: int, seed: int, client: str | None = None) -> list[int]:
+    """The train tasks a client plays in a round: a fresh seeded sample of its explore range each round (each
+    organisation of an env its own sample)."""
     ids = env_class(env).explore_ids()
-    rng = random.Random(f"explore-{env}-{seed}-{round}")
+    rng = random.Random(f"explore-{client or env}-{seed}-{round}")
     return [ids[i] for i in rng.sample(range(len(ids)), count)]
 
 
 def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int, seed: int,
-            advance: Callable[[int], None] | None = None) -> Episodes:
+            advance: Callable[[int], None] | None = None, client: str | None = None) -> Episodes:
     """Play this round's train tasks with the broadcast adapter at the exploration temperature (episodes keyed
     by run seed, env, round and task: fresh draws every round); the records carry the rollout's pace."""
     set_adapter_state(agent, state, origin="global adapter")
     fed = cfg.federation
-    ids = explore_task_ids(env, round, fed.explore_episodes // fed.explore_attempts, seed)
+    ids = explore_task_ids(env, round, fed.explore_episodes // fed.explore_attempts, seed, client)
     return rollout(agent, env, ids, cfg.policy, evaluation=False, seed=seed, adapter_hash=state_hash(state),
                    round=round, env_options=cfg.envs.options.get(env), advance=advance,
                    passes=fed.explore_attempts)
@@ -174,10 +188,11 @@ def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, s
 
 def client_groups(cfg: Config, how: Method) -> list[tuple[str, list[str]]]:
     """(client name, its environments): one client per environment, or one pooled client (centralized)."""
-    names = cfg.client_envs()
     if how.pooled and how.explore:
         raise ValueError(f"method {how.name}: a pooled client cannot explore several environments")
-    return [(POOLED, list(names))] if how.pooled else [(n, [n]) for n in names]
+    if how.pooled:
+        return [(POOLED, cfg.client_envs())]
+    return [(name, [name.partition("-")[0]]) for name in cfg.client_names()]
 
 
 def start_state(how: Method, global_state: AdapterState, own: AdapterState | None,
@@ -189,7 +204,9 @@ def start_state(how: Method, global_state: AdapterState, own: AdapterState | Non
 def client_seeds(cfg: Config, client: str, envs: list[str], round: int) -> list[Trajectory]:
     """The expert seeds enter the buffer once, in the first round the client takes part in (round 0 unless
     `federation.clients_per_round` leaves it out)."""
-    return [t for env in envs for t in seed_records(cfg, env)] if round == first_round(cfg, client) else []
+    if round != first_round(cfg, client):
+        return []
+    return [t for env in envs for t in seed_records(cfg, env, org_index(client))]
 
 
 def participants(cfg: Config, round: int) -> list[str]:
@@ -445,7 +462,8 @@ class InProcess:
         if how.explore:
             bar = self.progress.start(f"round {round}: {job.name} explores", cfg.federation.explore_episodes)
             fresh = explore(self.agent, cfg, job.envs[0], start, round, cfg.seed,
-                            advance=lambda n, bar=bar: self.progress.update(bar, advance=n))
+                            advance=lambda n, bar=bar: self.progress.update(bar, advance=n),
+                            client=job.name)
             self.progress.finish(bar)
         data, manifest = client_data(Buffer(fed.out / "buffers" / job.name),
                                      keep(fresh, how, cfg.federation.explore_attempts), round, how,
@@ -639,6 +657,7 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
                      "max_buffer": fed.max_buffer, "clients_per_round": fed.clients_per_round,
+                     **({"orgs_per_env": fed.orgs_per_env} if fed.orgs_per_env > 1 else {}),
                      "learner": cfg.learner.model_dump()},
         "aggregation": cfg.aggregation_info(),
         **({"exchange": exchange} if exchange else {}),

@@ -112,7 +112,8 @@ def client_round(experiment: str, round: int, client: str, settings: dict[str, A
     folder = org / "runs" / experiment
     exchange = Transport(cfg.transport, experiment, folder)
     start = fresh_adapter(cfg) if round == 0 else None  # later rounds download the broadcast
-    chain = submit_chain(cfg, how, exchange, folder, ClientJob(client, [client], start), round, dvc_repo(org))
+    env = client.partition("-")[0]  # <env>-<k> when an env has several organisations
+    chain = submit_chain(cfg, how, exchange, folder, ClientJob(client, [env], start), round, dvc_repo(org))
     doc = manifest(client, round, experiment, chain.outcome())
     create_table_artifact(as_table(doc), key=artifact_key(experiment, client, round),
                           description=f"{client} round {round}: what crossed to the server (besides the adapter)")

@@ -33,10 +33,11 @@ def prepare(root: Path, client: str, seeds: Path, credentials: Path | None) -> P
 
     home = folder(root, client)
     (home / "data" / "seed").mkdir(parents=True, exist_ok=True)
-    source = Path(seeds) / f"{client}.jsonl"
+    env = client.partition("-")[0]  # <env>-<k>: one of several organisations of that environment
+    source = Path(seeds) / f"{env}.jsonl"
     if not source.exists():
         raise FileNotFoundError(f"{source}: no expert seeds for organisation {client} (run `dvc repro seed`)")
-    shutil.copyfile(source, home / "data" / "seed" / f"{client}.jsonl")
+    shutil.copyfile(source, home / "data" / "seed" / f"{env}.jsonl")
     if credentials is not None:
         keys = json.loads(Path(credentials).read_text())
         role = client_role(client)

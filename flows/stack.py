@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows import orgs
-from flows.seaweed import DEFAULT_PORTS, DVC, EXCHANGE, MLFLOW, SeaweedFS
+from flows.seaweed import DEFAULT_PORTS, DVC, EXCHANGE, MLFLOW, SeaweedFS, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_REMOTE = "store"
@@ -39,6 +39,15 @@ class Stack:
     s3_port: int = 8333
     seaweed_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     orgs: list[str] = field(default_factory=list)  # client organisations given a directory and a worker process
+
+    @classmethod
+    def on_free_ports(cls, root: Path, orgs: list[str] | None = None, extra_env: dict[str, str] | None = None,
+                      ) -> "Stack":
+        """A stack in `root` whose every server listens on a port free now (tests and benchmarks)."""
+        prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
+        return cls(root=root, prefect_port=prefect, mlflow_port=mlflow, s3_port=s3, orgs=list(orgs or []),
+                   extra_env={"OMP_NUM_THREADS": "1", **(extra_env or {})},
+                   seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
 
     @property
     def orgs_root(self) -> Path:

@@ -12,7 +12,8 @@ from fedse.trajectory import Trajectory
 from tasks.agent import borrowed
 
 
-@task(name="rollout", retries=1, cache_policy=NO_CACHE, task_run_name="rollout-{env}-round-{round}")
-def rollout(cfg: Config, env: str, start: AdapterState, round: int) -> list[Trajectory]:
+@task(name="rollout", retries=1, cache_policy=NO_CACHE, task_run_name="rollout-{client}-round-{round}")
+def rollout(cfg: Config, env: str, start: AdapterState, round: int, client: str | None = None) -> list[Trajectory]:
+    """Client `client` (default: the one named after `env`) plays its train tasks of `env`."""
     with borrowed(cfg) as agent:
-        return explore(agent, cfg, env, start, round, cfg.seed)
+        return explore(agent, cfg, env, start, round, cfg.seed, client=client)

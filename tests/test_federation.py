@@ -321,3 +321,27 @@ def test_partial_participation_trains_only_the_drawn_clients_and_seeds_each_once
             first = json.loads((folder / f"manifest_{taken[0]}.json").read_text())
             records = list(read_jsonl(folder / "buffer.jsonl"))
             assert first["sources"]["expert"] == 6 and sum(t.policy == "expert" for t in records) == 6
+
+
+def test_several_organisations_per_env_get_disjoint_seeds_and_their_own_explored_tasks(micro_spec, seeds,
+                                                                                       tmp_path: Path) -> None:
+    """`federation.orgs_per_env: 2`: clients maze-1, maze-2, wordle-1, wordle-2, each with its own block of its
+    env's seed file and its own sample of explored tasks; one client per env keeps the paper's names and
+    draws."""
+    from fedse.federation import client_seeds, seed_records
+
+    cfg = smoke(micro_spec, seeds, "fedse", rounds=1, orgs_per_env=2, seeds_per_client=3)
+    assert cfg.client_names() == ["maze-1", "maze-2", "wordle-1", "wordle-2"]
+    first, second = (client_seeds(cfg, name, ["maze"], 0) for name in ("maze-1", "maze-2"))
+    assert len(first) == len(second) == 3
+    assert {t.content_hash for t in first}.isdisjoint(t.content_hash for t in second)
+    assert [t.content_hash for t in first + second] == [t.content_hash for t in read_jsonl(seeds / "maze.jsonl")]
+    assert explore_task_ids("maze", 0, 3, 0, "maze-1") != explore_task_ids("maze", 0, 3, 0, "maze-2")
+    assert explore_task_ids("maze", 0, 3, 0, "maze") == explore_task_ids("maze", 0, 3, 0)  # the paper's draws
+    with pytest.raises(ValueError, match="asks for 4 per client for 2 organisations"):
+        seed_records(smoke(micro_spec, seeds, "fedse", orgs_per_env=2, seeds_per_client=4), "maze", 1)
+    doc = run(cfg, tmp_path)
+    assert sorted(doc["rounds"][0]["clients"]) == cfg.client_names()
+    assert sorted(doc["rounds"][0]["envs"]) == ENVS and doc["settings"]["orgs_per_env"] == 2
+    assert doc["rounds"][0]["aggregation"]["clients"] == 4
+    assert load_config("params.yaml", profile="smoke").client_names() == load_config("params.yaml").envs.names

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from fedse.cli import app
 from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
-from flows.seaweed import free_ports
 from flows.stack import Stack
 
 
@@ -32,10 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # argument (the S3 exchange among them) crosses into worker processes
     serving = root / "serve-params.yaml"
     serving.write_text("orchestration: {task_runner: process, workers: 2}\n")
-    prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
-    running = Stack(root=root, prefect_port=prefect, mlflow_port=mlflow,
-                    extra_env={"OMP_NUM_THREADS": "1", "FEDSE_PARAMS": str(serving)},
-                    s3_port=s3, seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
+    running = Stack.on_free_ports(root, extra_env={"FEDSE_PARAMS": str(serving)})
     running.up()
     try:
         yield running

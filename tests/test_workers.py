@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 
 from fedse.cli import app
 from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
-from flows.seaweed import free_ports
 from flows.stack import Stack
 
 CLIENTS = ["textcraft", "maze", "wordle"]
@@ -51,10 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, canary: str) -> Iterator[Sta
     write_jsonl(seeds / "maze.jsonl", [Trajectory.model_validate(first | {"content_hash": ""}), *records[1:]])
     serving = root / "serve-params.yaml"
     serving.write_text("orchestration: {task_runner: thread, workers: 2}\n")
-    prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
-    running = Stack(root=root, prefect_port=prefect, mlflow_port=mlflow, orgs=CLIENTS,
-                    extra_env={"OMP_NUM_THREADS": "1", "FEDSE_PARAMS": str(serving)},
-                    s3_port=s3, seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
+    running = Stack.on_free_ports(root, orgs=CLIENTS, extra_env={"FEDSE_PARAMS": str(serving)})
     running.up()
     try:
         yield running
