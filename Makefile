@@ -38,8 +38,10 @@ results: setup
 
 ## serve: the expert seeds (DVC stage `seed`, skipped when up to date), SeaweedFS (S3 object store: data in
 ## .seaweedfs/, buckets fedse, mlflow, dvc, keys per role in .serve/), a Prefect server, an MLflow server (SQLite
-## under mlflow/, artifacts in bucket mlflow) and the served deployment fedse/round-loop (adapters exchanged through
-## S3), all on 127.0.0.1; bucket dvc becomes the DVC remote; prints their URLs and records their pids in .serve/pids.json
+## under mlflow/, artifacts in bucket mlflow), the served deployment fedse/round-loop (adapters exchanged through
+## S3) and one worker per client organisation (fedse-client/<client>, served from .orgs/<client>/ with its own seeds
+## and keys), all on 127.0.0.1; bucket dvc becomes the DVC remote; prints their URLs and records their pids in
+## .serve/pids.json
 serve: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
 	$(BIN)/python -m flows.stack up

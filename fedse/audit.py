@@ -24,17 +24,18 @@ def egress_dir(audit_dir: Path | None, run_folder: Path) -> Path:
     return Path(audit_dir) if audit_dir is not None else Path(run_folder) / "egress"
 
 
-def find(root: Path, experiment: str) -> Path:
-    """The egress folder of an experiment under `root`: `root/<experiment>` itself, or any run folder's
-    `egress/<experiment>` below it (runs keep their logs by default)."""
+def find(root: Path, experiment: str) -> list[Path]:
+    """The egress folders of an experiment under `root`: `root/<experiment>` itself, or every run folder's
+    `egress/<experiment>` below it (runs keep their logs by default; in workers mode each organisation keeps
+    its own, so `--dir .orgs` gathers them all)."""
     root = Path(root)
     if (root / experiment).is_dir():
-        return root
+        return [root]
     found = sorted(p.parent for p in root.glob(f"**/egress/{experiment}") if p.is_dir())
     if not found:
         raise ValueError(f"{root}: no egress log for experiment {experiment!r} (fedse audit without --experiment "
                          "lists the known ones)")
-    return found[0]
+    return found
 
 
 def known(root: Path) -> list[tuple[str, Path]]:
@@ -60,13 +61,15 @@ def record(audit_dir: Path, upload: Upload, destination: str) -> dict[str, Any]:
     return entry
 
 
-def read(audit_dir: Path, experiment: str) -> list[dict[str, Any]]:
-    """Every recorded upload of an experiment, by round then sender."""
-    folder = Path(audit_dir) / experiment
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: no egress log for experiment {experiment!r}")
-    entries = [json.loads(line) for path in sorted(folder.glob("*.jsonl"))
-               for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read(audit_dirs: Path | list[Path], experiment: str) -> list[dict[str, Any]]:
+    """Every recorded upload of an experiment in these egress folders, by round then sender."""
+    entries = []
+    for audit_dir in [audit_dirs] if isinstance(audit_dirs, Path | str) else audit_dirs:
+        folder = Path(audit_dir) / experiment
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: no egress log for experiment {experiment!r}")
+        entries += [json.loads(line) for path in sorted(folder.glob("*.jsonl"))
+                    for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return sorted(entries, key=lambda e: (e["round"], e["sender"]))
 
 

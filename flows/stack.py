@@ -1,5 +1,6 @@
 """The served stack on one machine: SeaweedFS (the federation's S3 object store), a Prefect server, an MLflow
-server and the `round-loop` deployment.
+server, the `round-loop` deployment, and one worker per client organisation (`orgs`: each serves its
+`fedse-client/<client>` deployment from `.orgs/<client>/` with only its own seeds and keys, flows/orgs.py).
 
 `python -m flows.stack up` starts each on 127.0.0.1 (state under the repository: `.seaweedfs/`, `.prefect/`,
 `mlflow/`), waits until each answers, records their pids in `.serve/pids.json` and prints the URLs; `down`

@@ -116,6 +116,12 @@ def test_clients_run_on_their_own_workers_and_only_adapters_and_manifests_cross(
             assert not in_cache(str(stack.orgs_root / ("wordle" if client != "wordle" else "maze")),
                                 record["buffers_dvc"][client])
 
+    # what left each client, from the organisations' own egress logs gathered by `fedse audit --dir .orgs`
+    audit = CliRunner().invoke(app, ["audit", "--dir", str(stack.orgs_root), "-e", experiment, "--json"])
+    assert audit.exit_code == 0, audit.output
+    assert [(e["round"], e["sender"]) for e in json.loads(audit.stdout)] == \
+        [(r, f"client_{c}") for r in (0, 1) for c in sorted(CLIENTS)]
+
     # the canary planted in maze's seeds: in maze's organisation only
     needle = canary.encode()
     assert files_with(stack.orgs_root / "maze", needle)
