@@ -10,6 +10,7 @@ in reports/results-timing.json, summed over the invocations that built the table
 
 `--only` runs the matching stages in the order of its patterns (the most wanted rows first) and leaves the
 reports to the invocation that completes the table, so a partial table never writes a report that mixes runs.
+The SmolLM2 table (stages `smollm2@*`, over an hour a run) is run only when `--only` names it.
 
     python -m flows.results [-j 2] [--only PATTERN ...] [--dry-run]
 """
@@ -31,7 +32,10 @@ LOGS = ROOT / ".cache" / "fedse" / "results-logs"
 # stages that hold many rounds of all five environments go first, so the short ones fill in around them
 WEIGHT = {"full": 10.0, "experiment": 1.0, "variant": 1.0, "rank": 1.0}
 FIRST = ("seed",)  # run (through dvc repro) before anything else
-LAST = ("report", "report_full")  # finished by dvc repro after every run
+# each report stage and the run stages it reports on; a report is written (dvc repro -s) once all of them are done
+REPORTS = {"report": ("experiment", "variant", "rank"), "report_full": ("full",), "report_smollm2": ("smollm2",)}
+LAST = tuple(REPORTS)
+ON_DEMAND = ("smollm2",)  # run only when --only names them (SmolLM2 runs take over an hour each)
 
 
 def dvc(*args: str) -> subprocess.CompletedProcess:
@@ -68,6 +72,15 @@ def clear(outs: list[Path]) -> None:
             out.unlink()
 
 
+def kind(stage: str) -> str:
+    return stage.split("@")[0]
+
+
+def in_scope(stage: str, patterns: list[str] | None) -> bool:
+    """Whether this invocation is about the stage: every stage, except the on-demand ones unless named."""
+    return kind(stage) not in ON_DEMAND or any(fnmatch.fnmatch(stage, p) for p in patterns or [])
+
+
 def weight(stage: str) -> float:
     return WEIGHT.get(stage.split("@")[0], 1.0)
 
@@ -79,6 +92,12 @@ def order(stages: list[str], patterns: list[str] | None) -> list[str]:
         return sorted(stages, key=lambda s: (-weight(s), s))
     rank = {s: next((i for i, p in enumerate(patterns) if fnmatch.fnmatch(s, p)), None) for s in stages}
     return sorted((s for s in stages if rank[s] is not None), key=lambda s: (rank[s], -weight(s), s))
+
+
+def ready(left: list[str], patterns: list[str] | None) -> list[str]:
+    """The out-of-date reports whose runs are all recorded (and in this invocation's scope)."""
+    return [report for report, runs in REPORTS.items() if report in left
+            and not any(kind(s) in runs for s in left) and any(in_scope(f"{r}@", patterns) for r in runs)]
 
 
 def record_timing(path: Path, wall: float, jobs: int, timing: dict[str, float], failed: list[str],
@@ -131,7 +150,8 @@ def main(argv: list[str]) -> int:
                 print(f"error: dvc repro {stage} failed", file=sys.stderr)
                 return 1
     cmds = commands()
-    todo = order([s for s in stale() if s in cmds and s not in FIRST and not s.startswith(LAST)], args.only)
+    todo = order([s for s in stale() if s in cmds and s not in FIRST and kind(s) not in LAST
+                  and in_scope(s, args.only)], args.only)
     print(f"{len(todo)} stage(s) to run, {args.jobs} at a time: {', '.join(todo) or 'none'}", flush=True)
     if args.dry_run:
         return 0
@@ -148,17 +168,19 @@ def main(argv: list[str]) -> int:
             if code != 0:
                 failed.append(stage)
             record_timing(timings, time.perf_counter() - started, args.jobs, timing, failed, began)
-    remaining = [s for s in stale() if s not in LAST]
+    left = stale()
+    remaining = [s for s in left if kind(s) not in LAST and in_scope(s, args.only)]
     if not failed and remaining:
         more = " ..." if len(remaining) > 6 else ""
         print(f"{len(remaining)} stage(s) still to run ({', '.join(remaining[:6])}{more});"
               " reports are written when the table is complete: `make results` resumes", flush=True)
     elif not failed:
-        print("dvc repro (reports)", flush=True)
-        finish = dvc("repro")
-        if finish.returncode != 0:
-            print(f"error: dvc repro failed: {finish.stderr.strip()[-500:]}", file=sys.stderr)
-            failed.append("dvc repro")
+        for report in ready(left, args.only):
+            print(f"dvc repro -s {report}", flush=True)
+            finish = dvc("repro", "-s", report)
+            if finish.returncode != 0:
+                print(f"error: dvc repro -s {report} failed: {finish.stderr.strip()[-500:]}", file=sys.stderr)
+                failed.append(report)
     wall = time.perf_counter() - started
     total = record_timing(timings, wall, args.jobs, timing, failed, began) if todo else wall
     print(f"results table: {wall / 60:.1f} min wall for {len(todo)} stage(s) on {args.jobs} job(s)"

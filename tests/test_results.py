@@ -48,3 +48,13 @@ def test_a_stage_s_old_outputs_are_cleared_before_it_runs(tmp_path) -> None:
     file.write_text("{}")
     clear([folder, file, absent])
     assert not folder.exists() and not file.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_smollm2_table_runs_only_when_named_and_each_report_waits_for_its_own_runs() -> None:
+    from flows.results import in_scope, ready
+
+    assert not in_scope("smollm2@fedse-s0", None) and in_scope("smollm2@fedse-s0", ["smollm2@*"])
+    assert in_scope("experiment@fedse-0", None) and in_scope("full@fedit", ["smollm2@*"])
+    left = ["report", "report_full", "report_smollm2", "smollm2@fedit-s0"]
+    assert ready(left, None) == ["report", "report_full"]  # the SmolLM2 report waits for its runs
+    assert ready(["report", "experiment@fedse-0", "report_smollm2"], ["smollm2@*"]) == ["report_smollm2"]
