@@ -22,11 +22,15 @@ from rich.table import Table
 from fedse.config import Config, ConfigError, load_config, run_config
 from fedse.model import ModelError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Federated self-evolution of LLM agents (Fed-SE).")
-envs_app = typer.Typer(no_args_is_help=True, help="The five private environments.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Federated self-evolution of LLM agents (Fed-SE).",
+                  epilog="Example: fedse run --profile quick --method fedse --seed 0")
+envs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The five private environments.",
+                       epilog="Example: fedse envs play maze --task 4 --policy expert")
 app.add_typer(envs_app, name="envs")
-base_app = typer.Typer(no_args_is_help=True, help="The embedded tiny base model (built offline from its spec).")
+base_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="The embedded tiny base model (built offline from its spec).",
+                       epilog="Example: fedse base info")
 app.add_typer(base_app, name="base")
 
 # piped output (CI logs, `| less`) gets a wide page instead of rich's 80 columns, where tables fold to "…"
@@ -77,7 +81,7 @@ def env_options(name: str) -> dict[str, Any]:
     return State.config().envs.options.get(name, {})
 
 
-@envs_app.command("list")
+@envs_app.command("list", epilog="Example: fedse envs list")
 @clear_errors
 def envs_list() -> None:
     """List registered environments with their turn limits and task-id ranges."""
@@ -99,7 +103,7 @@ def _rng(ids: range) -> str:
     return f"{ids.start}–{ids.stop - 1} ({len(ids):,})"
 
 
-@envs_app.command("play")
+@envs_app.command("play", epilog="Example: fedse envs play wordle --task 0 --policy random --seed 1")
 @clear_errors
 def envs_play(env: str = typer.Argument(..., help="environment name (see `fedse envs list`)"),
               task: int = typer.Option(0, "--task", help="task id (test or train)"),
@@ -135,7 +139,7 @@ def envs_play(env: str = typer.Argument(..., help="environment name (see `fedse 
     out.print(f"\n{verdict} after {info['turn']} turns, reward {reward:.3f}")
 
 
-@envs_app.command("check")
+@envs_app.command("check", epilog="Example: fedse envs check --episodes 25 --json")
 @clear_errors
 def envs_check(episodes: int = typer.Option(None, "--episodes", min=1, help="test tasks per env [params]"),
                as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
@@ -161,7 +165,7 @@ def envs_check(episodes: int = typer.Option(None, "--episodes", min=1, help="tes
     out.print(table)
 
 
-@app.command("seed")
+@app.command("seed", epilog="Example: fedse seed --out seeds --env maze --env wordle --count 16")
 @clear_errors
 def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params: seed_data.dir]"),
          env: list[str] = typer.Option(None, "--env", help="only these environments (repeatable)"),
@@ -204,7 +208,8 @@ def _agent(adapter: Path | None, bar: Progress):
     return load_agent(spec, adapter, seed=State.config().seed, advance=advance)
 
 
-@base_app.command("build")
+@base_app.command("build", epilog="Example: fedse base build (then git add models/), or "
+                  "fedse --set model.tiny.pretrain_steps=500 base build")
 @clear_errors
 def base_build(out_dir: Path = typer.Option(None, "--out", help="folder [params: model.models_dir/tiny-<spec key>, "
                                             "the committed location]"),
@@ -215,7 +220,6 @@ def base_build(out_dir: Path = typer.Option(None, "--out", help="folder [params:
     Deterministic from the spec; about 1.7 hours on 2 CPU cores at the shipped budget. An interrupted build
     resumes where it last saved (every 100 steps, `.tiny-<key>.resume.pt` beside the target) when run again.
     The result carries its spec hash and the sha256 of its weights, so a committed copy is loaded in seconds.
-    Example: `fedse base build` (then `git add models/`), or `fedse --set model.tiny.pretrain_steps=500 base build`.
     """
     import os
     import time
@@ -246,13 +250,10 @@ def base_build(out_dir: Path = typer.Option(None, "--out", help="folder [params:
               f"weights sha256 {info['weights_sha256'][:12]}", highlight=False)
 
 
-@base_app.command("info")
+@base_app.command("info", epilog="Example: fedse base info --json")
 @clear_errors
 def base_info(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Which stored base params' spec resolves to (committed or cached, verified), and how it was built.
-
-    Example: `fedse base info`.
-    """
+    """Which stored base params' spec resolves to (committed or cached, verified), and how it was built."""
     from fedse.model import committed_dir, find_tiny, tiny_dir
     from fedse.tiny import INFO
 
@@ -277,7 +278,7 @@ def base_info(as_json: bool = typer.Option(False, "--json", help="print one JSON
     out.print(table)
 
 
-@app.command("train")
+@app.command("train", epilog="Example: fedse train --env maze --data data/seed/maze.jsonl --out ad_maze --limit 400")
 @clear_errors
 def train_cmd(env: str = typer.Option(..., "--env", help="environment the trajectories come from"),
               data: Path = typer.Option(..., "--data", help="trajectories (JSONL), e.g. data/seed/maze.jsonl"),
@@ -309,7 +310,7 @@ def train_cmd(env: str = typer.Option(..., "--env", help="environment the trajec
                f"{stats.loss_first:.3f} → {stats.loss_last:.3f}; adapter {out_dir} (sha256 {digest[:12]})")
 
 
-@app.command("eval")
+@app.command("eval", epilog="Example: fedse eval --adapter ad_maze --env maze --split val --episodes 50")
 @clear_errors
 def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folder [none: the base model]"),
              env: str = typer.Option("all", "--env", help="an environment name, or all"),
@@ -359,7 +360,7 @@ def eval_cmd(adapter: Path = typer.Option(None, "--adapter", help="adapter folde
     out.print(table)
 
 
-@app.command("run")
+@app.command("run", epilog="Example: fedse run --profile quick --method fedse --seed 0")
 @clear_errors
 def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, local, centralized, pretrained, "
                                        "no_filter, no_history, weighted, local_se [params: federation.method]"),
@@ -410,7 +411,7 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.federation.method}-{cfg.profile or 'base'}-s{cfg.seed}{rank}"
 
 
-@app.command("report")
+@app.command("report", epilog="Example: fedse report runs/fedse-quick-s0 runs/fedit-quick-s0 --out reports/mine")
 @clear_errors
 def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each with a metrics.json)"),
                out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and curves.png")) \
@@ -438,7 +439,7 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each wi
     out.print(f"table: {out_dir / 'results.md'}\nplot:  {plot}")
 
 
-@app.command("compare")
+@app.command("compare", epilog="Example: fedse compare --tracking-uri http://127.0.0.1:5000 --json")
 @clear_errors
 def compare_cmd(model: str = typer.Option("fedse-global", "--model", help="registered model name"),
                 uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -472,7 +473,7 @@ def compare_cmd(model: str = typer.Option("fedse-global", "--model", help="regis
     out.print(table)
 
 
-@app.command("audit")
+@app.command("audit", epilog="Example: fedse audit -e EXPERIMENT --tensors (no -e: lists the experiments)")
 @clear_errors
 def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="the run's name in the store "
                                              "(metrics.json: exchange.experiment); omitted: list the known ones"),

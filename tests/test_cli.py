@@ -172,3 +172,28 @@ def test_base_build_writes_a_verified_base_and_info_finds_it(micro_params: Path,
     (Path(info["path"]) / "model.safetensors").write_bytes(b"not weights")
     broken = run("--params", str(micro_params), "base", "info")
     assert broken.exit_code == 2 and "does not match" in broken.output
+
+
+def _command_paths(cmd, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and group of the app, as the words that name it (the app itself is ())."""
+    paths = [prefix]
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        paths += _command_paths(sub, (*prefix, name))
+    return paths
+
+
+def test_every_command_help_shows_an_example() -> None:
+    import typer
+
+    paths = _command_paths(typer.main.get_command(app))
+    assert ("run",) in paths and ("envs", "play") in paths and ("base", "info") in paths
+    for path in paths:
+        result = run(*path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        assert "Example: fedse" in result.output, f"fedse {' '.join(path)} --help shows no example"
+
+
+def test_option_help_keeps_its_bracketed_defaults() -> None:
+    """Help texts are plain text: `[params: …]` is what the option falls back to, not Rich markup to drop."""
+    result = CliRunner().invoke(app, ["run", "--help"])
+    assert result.exit_code == 0 and "[params: federation.method]" in " ".join(result.output.split())
