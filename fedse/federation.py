@@ -80,6 +80,11 @@ class Client:
 
 
 # ------------------------------------------------------------------ the steps (what the flow's tasks call)
+def env_of(client: str) -> str:
+    """The environment a client organisation plays: its own name, or <env> of <env>-k (`orgs_per_env`)."""
+    return client.partition("-")[0]
+
+
 def org_index(client: str) -> int:
     """Which organisation of its environment a client is: 0 for a client named after its env, k − 1 for
     <env>-k (`federation.orgs_per_env`)."""
@@ -192,7 +197,7 @@ def client_groups(cfg: Config, how: Method) -> list[tuple[str, list[str]]]:
         raise ValueError(f"method {how.name}: a pooled client cannot explore several environments")
     if how.pooled:
         return [(POOLED, cfg.client_envs())]
-    return [(name, [name.partition("-")[0]]) for name in cfg.client_names()]
+    return [(name, [env_of(name)]) for name in cfg.client_names()]
 
 
 def start_state(how: Method, global_state: AdapterState, own: AdapterState | None,

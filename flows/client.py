@@ -28,7 +28,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from fedse.config import Config
-from fedse.federation import ClientJob, ClientOutcome
+from fedse.federation import ClientJob, ClientOutcome, env_of
 from fedse.methods import method
 from fedse.transport import Transport, Upload
 from tasks.agent import fresh_adapter
@@ -71,9 +71,10 @@ def outcome_of(doc: dict[str, Any]) -> ClientOutcome:
 
 
 def artifact_key(experiment: str, client: str, round: int) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    text = f"fedse-manifest-{experiment}-{client}-round-{round}".lower()
-    return "".join(c if c.isalnum() or c == "-" else "-" for c in text)
+    """The manifest's artifact key (lowercase letters, digits and dashes only, as the flow's own keys)."""
+    from flows.round_loop import _key
+
+    return _key(f"fedse-manifest-{experiment}-{client}-round-{round}")
 
 
 def as_table(doc: dict[str, Any]) -> list[dict[str, str]]:
@@ -112,8 +113,7 @@ def client_round(experiment: str, round: int, client: str, settings: dict[str, A
     folder = org / "runs" / experiment
     exchange = Transport(cfg.transport, experiment, folder)
     start = fresh_adapter(cfg) if round == 0 else None  # later rounds download the broadcast
-    env = client.partition("-")[0]  # <env>-<k> when an env has several organisations
-    chain = submit_chain(cfg, how, exchange, folder, ClientJob(client, [env], start), round, dvc_repo(org))
+    chain = submit_chain(cfg, how, exchange, folder, ClientJob(client, [env_of(client)], start), round, dvc_repo(org))
     doc = manifest(client, round, experiment, chain.outcome())
     create_table_artifact(as_table(doc), key=artifact_key(experiment, client, round),
                           description=f"{client} round {round}: what crossed to the server (besides the adapter)")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedse.federation import env_of
 from fedse.transport import client_role
 from flows.client import ORG
 
@@ -33,7 +34,7 @@ def prepare(root: Path, client: str, seeds: Path, credentials: Path | None) -> P
 
     home = folder(root, client)
     (home / "data" / "seed").mkdir(parents=True, exist_ok=True)
-    env = client.partition("-")[0]  # <env>-<k>: one of several organisations of that environment
+    env = env_of(client)  # <env>-<k>: one of several organisations of that environment
     source = Path(seeds) / f"{env}.jsonl"
     if not source.exists():
         raise FileNotFoundError(f"{source}: no expert seeds for organisation {client} (run `dvc repro seed`)")

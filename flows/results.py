@@ -8,8 +8,9 @@ after each success records it with `dvc commit -f <stage>` (serialised: one DVC 
 up to date are not run again, so an interrupted table resumes. The end-to-end wall time is printed and kept
 in reports/results-timing.json, summed over the invocations that built the table (one per resumption).
 
-`--only` runs the matching stages in the order of its patterns (the most wanted rows first) and leaves the
-reports to the invocation that completes the table, so a partial table never writes a report that mixes runs.
+`--only` runs the matching stages in the order of its patterns (the most wanted rows first). Each report is
+written (`dvc repro -s`) only once every run it reports on is recorded, so a partial table never writes a report
+that mixes runs.
 The SmolLM2 table (stages `smollm2@*`, over an hour a run) is run only when `--only` names it.
 
     python -m flows.results [-j 2] [--only PATTERN ...] [--dry-run]
@@ -173,8 +174,8 @@ def main(argv: list[str]) -> int:
     if not failed and remaining:
         more = " ..." if len(remaining) > 6 else ""
         print(f"{len(remaining)} stage(s) still to run ({', '.join(remaining[:6])}{more});"
-              " reports are written when the table is complete: `make results` resumes", flush=True)
-    elif not failed:
+              " each report is written once its own runs are all recorded: `make results` resumes", flush=True)
+    if not failed:
         for report in ready(left, args.only):
             print(f"dvc repro -s {report}", flush=True)
             finish = dvc("repro", "-s", report)
