@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run results serve stop check test lint bench clean
+.PHONY: setup run results serve stop check test lint browser bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -54,9 +54,18 @@ stop:
 check: setup
 	$(BIN)/fedse envs check
 
-## test: lint, then the whole test suite
-test: setup lint
-	$(BIN)/pytest -q
+## browser: Debian's chromium for the UI test (tests/test_ui.py drives it with Playwright), installed once with
+## apt-get (as root, else through sudo); skipped when $(CHROMIUM) is already there
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { echo "installing chromium (Debian package, for the UI test)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends chromium >/dev/null; }
+
+## test: lint, then the whole test suite (the UI test must find a browser: FEDSE_BROWSER)
+test: setup lint browser
+	FEDSE_BROWSER=$(CHROMIUM) $(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

@@ -372,6 +372,7 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
                                         "parameters): finished rounds and clients are not redone")) -> None:
     """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
     from fedse.federation import Federation
+    from fedse.report import round_line
 
     cfg = run_config(State.params, profile, method, seed, [*State.overrides, *(sets or [])])
     State._config = cfg
@@ -380,7 +381,10 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
     out_dir = resume or out_dir or cfg.federation.out / run_name(cfg)
     with _progress() as bar:
         agent = _agent(None, bar)
-        doc = Federation(agent, cfg, out_dir, progress=RichProgress(bar), resume=resume is not None).run()
+        fed = Federation(agent, cfg, out_dir, progress=RichProgress(bar), resume=resume is not None)
+        rounds = cfg.federation.rounds if fed.method.train else 1
+        fed.on_round = lambda round, record, *_: out.print(round_line(record, rounds), highlight=False)
+        doc = fed.run()
     summarise_run(doc, out_dir)
 
 
@@ -390,8 +394,9 @@ def summarise_run(doc: dict[str, Any], out_dir: Path) -> Path:
 
     plot = run_curves(doc, out_dir / "curves.png")
     last = doc["rounds"][-1]
-    table = Table("env", "success", "95% CI", "n", title=f"{doc['method']} after {len(doc['rounds'])} round(s) "
-                  f"(profile {doc['profile']}, seed {doc['seed']})")
+    out.print(f"{doc['method']} after {len(doc['rounds'])} round(s), profile {doc['profile']}, seed {doc['seed']}:",
+              highlight=False)
+    table = Table("env", "success", "95% CI", "n")
     for name, s in last["envs"].items():
         table.add_row(name, f"{s['success']:.3f}", f"{s['ci95'][0]:.2f}–{s['ci95'][1]:.2f}", str(s["n"]))
     table.add_row("micro", f"{last['micro']:.3f}", "", "")

@@ -587,3 +587,23 @@ def markdown(docs: list[Doc], plot: Path | None = None) -> str:
     if plot is not None:
         parts += ["", f"![learning curves]({plot.name})"]
     return "\n".join(parts) + "\n"
+
+
+def round_line(record: Doc, rounds: int) -> str:
+    """One finished round in one line (what `make run` and `fedse run` print as they go, and the flow logs):
+    where macro success stands with its interval, how much experience the round added, what it cost, and
+    which clients the server went without. Rounds count from 0, as in metrics.json, MLflow and the registry."""
+    parts = [f"round {record['round']} of {rounds}", f"macro {record['macro']:.3f}"]
+    if "macro_ci95" in record:
+        low, high = record["macro_ci95"]
+        parts[-1] += f" [{low:.2f}, {high:.2f}]"
+    clients = [c for c in record.get("clients", {}).values() if "failed" not in c]
+    if clients:
+        added, held = sum(c.get("added", 0) for c in clients), sum(c.get("buffer", 0) for c in clients)
+        parts.append(f"buffers +{added} → {held}")
+    parts.append(f"{record['seconds']:.0f} s")
+    absent = {**record.get("aggregation", {}).get("missing", {}),
+              **{r["client"]: r["reason"] for r in record.get("aggregation", {}).get("rejected", [])}}
+    if absent:
+        parts.append("without " + ", ".join(sorted(absent)))
+    return "  ".join(parts)

@@ -6,7 +6,10 @@ where the metrics, the plot and the MLflow runs are.
 This is what `make run` calls.
 
     python -m flows.experiment [--method fedse] [--profile quick] [--seed 0] [--out DIR [--resume]]
-                               [--keep FILE] [--set key=value ...]
+                               [--keep FILE] [--verbose] [--set key=value ...]
+
+It prints one line per round (macro success with its interval, buffer growth, seconds) under a progress bar
+per phase; everything else the libraries log goes to runs/logs/ (`--verbose`: to the terminal instead).
 
 `--resume` continues the killed run in `--out` (the flow's `resume` parameter): its completed rounds are
 kept, and it ends with the same global adapter as a run never interrupted.
@@ -16,7 +19,9 @@ run's small metrics file in git, beside the report, while the run folder goes to
 """
 
 import argparse
+import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect.settings import (
@@ -27,8 +32,10 @@ from prefect.settings import (
 
 from fedse.atomic import write_json
 from fedse.cli import summarise_run
-from fedse.config import ConfigError, run_config
+from fedse.config import Config, ConfigError, run_config
+from flows.console import Phases, quiet, shown_on
 from flows.round_loop import configured
+from tasks.track import REMEMBERED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +50,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the killed run in --out")
     parser.add_argument("--keep", type=Path, default=None, help="also write the finished run's metrics.json here")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override, e.g. model.lora.r=4")
+    parser.add_argument("--verbose", action="store_true", help="every log line on the terminal, not in a file")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}")
     args = parser.parse_args(argv)
     if args.resume and not args.out:
@@ -50,14 +58,19 @@ def main(argv: list[str]) -> int:
         return 2
     (ROOT / "mlflow").mkdir(exist_ok=True)
     try:
+        cfg = run_config(args.params, args.profile, args.method, args.seed, args.sets)
+        log = log_file(cfg)
+        print(opening(cfg, log), flush=True)
         # the temporary API gets 20 s to start by default: too few on a loaded 2-core machine (seen under
         # `dvc exp run` beside another experiment); and it must not try to phone home (offline machines)
+        if not args.verbose:
+            quiet(log)
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180,
-                                 PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            flow = configured(run_config(args.params, args.profile, args.method, args.seed, args.sets).orchestration)
-            doc = flow(method=args.method, profile=args.profile, seed=args.seed, params=args.params,
-                       sets=args.sets, out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT),
-                       resume=args.out if args.resume else None)
+                                 PREFECT_SERVER_ANALYTICS_ENABLED: False}), Phases() as phases, shown_on(phases):
+            doc = configured(cfg.orchestration)(
+                method=args.method, profile=args.profile, seed=args.seed, params=args.params, sets=args.sets,
+                out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT),
+                resume=args.out if args.resume else None)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -65,9 +78,40 @@ def main(argv: list[str]) -> int:
     if args.keep:
         write_json(args.keep, {k: v for k, v in doc.items() if k != "out"})
     summarise_run(doc, folder)
-    print(f"mlflow:  {args.tracking_uri} (experiment fedse-{doc['profile']}; `mlflow ui --backend-store-uri "
-          f"{args.tracking_uri}`)")
+    print(closing(args.tracking_uri, folder, log if not args.verbose else None))
     return 0
+
+
+def log_file(cfg: Config) -> Path:
+    """Where this run's full log goes (everything the terminal is spared): runs/logs/<method>-<profile>-s<seed>-
+    <UTC time>.log."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return cfg.federation.out / "logs" / f"{cfg.federation.method}-{cfg.profile}-s{cfg.seed}-{stamp}.log"
+
+
+def opening(cfg: Config, log: Path) -> str:
+    """The first line: what is about to run, and where its full log goes."""
+    fed = cfg.federation
+    clients = cfg.client_names()
+    shown = ", ".join(clients) if len(clients) <= 6 else f"{len(clients)}"
+    return (f"fedse {fed.method}, profile {cfg.profile}, seed {cfg.seed}: {fed.rounds} rounds, {cfg.model.preset} "
+            f"model, clients {shown} (full log: {log})")
+
+
+def closing(uri: str, folder: Path, log: Path | None) -> str:
+    """The last lines: how to open the run in the MLflow UI and compare the registered global adapters."""
+    here = Path(sys.executable).parent
+    bin_dir = f"{here.relative_to(Path.cwd())}/" if here.is_relative_to(Path.cwd()) else ""
+    tracked = folder / REMEMBERED
+    run = json.loads(tracked.read_text()) if tracked.exists() else None
+    page = f"#/experiments/{run['experiment_id']}/runs/{run['run_id']}" if run else ""
+    lines = [f"MLflow UI:  {bin_dir}mlflow ui --backend-store-uri {uri} --port 5000   then open "
+             f"http://127.0.0.1:5000/{page}",
+             f"registry:   {bin_dir}fedse compare --tracking-uri {uri}   (every registered fedse-global version "
+             "side by side; in the UI: http://127.0.0.1:5000/#/models/fedse-global)"]
+    if log is not None:
+        lines.append(f"full log:   {log}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ No `from __future__ import annotations` here: Prefect validates flow parameters 
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from fedse.config import Config, OrchestrationConfig, run_config
 from fedse.evaluate import EnvScore
 from fedse.federation import AdapterState, ClientJob, ClientOutcome, Federation, failure, successes, update_stats
 from fedse.methods import Method
+from fedse.report import round_line
 from fedse.transport import Transport, Upload
+from flows.console import phase, watching
 from tasks.agent import borrowed, fresh_adapter
 from tasks.aggregate import aggregate
 from tasks.buffer import update_buffer
@@ -77,6 +80,9 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
         create_table_artifact(_table(record), key=_key(f"fedse-round-{round}-{flow_run}"),
                               description=f"{fed.method.name} round {round}: success per environment")
         update_progress_artifact(progress, 100.0 * (round + 1) / total)
+        line = round_line(record, total)
+        get_run_logger().info(line)
+        watching().line(line)
 
     fed.on_round = on_round
     try:
@@ -140,28 +146,62 @@ class Tasks:
                 ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
         """Submit every client's chain, then collect them in order; a client's failure (after its retries) or
         a missed deadline is handed back as its exception."""
+        shown, phases = watching(), client_phases(fed.method, round, len(jobs))
+        for name, total in phases.items():
+            shown.open(name, total)
         chains = [submit_chain(self.cfg, fed.method, fed.exchange, fed.out, job, round, self.dvc_repo) for job in jobs]
+        for chain in chains:
+            for step, future in ((phase(round, "explore"), chain.fresh), (phase(round, "train"), chain.trained)):
+                if future is not None:
+                    future.add_done_callback(lambda _, step=step: shown.advance(step))
         timeout = self.cfg.federation.client_timeout
         deadline = time.monotonic() + timeout if timeout else None
-        for chain in chains:
-            if deadline is not None and not finished_by(chain.last, deadline):
-                yield chain.name, TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s")
-                continue
-            try:
-                yield chain.name, chain.outcome()
-            except Exception as exc:
-                yield chain.name, exc
+        try:
+            for chain in chains:
+                if deadline is not None and not finished_by(chain.last, deadline):
+                    yield chain.name, TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s")
+                    continue
+                try:
+                    yield chain.name, chain.outcome()
+                except Exception as exc:
+                    yield chain.name, exc
+        finally:
+            for name in phases:
+                shown.close(name)
 
     def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
                delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
                missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
                                                  dict[str, Any]]:
-        return aggregate.submit(self.cfg, updates, global_state, round, str(fed.out), fed.exchange, delivered,
-                                momentum, missing).result()
+        with showing(phase(round, "aggregate"), None):
+            return aggregate.submit(self.cfg, updates, global_state, round, str(fed.out), fed.exchange, delivered,
+                                    momentum, missing).result()
 
     def evaluate(self, fed: Federation, round: int, states: dict[str, AdapterState]) -> dict[str, EnvScore]:
-        futures = {env: evaluate.submit(self.cfg, state, env, round) for env, state in states.items()}
-        return {env: future.result() for env, future in futures.items()}
+        step, shown = phase(round, "evaluate"), watching()
+        with showing(step, len(states)):
+            futures = {env: evaluate.submit(self.cfg, state, env, round) for env, state in states.items()}
+            for future in futures.values():
+                future.add_done_callback(lambda _: shown.advance(step))
+            return {env: future.result() for env, future in futures.items()}
+
+
+def client_phases(how: Method, round: int, clients: int) -> dict[str, int]:
+    """The bars of the clients' part of a round, each counting clients: explored (when the method explores),
+    then trained."""
+    explore = {phase(round, "explore"): clients} if how.explore else {}
+    return explore | {phase(round, "train"): clients}
+
+
+@contextmanager
+def showing(name: str, total: int | None) -> Iterator[None]:
+    """One phase's bar on the watching terminal for the `with` block."""
+    shown = watching()
+    shown.open(name, total)
+    try:
+        yield
+    finally:
+        shown.close(name)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from fedse.report import (
     paired,
     rank_table,
     results_table,
+    round_line,
     verdict,
 )
 
@@ -320,3 +321,15 @@ def test_best_of_k_runs_are_their_own_row() -> None:
     assert label(plain) == "fedse" and label(best) == "fedse best-of-4"
     assert "| fedse best-of-4 |" in results_table([plain, best])
     assert "fedse best-of-4 > fedse (micro)" in claims_table([plain, best, doc("fedit", 0, .2, .2)])
+
+
+def test_round_line_says_where_the_round_stands_and_who_was_missing() -> None:
+    record = {"round": 2, "macro": 0.2466, "macro_ci95": [0.18, 0.31], "seconds": 41.4,
+              "clients": {"maze": {"added": 7, "buffer": 40}, "wordle": {"added": 5, "buffer": 32},
+                          "babyai": {"failed": "TimeoutError: no upload"}},
+              "aggregation": {"missing": {"babyai": "TimeoutError: no upload"},
+                              "rejected": [{"client": "webshop", "reason": "norm"}]}}
+    assert round_line(record, 4) == "round 2 of 4  macro 0.247 [0.18, 0.31]  buffers +12 → 72  41 s  " \
+                                    "without babyai, webshop"
+    # the pretrained method's single evaluation: no clients, no interval recorded in old runs
+    assert round_line({"round": 0, "macro": 0.1, "seconds": 3.0}, 1) == "round 0 of 1  macro 0.100  3 s"

@@ -7,6 +7,7 @@ found nowhere in the store or MLflow, buffer versions go to the DVC remote and b
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import uuid
@@ -210,3 +211,74 @@ def test_two_experiments_on_one_stack_keep_to_their_own_keys_runs_and_buffers(st
         assert sorted(r.data.tags["round"] for r in rounds) == ["0", "1"]
         versions = mlflow.search_model_versions(f"name='fedse-global' and tag.parent_run_id = '{parent}'")
         assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in rounds)
+
+
+def test_prefect_and_mlflow_uis_show_the_served_run(stack: Stack, micro_params: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two web UIs a user opens after a served run, in a real headless browser (Debian's chromium,
+    driven by Playwright): Prefect's page of the flow run shows its name, its flow, its final state and the
+    per-round lines it logged; MLflow's page of the registered model lists the run's versions, and a
+    version's page names the round run it came from."""
+    from mlflow import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    browser_path = os.environ.get("FEDSE_BROWSER", "/usr/bin/chromium")
+    if not Path(browser_path).exists():
+        if os.environ.get("FEDSE_BROWSER"):  # make test installs it and names it: missing there is a failure
+            pytest.fail(f"FEDSE_BROWSER={browser_path}: no such browser (make browser installs Debian's chromium)")
+        pytest.skip(f"no browser at {browser_path}; `make browser` installs one (make test does)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    seeds = tmp_path / "seeds"
+    for env in ("maze", "wordle"):
+        assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"]).exit_code == 0
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={
+            "method": "fedse", "profile": "smoke", "seed": 7, "params": str(micro_params),
+            "out": str(tmp_path / "run"), "experiment": "fedse-ui",
+            "sets": ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
+                     "federation.explore_episodes=2", "federation.eval_episodes=2",
+                     f"transport.audit_dir={tmp_path / 'egress'}"]})
+    assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+    tracked = json.loads((tmp_path / "run" / "tracking.json").read_text())
+    versions = MlflowClient(stack.mlflow_uri).search_model_versions(
+        f"name='fedse-global' and tag.parent_run_id = '{tracked['run_id']}'")
+    assert len(versions) == 2
+    newest = max(versions, key=lambda v: int(v.version))
+    round_name = MlflowClient(stack.mlflow_uri).get_run(newest.run_id).info.run_name
+
+    ui = stack.prefect_api.removesuffix("/api")
+    model = f"{stack.mlflow_uri}/#/models/fedse-global"
+    pages = [(f"{ui}/runs/flow-run/{flow_run.id}", [flow_run.name, "fedse", "Completed", "round 1 of 2  macro"]),
+             (model, ["fedse-global", *(f"Version {v.version}" for v in versions)]),
+             (f"{model}/versions/{newest.version}", [f"Version {newest.version}", round_name])]
+    shown = page_texts(browser_path, pages)
+    for (url, expected), text in zip(pages, shown, strict=True):
+        missing = [e for e in expected if e not in text]
+        assert not missing, f"{url} does not show {missing}; it shows: {text[:1500]}"
+
+
+def page_texts(browser: str, pages: list[tuple[str, list[str]]], timeout_ms: int = 90_000) -> list[str]:
+    """Each page's visible text once the browser has rendered every expected string (or the timeout passed);
+    the flags keep chromium off the network this machine does not have (background services, QUIC)."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+    texts = []
+    with sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=browser, args=flags, headless=True)
+        try:
+            page = chromium.new_page(viewport={"width": 1600, "height": 1200})
+            for url, expected in pages:
+                page.goto(url, wait_until="domcontentloaded")
+                try:
+                    for text in expected:
+                        page.get_by_text(text, exact=False).first.wait_for(state="attached", timeout=timeout_ms)
+                except PageTimeout:
+                    pass  # the assertion names what is missing, with what the page shows instead
+                texts.append(page.inner_text("body"))
+        finally:
+            chromium.close()
+    return texts
