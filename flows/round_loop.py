@@ -16,7 +16,7 @@ No `from __future__ import annotations` here: Prefect validates flow parameters 
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,9 +275,11 @@ def _key(text: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in text.lower())
 
 
-def task_runner(kind: str, workers: int, address: str | None = None) -> Any:
+def task_runner(kind: str, workers: int, address: str | None = None,
+                initializer: tuple[Callable[..., None], tuple[Any, ...]] | None = None) -> Any:
     """The Prefect task runner `kind` names. Dask: the scheduler at `address`, else a local cluster of
-    `workers` processes with one thread each (each process loads its own model once, as a process pool's)."""
+    `workers` processes with one thread each (each process loads its own model once, as a process pool's).
+    `initializer`: (function, args) run once in each process-pool worker (make run quiets its logs there)."""
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -285,7 +287,10 @@ def task_runner(kind: str, workers: int, address: str | None = None) -> Any:
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})
-    return ProcessPoolTaskRunner(max_workers=workers) if kind == "process" else ThreadPoolTaskRunner(workers)
+    if kind == "process":
+        start, args = initializer or (None, ())
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=start, initargs=args)
+    return ThreadPoolTaskRunner(workers)
 
 
 def workers_runner(cfg: Config, dvc_repo: str | None) -> "Tasks":
@@ -295,8 +300,10 @@ def workers_runner(cfg: Config, dvc_repo: str | None) -> "Tasks":
     return Workers(cfg, dvc_repo)
 
 
-def configured(orchestration: OrchestrationConfig) -> Any:
+def configured(orchestration: OrchestrationConfig,
+               initializer: tuple[Callable[..., None], tuple[Any, ...]] | None = None) -> Any:
     """The flow on the task runner `orchestration:` names (what `make run` and the served deployment run):
     Dask in mode dask, else `task_runner` (in mode workers it runs only the server's own tasks)."""
     kind = "dask" if orchestration.mode == "dask" else orchestration.task_runner
-    return round_loop.with_options(task_runner=task_runner(kind, orchestration.workers, orchestration.dask_address))
+    return round_loop.with_options(task_runner=task_runner(kind, orchestration.workers, orchestration.dask_address,
+                                                           initializer))

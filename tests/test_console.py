@@ -117,11 +117,14 @@ def seeds(tmp_path: Path) -> Path:
 
 def test_the_driver_prints_a_line_per_round_the_table_and_where_to_look(micro_params: Path, seeds: Path,
                                                                         tmp_path: Path) -> None:
-    """`python -m flows.experiment` (what `make run` calls) on a 2-round smoke run: a few dozen lines in all,
-    none of them Prefect's task-run records, which are in the log file it names instead."""
+    """`python -m flows.experiment` (what `make run` calls) on a 2-round smoke run in a process pool: a few
+    dozen lines in all, none of them Prefect's task-run records (the workers' included), nor transformers'
+    bars, which are in the log file it names instead; one temporary Prefect API serves the flow and its
+    workers."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
-            "federation.explore_episodes=2", "federation.eval_episodes=2", f"federation.out={tmp_path / 'runs'}"]
+            "federation.explore_episodes=2", "federation.eval_episodes=2", f"federation.out={tmp_path / 'runs'}",
+            "orchestration.task_runner=process", "orchestration.workers=2"]  # as make run: workers log too
     argv = [sys.executable, "-m", "flows.experiment", "--profile", "smoke", "--params", str(micro_params),
             "--out", str(tmp_path / "run"), "--tracking-uri", uri, *(a for s in sets for a in ("--set", s))]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900,
@@ -132,9 +135,11 @@ def test_the_driver_prints_a_line_per_round_the_table_and_where_to_look(micro_pa
     assert lines[0].startswith("fedse fedse, profile smoke, seed 0: 2 rounds") and "full log:" in lines[0]
     assert [line.split("  ")[0] for line in lines if line.startswith("round ")] == ["round 0 of 2", "round 1 of 2"]
     assert all(" macro " in line and "buffers +" in line for line in lines if line.startswith("round "))
-    assert not [line for line in lines if "Task run" in line or "Finished in state" in line]
+    assert not [line for line in lines if "Task run" in line or "Finished in state" in line or "Loading" in line]
     (log,) = (tmp_path / "runs" / "logs").glob("fedse-smoke-s0-*.log")
-    assert "Finished in state Completed" in log.read_text()
+    logged = log.read_text()
+    assert "Finished in state Completed" in logged and logged.count("Starting temporary server") == 1
+    assert "train-wordle-round-1" in logged  # a worker process's task run, in the same file
     assert lines[-1] == f"full log:   {log}", "\n".join(lines)
     assert any(line.startswith("MLflow UI:") and "#/experiments/" in line for line in lines)
     assert any(line.startswith("registry:") and f"compare --tracking-uri {uri}" in line for line in lines)
