@@ -48,3 +48,17 @@ def object_store(tmp_path_factory: pytest.TempPathFactory):
     clients = ["babyai", "webshop", "textcraft", "maze", "wordle"]
     with serving(on_free_ports(root / "data", root / "state", clients)) as store:
         yield store
+
+
+@pytest.fixture()
+def seeds(tmp_path: Path) -> Path:
+    """Expert seed files for maze and wordle (6 trajectories each), for runs of those two clients."""
+    from typer.testing import CliRunner
+
+    from fedse.cli import app
+
+    folder = tmp_path / "seeds"
+    result = CliRunner().invoke(app, ["seed", "--out", str(folder), "--env", "maze", "--env", "wordle",
+                                      "--count", "6"])
+    assert result.exit_code == 0, result.output
+    return folder

@@ -11,7 +11,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from flows.console import Phases, Unwatched, for_terminal, phase, quiet, shown_on, watching
@@ -100,19 +99,6 @@ def test_nobody_watching_is_a_no_op_and_a_display_is_seen_only_inside_its_block(
     with shown_on(shown):
         assert watching() is shown
     assert isinstance(watching(), Unwatched)
-
-
-@pytest.fixture()
-def seeds(tmp_path: Path) -> Path:
-    from typer.testing import CliRunner
-
-    from fedse.cli import app
-
-    folder = tmp_path / "seeds"
-    result = CliRunner().invoke(app, ["seed", "--out", str(folder), "--env", "maze", "--env", "wordle",
-                                      "--count", "4"])
-    assert result.exit_code == 0, result.output
-    return folder
 
 
 def test_the_driver_prints_a_line_per_round_the_table_and_where_to_look(micro_params: Path, seeds: Path,

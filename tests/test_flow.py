@@ -10,24 +10,11 @@ import pytest
 from prefect import task
 from prefect.testing.utilities import prefect_test_harness
 
-from fedse.cli import app
-
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_api() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture()
-def seeds(tmp_path: Path) -> Path:
-    from typer.testing import CliRunner
-
-    folder = tmp_path / "seeds"
-    result = CliRunner().invoke(app, ["seed", "--out", str(folder), "--env", "maze", "--env", "wordle",
-                                      "--count", "6"])
-    assert result.exit_code == 0, result.output
-    return folder
 
 
 def smoke_sets(seeds: Path) -> list[str]:
