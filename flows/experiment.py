@@ -110,7 +110,7 @@ def opening(cfg: Config, log: Path) -> str:
     fed = cfg.federation
     clients = cfg.client_names()
     shown = ", ".join(clients) if len(clients) <= 6 else f"{len(clients)}"
-    return (f"fedse {fed.method}, profile {cfg.profile}, seed {cfg.seed}: {fed.rounds} rounds, {cfg.model.preset} "
+    return (f"run: {fed.method}, profile {cfg.profile}, seed {cfg.seed}, {fed.rounds} rounds, {cfg.model.preset} "
             f"model, clients {shown} (full log: {log})")
 
 

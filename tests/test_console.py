@@ -118,7 +118,7 @@ def test_the_driver_prints_a_line_per_round_the_table_and_where_to_look(micro_pa
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (done.stdout + done.stderr).splitlines()
     assert len(lines) <= 40, "\n".join(lines)
-    assert lines[0].startswith("fedse fedse, profile smoke, seed 0: 2 rounds") and "full log:" in lines[0]
+    assert lines[0].startswith("run: fedse, profile smoke, seed 0, 2 rounds") and "full log:" in lines[0]
     assert [line.split("  ")[0] for line in lines if line.startswith("round ")] == ["round 0 of 2", "round 1 of 2"]
     assert all(" macro " in line and "buffers +" in line for line in lines if line.startswith("round "))
     assert not [line for line in lines if "Task run" in line or "Finished in state" in line or "Loading" in line]
