@@ -62,7 +62,7 @@ stop:
 check: setup
 	$(BIN)/fedse envs check
 
-## browser: Debian's chromium for the UI test (tests/test_ui.py drives it with Playwright), installed once with
+## browser: Debian's chromium for the UI test (tests/test_stack.py drives it with Playwright), installed once with
 ## apt-get (as root, else through sudo); skipped when $(CHROMIUM) is already there
 CHROMIUM ?= /usr/bin/chromium
 browser:

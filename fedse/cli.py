@@ -382,8 +382,7 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
     with _progress() as bar:
         agent = _agent(None, bar)
         fed = Federation(agent, cfg, out_dir, progress=RichProgress(bar), resume=resume is not None)
-        rounds = cfg.federation.rounds if fed.method.train else 1
-        fed.on_round = lambda round, record, *_: out.print(round_line(record, rounds), highlight=False)
+        fed.on_round = lambda round, record, *_: out.print(round_line(record, fed.total_rounds), highlight=False)
         doc = fed.run()
     summarise_run(doc, out_dir)
 

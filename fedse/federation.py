@@ -548,7 +548,7 @@ class Federation:
         """All rounds (one evaluation of the base for `pretrained`), from the first one metrics.json does not
         list; returns the metrics document."""
         global_state = self.restore(len(self.rounds))
-        total = 1 if not self.method.train else self.cfg.federation.rounds
+        total = self.total_rounds
         for round in range(len(self.rounds), total):
             started = time.perf_counter()
             record: dict[str, Any] = {"round": round}
@@ -562,6 +562,11 @@ class Federation:
             if self.on_round is not None:
                 self.on_round(round, record, adapter, egress)
         return self.document(complete=True)
+
+    @property
+    def total_rounds(self) -> int:
+        """How many rounds the run has: `federation.rounds`, or one evaluation for a method that trains nothing."""
+        return self.cfg.federation.rounds if self.method.train else 1
 
     def restore(self, start: int) -> AdapterState:
         """The global adapter, own adapters, momentum and buffers as they were after round `start` − 1."""

@@ -61,8 +61,6 @@ def main(argv: list[str]) -> int:
         cfg = run_config(args.params, args.profile, args.method, args.seed, args.sets)
         log = log_file(cfg)
         print(opening(cfg, log), flush=True)
-        # the temporary API gets 20 s to start by default: too few on a loaded 2-core machine (seen under
-        # `dvc exp run` beside another experiment); and it must not try to phone home (offline machines)
         if not args.verbose:
             quiet(log)
         workers = None if args.verbose else (quiet_worker, (str(log),))

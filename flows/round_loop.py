@@ -17,7 +17,7 @@ No `from __future__ import annotations` here: Prefect validates flow parameters 
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     fed = Federation(None, cfg, folder, resume=resume is not None, runner=runner)
     tracking = track(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run, folder, resume is not None) \
         if tracking_uri else None
-    total = cfg.federation.rounds if fed.method.train else 1
+    total = fed.total_rounds
     progress = create_progress_artifact(100.0 * len(fed.rounds) / total, key=_key(f"fedse-progress-{flow_run}"),
                                         description=f"{fed.method.name}: rounds completed of {total}")
 
@@ -146,9 +146,9 @@ class Tasks:
                 ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
         """Submit every client's chain, then collect them in order; a client's failure (after its retries) or
         a missed deadline is handed back as its exception."""
-        shown, phases = watching(), client_phases(fed.method, round, len(jobs))
-        for name, total in phases.items():
-            shown.open(name, total)
+        shown, bars = watching(), ExitStack()
+        for name, total in client_phases(fed.method, round, len(jobs)).items():
+            bars.enter_context(showing(name, total))
         chains = [submit_chain(self.cfg, fed.method, fed.exchange, fed.out, job, round, self.dvc_repo) for job in jobs]
         for chain in chains:
             for step, future in ((phase(round, "explore"), chain.fresh), (phase(round, "train"), chain.trained)):
@@ -156,7 +156,7 @@ class Tasks:
                     future.add_done_callback(lambda _, step=step: shown.advance(step))
         timeout = self.cfg.federation.client_timeout
         deadline = time.monotonic() + timeout if timeout else None
-        try:
+        with bars:
             for chain in chains:
                 if deadline is not None and not finished_by(chain.last, deadline):
                     yield chain.name, TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s")
@@ -165,9 +165,6 @@ class Tasks:
                     yield chain.name, chain.outcome()
                 except Exception as exc:
                     yield chain.name, exc
-        finally:
-            for name in phases:
-                shown.close(name)
 
     def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
                delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
