@@ -8,8 +8,14 @@ over the cells the agent has already seen, then a turn to face the object) but c
 
 Design choices a reader of trajectories should know:
 
-* Task ``i`` is level ``LEVELS[i % len(LEVELS)]`` reset with ``seed=i``; test and train ids never share a
-  seed, and every level appears equally often among the test ids.
+* A task is a level, a mission and a world: task ``i`` plays level ``LEVELS[i % len(LEVELS)]`` (every level
+  appears equally often among the test ids), and what it is to an agent (``content_key``) is the level, the
+  mission, every cell of the grid (with door states and box contents) and the agent's start pose and load.
+* Test task ``i`` is the level reset with ``seed=i``. Every other id ``i`` plays the first seed
+  ``i + r * REDRAW_STRIDE`` (r = 0, 1, ...) whose instance is not held out: not a test instance, and for train
+  and pretrain ids not a validation instance either. Distinct seeds are not enough, because a small level
+  has few distinct worlds and two seeds can generate the same one (a few ids per 10,000); such an id would
+  let a client train on a test task. r = 0 (the id itself) almost always stands, so worlds rarely move.
 * The agent remembers every cell it has seen. Objects keep one name for the whole episode ("red ball 2" is
   the second red ball the agent ever saw), so a plan written three turns ago still refers to the same thing.
   As in AgentGym, actions on objects (go to, pick up, doors) are offered only for objects in view; the ones
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -49,7 +56,7 @@ from minigrid.envs.babyai.core.verifier import (
 )
 from minigrid.utils.baby_ai_bot import BabyAIBot, DropSubgoal, GoNextToSubgoal, OpenSubgoal, PickupSubgoal
 
-from fedse.envs.base import Outcome, TextEnv
+from fedse.envs.base import Outcome, TextEnv, first_free
 
 #: The level mix (gymnasium ids without the ``BabyAI-`` prefix); task ``i`` plays ``LEVELS[i % 30]``, so each
 #: level owns 3 of the 90 test tasks. It follows AgentGym's 40 BabyAI levels family by family, keeping the
@@ -103,6 +110,15 @@ _TYPE_ORDER = {"ball": 0, "box": 1, "key": 2, "door": 3}
 
 Pose = tuple[int, int, int]  # x, y, direction
 
+#: A non-test id's redraw r plays seed ``id + r * REDRAW_STRIDE``. The stride is above every id, so a redraw's
+#: seed is never another id's seed, and r = 0 is the id itself (the world an id played before redraws).
+REDRAW_STRIDE = 10_000_000
+#: Instance keys remembered per process: exploration and seed writing reset thousands of tasks, many again.
+_KEY_CACHE_LIMIT = 100_000
+_KEYS: dict[tuple[str, int], str] = {}
+#: One level object per level for computing keys, so that a key never disturbs an episode being played.
+_SCRATCH: dict[str, RoomGridLevel] = {}
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -142,6 +158,48 @@ def _make_level(level: str) -> RoomGridLevel:
     spec = gymnasium.spec(f"BabyAI-{level}")
     creator = load_env_creator(spec.entry_point)
     return creator(**spec.kwargs)
+
+
+def _reset_quietly(env: RoomGridLevel, seed: int) -> dict[str, Any]:
+    """Reset `env` to `seed`; minigrid's rejection sampling prints to stdout, and a training log is not the
+    place for it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        obs, _ = env.reset(seed=seed)
+    return obs
+
+
+def _world_key(level: str, env: RoomGridLevel) -> str:
+    """The content key of the instance `env` was just reset to: level and mission (readable), then a hash of
+    every cell (type, colour, door state), what each box holds, and the agent's start pose and load."""
+    boxed = [(i, cell.contains.type, cell.contains.color) for i, cell in enumerate(env.grid.grid)
+             if cell is not None and cell.type == "box" and cell.contains is not None]
+    load = None if env.carrying is None else (env.carrying.type, env.carrying.color)
+    pose = (int(env.agent_pos[0]), int(env.agent_pos[1]), int(env.agent_dir))
+    digest = hashlib.sha256(env.grid.encode().tobytes())
+    digest.update(repr((env.width, env.height, pose, load, boxed)).encode())
+    return f"{level}|{env.mission}|{digest.hexdigest()[:16]}"
+
+
+def _remember(level: str, seed: int, env: RoomGridLevel) -> str:
+    """Cache the key of `env`, just reset to (`level`, `seed`), so the same instance is never rebuilt for it."""
+    key = _KEYS.get((level, seed))
+    if key is None:
+        if len(_KEYS) >= _KEY_CACHE_LIMIT:
+            _KEYS.clear()
+        key = _KEYS[(level, seed)] = _world_key(level, env)
+    return key
+
+
+def instance_key(level: str, seed: int) -> str:
+    """The content key of `level` reset with `seed`: cached, else built on a scratch level object."""
+    key = _KEYS.get((level, seed))
+    if key is not None:
+        return key
+    scratch = _SCRATCH.get(level)
+    if scratch is None:
+        scratch = _SCRATCH[level] = _make_level(level)
+    _reset_quietly(scratch, seed)
+    return _remember(level, seed, scratch)
 
 
 def _move(pose: Pose, prim: int) -> Pose:
@@ -228,15 +286,43 @@ class BabyAIEnv(TextEnv):
         self._plan_at = 0
         self._picked_from: tuple[int, int] | None = None
 
+    # ------------------------------------------------------------------ what a task is
+    @classmethod
+    def level_of(cls, task_id: int) -> str:
+        """The level task `task_id` plays: the level mix cycles with the id, redraws never change it."""
+        return cls.levels[task_id % len(cls.levels)]
+
+    @classmethod
+    def seed_of(cls, task_id: int) -> int:
+        """The minigrid seed task `task_id` plays: the id itself for a test id; for any other id the first
+        redraw ``task_id + r * REDRAW_STRIDE`` whose world is not held out from it (see `banned_keys`)."""
+        banned = cls.banned_keys(task_id)
+        if not banned:
+            return task_id
+        level = cls.level_of(task_id)
+        redraw = first_free(task_id, banned, lambda r: instance_key(level, task_id + r * REDRAW_STRIDE),
+                            f"{cls.name} {level}")
+        return task_id + redraw * REDRAW_STRIDE
+
+    @classmethod
+    def content_key(cls, task_id: int) -> str:
+        """Level, mission and a hash of the world and the agent's start (see `_world_key`)."""
+        level = cls.level_of(task_id)
+        return instance_key(level, cls.seed_of(task_id))
+
     # ------------------------------------------------------------------ episode
     def _reset(self, task_id: int) -> str:
-        self.level = self.levels[task_id % len(self.levels)]
+        self.level = self.level_of(task_id)
         env = self._levels.get(self.level)
         if env is None:
             env = self._levels[self.level] = _make_level(self.level)
-        # Rejection sampling in minigrid prints to stdout; a training loop's log is not the place for it.
-        with contextlib.redirect_stdout(io.StringIO()):
-            obs, _ = env.reset(seed=task_id)
+        # Play redraw 0 and note its key before asking for the seed: it almost always stands, so the usual
+        # reset costs one level reset instead of one on the scratch object for the key plus one here.
+        obs = _reset_quietly(env, task_id)
+        _remember(self.level, task_id, env)
+        seed = self.seed_of(task_id)
+        if seed != task_id:
+            obs = _reset_quietly(env, seed)
         self._env = env
         self._version += 1  # a new world: every cached action list is stale
         self._seen = np.zeros((env.width, env.height), dtype=bool)

@@ -8,9 +8,18 @@ environment only describes its own world.
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import cache
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T")
+
+#: Redraws a seeded environment may take to find an instance whose content is not held out (a collision is
+#: rare: a handful per thousand ids), before it admits its generator cannot avoid the held-out set.
+MAX_REDRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,13 @@ class TextEnv(ABC):
     neither a client's private training data nor held-out evaluation data. The first ``VALIDATION`` train
     ids are held back as a validation split (for choosing hyperparameters without touching test tasks); seeds
     and client exploration draw only from ``explore_ids()``, the rest of the train range.
+
+    Distinct ids are not enough: two ids that give the same secret word, goal item or maze instance are the
+    same task to an agent. So every environment also says what a task *is* (``content_key``), and its
+    splits are disjoint in that key: no test key is a validation, train or pretrain key, and no validation
+    key is a train or pretrain key. Environments whose tasks come from a finite pool (a word list, a goal
+    list, a maze's start/goal pairs) partition the pool (``partition``); those that generate a task from a
+    seed redraw an instance whose key is held out (``first_free``). `fedse envs audit` checks the result.
     """
 
     name: ClassVar[str]
@@ -60,6 +76,32 @@ class TextEnv(ABC):
     def pretrain_ids(cls) -> range:
         """Ids after the train range, as many again: never explored by a client, never evaluated on."""
         return range(cls.train_ids.stop, cls.train_ids.stop + len(cls.train_ids))
+
+    def content_key(self, task_id: int) -> str:
+        """What task `task_id` is to an agent: what it sees and what solves it, without the id.
+
+        Two ids with the same key are the same task (the key names the secret, the goal item and its recipe
+        tree, the layout with its start and goal, the mission and world, the instruction's demands). It may
+        depend on the instance's options (Wordle's word list); an environment without options may make it a
+        classmethod. It never disturbs the episode the instance is playing.
+        """
+        raise NotImplementedError(f"{self.name}: no content key")
+
+    @classmethod
+    def heldout_keys(cls, split: str) -> frozenset[str]:
+        """The content keys of the test or the validation split (computed once per process and class)."""
+        return _heldout_keys(cls, split)
+
+    @classmethod
+    def banned_keys(cls, task_id: int) -> frozenset[str]:
+        """Keys task `task_id` must not take: none for test ids, the test keys for validation ids, the test and
+        validation keys for every other id (train, exploration, seeds, pretraining)."""
+        split = cls.split_of(task_id)
+        if split == "test":
+            return frozenset()
+        if split == "val":
+            return cls.heldout_keys("test")
+        return cls.heldout_keys("test") | cls.heldout_keys("val")
 
     def __init__(self) -> None:
         self.task_id: int | None = None
@@ -145,6 +187,41 @@ class TextEnv(ABC):
             "valid_action": valid,
             "admissible_actions": [] if self.done else self.admissible_actions(),
         }
+
+
+@cache
+def _heldout_keys(cls: type[TextEnv], split: str) -> frozenset[str]:
+    ids = {"test": cls.test_ids, "val": cls.validation_ids()}[split]
+    scratch = cls()
+    return frozenset(scratch.content_key(t) for t in ids)
+
+
+def partition(pool: Sequence[T], sizes: dict[str, int], salt: str) -> dict[str, list[T]]:
+    """Split a finite content pool into disjoint named parts of the given sizes (in that order, the last part
+    may be -1 = the rest), after one seeded shuffle, so each part spans the whole pool.
+
+    Held-out parts must come first: they get exactly their size whatever the pool's size later becomes.
+    """
+    order = list(pool)
+    random.Random(salt).shuffle(order)
+    parts: dict[str, list[T]] = {}
+    at = 0
+    for name, size in sizes.items():
+        end = len(order) if size < 0 else at + size
+        if end > len(order) or end <= at:
+            raise ValueError(f"{salt}: a pool of {len(order)} cannot give {name} {size} (sizes {sizes})")
+        parts[name] = order[at:end]
+        at = end
+    return parts
+
+
+def first_free(task_id: int, banned: frozenset[str], key_of: Callable[[int], str], what: str) -> int:
+    """The first redraw r = 0, 1, … whose instance key is not banned: a seeded environment's instance for
+    `task_id` is drawn with (task_id, r), so that a train id never repeats a held-out task's content."""
+    for redraw in range(MAX_REDRAWS):
+        if key_of(redraw) not in banned:
+            return redraw
+    raise RuntimeError(f"{what}: task {task_id} hit held-out content in {MAX_REDRAWS} redraws")
 
 
 def _fmt(ids: range) -> str:

@@ -1,19 +1,25 @@
 """Maze (LMRL-Gym): walk a grid to the goal from text about walls and positions.
 
-Test tasks are the paper's 25 starts of the fixed 10×13 double-T maze with the goal at (8, 6), so random and
-trained numbers are comparable with AgentGym. Train tasks must be disjoint from them, so they are (a) the same
-double-T with every *other* goal cell (650 start/goal pairs: same corridors, different targets), then (b) seeded
-random mazes of the same size: exploration can run for many rounds without ever touching a test task.
+A task *is* its layout, start and goal. The clients' world is LMRL-Gym's fixed 10×13 double-T maze; its
+tasks are the (start, goal) pairs whose shortest path takes MIN_PATH to 15 moves (506 pairs). They are
+partitioned once, at random: 25 test pairs, 50 validation pairs, the rest (431) for the clients' seeds and
+exploration. So a test task is a held-out instance of the training distribution (same maze, a start/goal
+pair never trained on), and a trained agent can be told from a random walker. (LMRL-Gym tests the 25 starts
+of one goal, (8, 6); holding out that goal made every test task out of distribution here, and every method
+scored the random rate.) Seeded random mazes of the same size, a different layout each, make up the rest of
+the train range and the pretrain range: the base model's general competence, never a client's maze.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections import deque
 from functools import lru_cache
+from typing import ClassVar
 
-from fedse.envs.base import Outcome, TextEnv
+from fedse.envs.base import Outcome, TextEnv, partition
 
 Cell = tuple[int, int]
 
@@ -42,14 +48,23 @@ def free_cells(grid: tuple[str, ...]) -> list[Cell]:
     return [(r, c) for r, row in enumerate(grid) for c, ch in enumerate(row) if ch == "0"]
 
 
+MIN_PATH = 3  # pairs one or two moves apart are solved by chance too often to measure anything
+#: Double-T pairs per split, held-out parts first (fedse.envs.base.partition); train takes the rest.
+SPLITS = {"test": 25, "val": 50, "train": -1}
+
+
 @lru_cache(maxsize=1)
-def double_t_train_pairs(max_len: int = 15) -> tuple[tuple[Cell, Cell], ...]:
-    """(start, goal) pairs on the double-T whose goal is not the test goal and that fit the turn limit."""
+def double_t_pairs(max_len: int = 15) -> dict[str, tuple[tuple[Cell, Cell], ...]]:
+    """Split name -> its (start, goal) pairs on the double-T, MIN_PATH to `max_len` moves apart."""
     cells = free_cells(DOUBLE_T)
-    pairs = [(s, g) for g in cells if g != DOUBLE_T_GOAL for s in cells
-             if s != g and len(shortest_path(DOUBLE_T, s, g)) <= max_len]
-    random.Random("double-t-pairs").shuffle(pairs)  # so the validation ids (the first 100) span many goals
-    return tuple(pairs)
+    pairs = [(s, g) for g in cells for s in cells
+             if s != g and MIN_PATH <= len(shortest_path(DOUBLE_T, s, g)) <= max_len]
+    return {name: tuple(part) for name, part in partition(pairs, SPLITS, salt="double-t-pairs").items()}
+
+
+def layout_name(grid: tuple[str, ...]) -> str:
+    """A short stable name of a layout (the double-T by name, any other by a hash of its cells)."""
+    return "double-t" if grid == DOUBLE_T else "maze-" + hashlib.sha256("/".join(grid).encode()).hexdigest()[:12]
 
 
 def distances(grid: tuple[str, ...], start: Cell) -> dict[Cell, int]:
@@ -124,6 +139,7 @@ class MazeEnv(TextEnv):
     max_turns = 15
     test_ids = range(0, 25)
     train_ids = range(10_000, 10_000 + 1_000_000)
+    VALIDATION: ClassVar[int] = SPLITS["val"]
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,20 +149,26 @@ class MazeEnv(TextEnv):
 
     @classmethod
     def explore_ids(cls) -> range:
-        """The double-T with the other goals: a maze client's world is its maze (random mazes, later in the
+        """The double-T's training pairs: a maze client's world is its maze (random mazes, later in the
         train range and in the pretrain range, are for building the base model's general competence)."""
-        return cls.train_ids[cls.VALIDATION:len(double_t_train_pairs())]
+        return cls.train_ids[cls.VALIDATION:cls.VALIDATION + len(double_t_pairs()["train"])]
+
+    def content_key(self, task_id: int) -> str:
+        """Layout, start and goal."""
+        grid, start, goal = self.task(task_id)
+        return f"{layout_name(grid)}:{start[0]},{start[1]}->{goal[0]},{goal[1]}"
 
     def task(self, task_id: int) -> tuple[tuple[str, ...], Cell, Cell]:
-        """(grid, start, goal) of a task id: test → double-T starts; train → other goals, then random mazes."""
+        """(grid, start, goal) of a task id: test, validation and explore ids → their split's double-T pairs in
+        order; the rest of the train range and the pretrain range → random mazes."""
+        pairs = double_t_pairs()
         if task_id in self.test_ids:
-            starts = [c for c in free_cells(DOUBLE_T) if c != DOUBLE_T_GOAL]
-            return DOUBLE_T, starts[task_id], DOUBLE_T_GOAL
+            return DOUBLE_T, *pairs["test"][task_id - self.test_ids.start]
         index = task_id - self.train_ids.start
-        pairs = double_t_train_pairs()
-        if index < len(pairs):
-            start, goal = pairs[index]
-            return DOUBLE_T, start, goal
+        if 0 <= index < self.VALIDATION:
+            return DOUBLE_T, *pairs["val"][index]
+        if 0 <= index - self.VALIDATION < len(pairs["train"]):
+            return DOUBLE_T, *pairs["train"][index - self.VALIDATION]
         rng = random.Random(f"maze-{task_id}")
         grid = random_maze(task_id)
         start = rng.choice(free_cells(grid))

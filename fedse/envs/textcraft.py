@@ -11,6 +11,12 @@ PyPI package ships (MIT). Only those data files are used; the crafting rules bel
   members of the tag from the inventory, an item name takes exactly that item;
 * the task is solved when the goal item is in the inventory.
 
+A task *is* its goal item and the recipe tree that makes it (the distractor hints vary with the id, the goal
+does not): a test goal that is also a training goal measures recall of its recipe, not crafting. So the goal
+pool (388 craftable goals) is partitioned once, as AgentGym separates its splits by goal item: 100 test goals
+(one per test id), 40 validation goals, 124 goals for the clients (seeds and exploration) and 124 for
+pretraining the embedded base; ids of a split draw only from its own goals.
+
 Unpacking recipes (a block back into 9 ingots, 9 nuggets into an ingot, …) would make the raw materials
 craftable and the recipe graph cyclic; every cycle is broken (see `_break_cycles`) so that ingots, gems and
 the like are gathered.
@@ -28,13 +34,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedse.envs.base import Outcome, TextEnv
+from fedse.envs.base import Outcome, TextEnv, partition
 
 MAX_GET = 64  # one stack: bigger numbers are a typo, not a plan
 MAX_EXPERT_TURNS = 16  # goals needing more expert steps are left out, leaving slack under max_turns
 MIN_DEPTH = 2  # goals need an intermediate item: one-step goals are solved by chance too often
 MAX_ACTION_CHARS = 1_000
-_TEST_ORDER_SEED = 1_605  # permutes the goal pool once, so the 100 test ids get 100 distinct goals
+#: Goals per split, held-out parts first (fedse.envs.base.partition); pretrain takes the rest.
+SPLITS = {"test": 100, "val": 40, "train": 124, "pretrain": -1}
 
 _WOODS = ("oak", "spruce", "birch", "jungle", "acacia", "dark_oak")
 _STEMS = ("crimson", "warped")
@@ -355,6 +362,13 @@ class RecipeBook:
 
 
 @functools.cache
+def goal_splits() -> dict[str, tuple[str, ...]]:
+    """Split name (test, val, train, pretrain) -> its goal items: disjoint, fixed by the recipe data alone."""
+    parts = partition(recipe_book().goals, SPLITS, salt="textcraft-goals")
+    return {name: tuple(goals) for name, goals in parts.items()}
+
+
+@functools.cache
 def recipe_book(directory: str | None = None) -> RecipeBook:
     """The recipe book, read once per process (and per directory) on first use, never at import."""
     return RecipeBook(Path(directory) if directory else recipe_dir())
@@ -393,12 +407,20 @@ class TextCraftEnv(TextEnv):
 
     # ------------------------------------------------------------------------------------- task generation
     def _goal_for(self, task_id: int) -> str:
-        """Test ids walk a fixed permutation of the goal pool (distinct goals); train ids draw by seed."""
-        goals = recipe_book().goals
+        """Test ids walk the test goals (100 distinct); other ids draw by seed from their split's goals."""
+        split = self.split_of(task_id)
+        if split is None:
+            raise ValueError(f"textcraft: task id {task_id} is in no split")
+        goals = goal_splits()[split]
         if task_id in self.test_ids:
-            order = random.Random(_TEST_ORDER_SEED).sample(goals, len(goals))
-            return order[(task_id - self.test_ids.start) % len(order)]
+            return goals[(task_id - self.test_ids.start) % len(goals)]
         return random.Random(f"textcraft-goal-{task_id}").choice(goals)
+
+    def content_key(self, task_id: int) -> str:
+        """The goal item and its recipe tree (the recipes the expert's plan uses, bottom-up)."""
+        goal = self._goal_for(task_id)
+        _, crafts = recipe_book().plan(goal, {})
+        return f"{goal}<-" + ";".join(r.command() for r, _ in crafts)
 
     def _reset(self, task_id: int) -> str:
         book = recipe_book()

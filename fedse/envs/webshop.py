@@ -11,6 +11,15 @@ A task id seeds the choice of a hidden target product and, from it, the goal: it
 attributes, a value for some of its option groups, and a price bound just above its price. Other products of
 the same type share some of those attributes or options, or cost more, so search results hold near-misses.
 
+* A task is the goal's demands (``demands_key``: product type, attributes, option values, price bound), not
+  its wording or its target: any product that fits them earns reward 1, so two ids with the same demands
+  are the same task, however differently the instruction is phrased.
+* Test ids draw their goal from the id alone. Every other id draws from (id, redraw r) and takes the first
+  r = 0, 1, ... whose demands are not held out: not a test task's, and for train and pretrain ids not a
+  validation task's either. The goal space is finite (a goal is one of 3,151 targets with a few of its
+  attributes and options), so about one id in a thousand draws a held-out task's demands, and without this
+  a client could train on a test task under another id. r = 0 almost always stands.
+
 Pages and actions follow WebShop:
 
 * search page: ``search[<free text>]`` (the admissible list offers a few queries derived from the
@@ -42,7 +51,7 @@ from functools import cache
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from fedse.envs.base import Outcome, TextEnv
+from fedse.envs.base import Outcome, TextEnv, first_free
 
 # --------------------------------------------------------------------------------------------- vocabulary
 # Every category: product type -> the option-group keys it offers; attribute pool; option groups
@@ -354,9 +363,11 @@ class Goal:
     text: str
 
 
-def _seed(task_id: int) -> int:
-    """A process-independent seed (``hash()`` of strings is salted per process)."""
-    return int.from_bytes(hashlib.sha256(f"webshop-lite/{task_id}".encode()).digest()[:8], "big")
+def _seed(task_id: int, redraw: int = 0) -> int:
+    """A process-independent seed (``hash()`` of strings is salted per process); redraw 0 is the id's own
+    seed, the one every task had before redraws existed, so only the few redrawn tasks changed."""
+    tail = f"/{redraw}" if redraw else ""
+    return int.from_bytes(hashlib.sha256(f"webshop-lite/{task_id}{tail}".encode()).digest()[:8], "big")
 
 
 def _plural(ptype: str) -> bool:
@@ -370,9 +381,36 @@ def _with_article(phrase: str, ptype: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
 
+def demands_key(goal: Goal) -> str:
+    """What a goal asks for: product type, attributes, option values and price bound, in a fixed order.
+
+    Neither the target nor the phrasing: any product that fits earns reward 1, so two goals with the same
+    demands are the same task to an agent however they are worded and whichever product was drawn.
+    """
+    attributes = ",".join(sorted(goal.attributes))
+    options = ";".join(f"{name}={value}" for name, value in sorted(goal.options))
+    return f"{goal.ptype}|{attributes}|{options}|<{goal.price_bound:.0f}"
+
+
 def make_goal(task_id: int) -> Goal:
-    """The goal of task `task_id`: a target product, a subset of what makes it special, and a budget."""
-    rng = random.Random(_seed(task_id))
+    """The goal of task `task_id`: drawn from the id alone for a test id; any other id takes the first
+    redraw whose demands are not held out from it (`WebShopEnv.banned_keys`)."""
+    banned = WebShopEnv.banned_keys(task_id)
+    if not banned:
+        return draw_goal(task_id, 0)
+    drawn: dict[int, Goal] = {}  # each redraw is drawn once: its key is checked, then it is the goal
+
+    def key_of(redraw: int) -> str:
+        drawn[redraw] = draw_goal(task_id, redraw)
+        return demands_key(drawn[redraw])
+
+    return drawn[first_free(task_id, banned, key_of, "webshop")]
+
+
+def draw_goal(task_id: int, redraw: int) -> Goal:
+    """Redraw `redraw` of task `task_id`'s goal: a target product, a subset of what makes it special, and a
+    budget."""
+    rng = random.Random(_seed(task_id, redraw))
     products = shop().products
     product = products[rng.randrange(len(products))]
     n_attrs = min(rng.choice((1, 2, 2, 3)), len(product.attributes))
@@ -458,6 +496,11 @@ class WebShopEnv(TextEnv):
         self._clicks: dict[str, str] = {}
 
     # ------------------------------------------------------------------ TextEnv
+    @classmethod
+    def content_key(cls, task_id: int) -> str:
+        """The goal's demands (`demands_key`): what makes a purchase earn reward 1."""
+        return demands_key(make_goal(task_id))
+
     def _reset(self, task_id: int) -> str:
         self.goal = make_goal(task_id)
         self.queries_tried = []

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from fedse.envs import babyai
 from fedse.envs.babyai import LEVELS, BabyAIEnv
 from fedse.envs.check import success_rate
 from fedse.scripted import random_policy
@@ -183,3 +184,82 @@ def test_minigrid_chatter_stays_off_stdout(capsys: pytest.CaptureFixture[str]) -
     for task in range(10_000, 10_000 + 2 * len(LEVELS)):
         env.reset(task)
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------- disjoint splits in content
+def held_out() -> frozenset[str]:
+    return BabyAIEnv.heldout_keys("test") | BabyAIEnv.heldout_keys("val")
+
+
+def fresh_key(level: str, seed: int) -> str:
+    """The key of (level, seed) built on a brand-new level object, bypassing every cache."""
+    env = babyai._make_level(level)
+    babyai._reset_quietly(env, seed)
+    return babyai._world_key(level, env)
+
+
+def test_test_and_validation_worlds_are_disjoint() -> None:
+    test, val = BabyAIEnv.heldout_keys("test"), BabyAIEnv.heldout_keys("val")
+    assert len(test) == len(BabyAIEnv.test_ids) and len(val) == len(BabyAIEnv.validation_ids())
+    assert not test & val
+    assert all(key.startswith(f"{BabyAIEnv.level_of(t)}|") for t, key in zip(
+        BabyAIEnv.test_ids, map(BabyAIEnv.content_key, BabyAIEnv.test_ids), strict=True)), "a readable prefix"
+
+
+def test_sampled_explore_and_pretrain_ids_never_play_a_held_out_world() -> None:
+    rng = random.Random(0)
+    explore, pretrain = BabyAIEnv.explore_ids(), BabyAIEnv.pretrain_ids()
+    # the first 10,000 explore ids hold three worlds that are test or validation worlds (14948 among them)
+    sample = [*range(14_000, 15_000), *rng.sample(explore, 1_000), *range(210_000, 211_000),
+              *rng.sample(pretrain, 1_000)]
+    banned = held_out()
+    leaks = [t for t in sample if BabyAIEnv.content_key(t) in banned]
+    assert not leaks
+
+
+def test_same_id_same_world_across_fresh_instances_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = (0, 45, 10_050, 14_948, 123_457, 210_278)
+    keys = [BabyAIEnv.content_key(t) for t in tasks]
+    first = [BabyAIEnv().reset(t) for t in tasks]
+    monkeypatch.setattr(babyai, "_KEYS", {})
+    monkeypatch.setattr(babyai, "_SCRATCH", {})
+    assert [BabyAIEnv.content_key(t) for t in reversed(tasks)] == keys[::-1]
+    for task, key, (obs, info) in zip(tasks, keys, first, strict=True):
+        env = BabyAIEnv()
+        assert env.reset(task) == (obs, info)
+        assert fresh_key(env.level, BabyAIEnv.seed_of(task)) == key, "the played world is the keyed one"
+
+
+def test_a_train_id_drawing_a_held_out_world_is_redrawn() -> None:
+    level = "OpenRedBlueDoorsDebug-v0"  # one small room: its few worlds repeat across seeds
+    start = BabyAIEnv.explore_ids()[0]
+    start += (first_task_of(level) - start) % len(LEVELS)
+    banned = held_out()
+    task = next(t for t in range(start, start + 400 * len(LEVELS), len(LEVELS))
+                if babyai.instance_key(level, t) in banned)
+    assert BabyAIEnv.seed_of(task) == task + babyai.REDRAW_STRIDE
+    key = BabyAIEnv.content_key(task)
+    assert key != babyai.instance_key(level, task) and key not in banned
+    env = BabyAIEnv()
+    env.reset(task)
+    assert env.level == level and babyai._world_key(level, env._env) == key
+    assert expert_episode(env, task)[0], "a redrawn world is as solvable as any"
+
+
+def test_a_planted_collision_is_redrawn_for_val_train_and_pretrain_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = (10_007, 123_456, 300_001)
+    planted = frozenset(babyai.instance_key(BabyAIEnv.level_of(t), t) for t in tasks)
+    monkeypatch.setattr(BabyAIEnv, "banned_keys", classmethod(lambda cls, t: planted))
+    env = BabyAIEnv()
+    for task in tasks:
+        obs, _ = env.reset(task)
+        assert BabyAIEnv.seed_of(task) == task + babyai.REDRAW_STRIDE
+        played = babyai._world_key(env.level, env._env)
+        assert played == babyai.instance_key(env.level, task + babyai.REDRAW_STRIDE) and played not in planted
+        assert obs.startswith(f"Your goal: {env._env.mission}\n")
+
+
+def test_test_ids_keep_their_seed_and_world() -> None:
+    for task in BabyAIEnv.test_ids:
+        assert BabyAIEnv.seed_of(task) == task
+        assert BabyAIEnv.content_key(task) == fresh_key(BabyAIEnv.level_of(task), task)

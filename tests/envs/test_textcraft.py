@@ -6,7 +6,7 @@ import re
 import pytest
 
 from fedse.envs.check import success_rate
-from fedse.envs.textcraft import MAX_EXPERT_TURNS, TextCraftEnv, recipe_book, show
+from fedse.envs.textcraft import MAX_EXPERT_TURNS, TextCraftEnv, goal_splits, recipe_book, show
 from fedse.scripted import random_policy
 
 HINT = re.compile(r"craft [0-9]+ [a-z ]+ using [0-9]+ [a-z ]+(, [0-9]+ [a-z ]+)*")
@@ -160,3 +160,22 @@ def test_test_ids_get_distinct_goals_from_the_pool() -> None:
     pool = recipe_book().goals
     assert len(goals) == len(env.test_ids) and goals <= set(pool)
     assert all(recipe_book().depth[g] >= 2 for g in pool)
+
+
+def test_goal_pool_is_partitioned_by_goal_item() -> None:
+    parts = goal_splits()
+    assert {k: len(v) for k, v in parts.items()} == {"test": 100, "val": 40, "train": 124, "pretrain": 124}
+    flat = [g for part in parts.values() for g in part]
+    assert len(flat) == len(set(flat)) and set(flat) == set(recipe_book().goals)
+
+
+def test_each_split_draws_goals_only_from_its_own_part() -> None:
+    env = TextCraftEnv()
+    parts = goal_splits()
+    for name, ids in (("val", env.validation_ids()), ("train", env.explore_ids()[:2000]),
+                      ("pretrain", env.pretrain_ids()[:2000])):
+        assert {env._goal_for(t) for t in ids} <= set(parts[name]), name
+    held_out = {env.content_key(t) for t in [*env.test_ids, *env.validation_ids()]}
+    assert not held_out & {env.content_key(t) for t in env.explore_ids()[:2000]}
+    key = env.content_key(0)
+    assert key.startswith(f"{parts['test'][0]}<-craft ") and env.content_key(0) == key

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import random
 import re
@@ -16,6 +18,8 @@ from fedse.envs.webshop import (
     PAGE_SIZE,
     WebShopEnv,
     candidate_queries,
+    demands_key,
+    draw_goal,
     fits,
     make_goal,
     reward,
@@ -221,3 +225,75 @@ def test_expert_recovers_from_a_detour_and_falls_back_to_the_title() -> None:
     while not env.done:
         env.step(env.expert_action())
     assert env.success
+
+
+
+# ---------------------------------------------------------------------------------- disjoint splits in content
+def held_out() -> frozenset[str]:
+    return WebShopEnv.heldout_keys("test") | WebShopEnv.heldout_keys("val")
+
+
+def test_test_and_validation_demands_are_disjoint() -> None:
+    test, val = WebShopEnv.heldout_keys("test"), WebShopEnv.heldout_keys("val")
+    assert len(test) == len(WebShopEnv.test_ids) and len(val) == len(WebShopEnv.validation_ids())
+    assert not test & val
+
+
+def test_the_key_is_the_demands_not_the_phrasing_or_the_target() -> None:
+    task, goal = next((t, g) for t, g in ((t, make_goal(t)) for t in range(100))
+                      if g.options and len(g.attributes) >= 2)
+    assert WebShopEnv.content_key(task) == demands_key(goal)
+    reworded = dataclasses.replace(goal, target=goal.target + 1, phrase=goal.ptype, text="find me " + goal.ptype,
+                                   attributes=goal.attributes[::-1], options=goal.options[::-1])
+    assert demands_key(reworded) == demands_key(goal)
+    for changed in (dataclasses.replace(goal, price_bound=goal.price_bound + 10),
+                    dataclasses.replace(goal, attributes=goal.attributes[1:]),
+                    dataclasses.replace(goal, options=goal.options[1:])):
+        assert demands_key(changed) != demands_key(goal)
+
+
+def test_sampled_explore_and_pretrain_ids_never_ask_held_out_demands() -> None:
+    rng = random.Random(0)
+    explore, pretrain = WebShopEnv.explore_ids(), WebShopEnv.pretrain_ids()
+    sample = [*explore[:10_000], *rng.sample(explore, 2_000), *pretrain[:10_000], *rng.sample(pretrain, 2_000)]
+    banned = held_out()
+    assert not [t for t in sample if WebShopEnv.content_key(t) in banned]
+
+
+def test_same_id_same_demands_and_first_page_across_fresh_instances() -> None:
+    for task in (0, 199, 10_050, 10_178, 123_456, 210_401):
+        assert make_goal(task) == make_goal(task) and WebShopEnv.content_key(task) == demands_key(make_goal(task))
+        assert WebShopEnv().reset(task) == WebShopEnv().reset(task)
+    code = "import fedse.envs.webshop as w; print([w.WebShopEnv.content_key(t) for t in (10_178, 210_401)])"
+    root = Path(__file__).resolve().parents[2]
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}).stdout
+               for seed in ("1", "2")}
+    assert outputs == {f"{[WebShopEnv.content_key(t) for t in (10_178, 210_401)]}\n"}
+
+
+def test_a_train_id_drawing_held_out_demands_is_redrawn() -> None:
+    banned = held_out()
+    task = next(t for t in WebShopEnv.explore_ids()[:5_000] if demands_key(draw_goal(t, 0)) in banned)
+    goal = make_goal(task)
+    assert goal != draw_goal(task, 0) and demands_key(goal) not in banned
+    env = WebShopEnv()
+    _, info = _play(env, task, lambda _actions: env.expert_action())
+    assert env.goal == goal and info["success"], "a redrawn goal is as solvable as any"
+
+
+def test_a_planted_collision_is_redrawn_for_val_train_and_pretrain_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = (10_007, 123_456, 300_001)
+    planted = frozenset(demands_key(draw_goal(t, 0)) for t in tasks)
+    monkeypatch.setattr(WebShopEnv, "banned_keys", classmethod(lambda cls, t: planted))
+    for task in tasks:
+        goal = make_goal(task)
+        assert goal == draw_goal(task, 1) and demands_key(goal) not in planted
+        assert WebShopEnv().reset(task)[0].count(goal.text) == 1
+
+
+def test_test_ids_keep_their_goals() -> None:
+    goals = [make_goal(task) for task in WebShopEnv.test_ids]
+    assert goals == [draw_goal(task, 0) for task in WebShopEnv.test_ids]
+    texts = "\n".join(goal.text for goal in goals)
+    assert hashlib.sha256(texts.encode()).hexdigest()[:16] == "dbc3673436674166", "as before redraws existed"
