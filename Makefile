@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run results serve stop check test lint browser bench clean
+.PHONY: setup run results serve stop check audit test lint browser bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -29,11 +29,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	@PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	@touch $(STAMP)
 
-## run: expert seeds (DVC stage `seed`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model
+## run: expert seeds of run seed 0 (DVC stage `seed@0`, skipped when up to date), then Fed-SE's `quick` profile on the tiny model
 ## (the committed base in models/, loaded in seconds) through the Prefect flow (temporary local API, MLflow in
 ## mlflow/mlflow.db, buffers in the DVC cache)
 run: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed@0
 	$(BIN)/python -m flows.experiment --profile quick --method fedse
 
 ## results: the whole results table on the tiny model (README "Results") on both cores: every out-of-date DVC stage
@@ -44,14 +44,14 @@ run: setup
 results: setup
 	$(BIN)/python -m flows.results -j 2
 
-## serve: the expert seeds (DVC stage `seed`, skipped when up to date), SeaweedFS (S3 object store: data in
+## serve: the expert seeds of run seed 0 (DVC stage `seed@0`, skipped when up to date), SeaweedFS (S3 object store: data in
 ## .seaweedfs/, buckets fedse, mlflow, dvc, keys per role in .serve/), a Prefect server, an MLflow server (SQLite
 ## under mlflow/, artifacts in bucket mlflow), the served deployment fedse/round-loop (adapters exchanged through
 ## S3) and one worker per client organisation (fedse-client/<client>, served from .orgs/<client>/ with its own seeds
 ## and keys), all on 127.0.0.1; bucket dvc becomes the DVC remote; prints their URLs and records their pids in
 ## .serve/pids.json
 serve: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed@0
 	$(BIN)/python -m flows.stack up
 
 ## stop: stop exactly the processes `make serve` started
@@ -62,6 +62,12 @@ stop:
 check: setup
 	$(BIN)/fedse envs check
 
+## audit: no test or validation task recurs, in content, among validation, seed, exploration (every profile's
+## clients, run seeds 0-4) or pretraining tasks; one table per profile, exit 1 on any overlap
+AUDITED := quick full smollm2 paper
+audit: setup
+	@for p in $(AUDITED); do $(BIN)/fedse envs audit --profile $$p --seeds 0-4 || exit 1; done
+
 ## browser: Debian's chromium for the UI test (tests/test_stack.py drives it with Playwright), installed once with
 ## apt-get (as root, else through sudo); skipped when $(CHROMIUM) is already there
 CHROMIUM ?= /usr/bin/chromium
@@ -71,8 +77,8 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends chromium >/dev/null; }
 
-## test: lint, then the whole test suite (the UI test must find a browser: FEDSE_BROWSER)
-test: setup lint browser
+## test: lint, the contamination audit, then the whole test suite (the UI test must find a browser: FEDSE_BROWSER)
+test: setup lint audit browser
 	FEDSE_BROWSER=$(CHROMIUM) $(BIN)/pytest -q
 
 lint: setup

@@ -80,15 +80,16 @@ def ensure_seed(profile: str, sets: list[str]) -> int:
     a clean clone or a bare GPU image has no data/seed/, and the first round trains on it."""
     sys.path.insert(0, str(ROOT))
     from fedse.config import load_config
+    from fedse.seed import seed_file
 
     cfg = load_config(ROOT / "params.yaml", profile=profile, overrides=sets)
     folder = Path(cfg.seed_data.dir)
     folder = folder if folder.is_absolute() else ROOT / folder
-    lacking = [name for name in cfg.client_envs() if not (folder / f"{name}.jsonl").exists()]
+    lacking = [name for name in cfg.client_envs() if not seed_file(folder, cfg.seed, name).exists()]
     if not lacking:
         return 0
     print(f"seed: writing expert trajectories for {', '.join(lacking)} into {folder} ...", flush=True)
-    cmd = [sys.executable, "-m", "fedse.cli", "seed", "--out", str(folder),
+    cmd = [sys.executable, "-m", "fedse.cli", "seed", "--out", str(folder), "--seed", str(cfg.seed),
            *[a for name in lacking for a in ("--env", name)]]
     return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).returncode
 

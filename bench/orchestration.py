@@ -48,17 +48,20 @@ def stack_for(scratch: Path, clients: list[str]) -> Stack:
     `fedse seed` when the project has none)."""
     from dvc.repo import Repo
 
+    from fedse.seed import seed_file
+
     root = scratch / "stack"
     seeds = root / "data" / "seed"
     seeds.mkdir(parents=True)
     Repo.init(str(root), no_scm=True).close()
-    for client in clients:
-        source = ROOT / "data" / "seed" / f"{client}.jsonl"
+    for client in clients:  # run seed 0's draw: the bench runs at seed 0
+        source, target = seed_file(ROOT / "data" / "seed", 0, client), seed_file(seeds, 0, client)
         if source.exists():
-            shutil.copyfile(source, seeds / source.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
         else:
-            subprocess.run([sys.executable, "-m", "fedse.cli", "seed", "--out", str(seeds), "--env", client],
-                           cwd=ROOT, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "fedse.cli", "seed", "--out", str(seeds), "--seed", "0",
+                            "--env", client], cwd=ROOT, check=True, capture_output=True)
     return Stack.on_free_ports(root, orgs=clients)
 
 

@@ -57,16 +57,19 @@ class PeakMemory:
             self._stop.wait(self.every)
 
 
-def seeds_for(folder: Path, envs: list[str], need: int) -> None:
-    """Each env's seed file with at least `need` records: the project's, or written by `fedse seed`."""
-    folder.mkdir(parents=True, exist_ok=True)
+def seeds_for(folder: Path, envs: list[str], need: int, seed: int) -> None:
+    """Each env's seed file of run seed `seed` with at least `need` records: the project's, or written by
+    `fedse seed`."""
+    from fedse.seed import seed_file
+
     for env in envs:
-        source = ROOT / "data" / "seed" / f"{env}.jsonl"
+        source, target = seed_file(ROOT / "data" / "seed", seed, env), seed_file(folder, seed, env)
         if source.exists() and sum(1 for _ in source.open()) >= need:
-            shutil.copyfile(source, folder / source.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
         else:
-            subprocess.run([sys.executable, "-m", "fedse.cli", "seed", "--out", str(folder), "--env", env],
-                           cwd=ROOT, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "fedse.cli", "seed", "--out", str(folder), "--seed", str(seed),
+                            "--env", env], cwd=ROOT, check=True, capture_output=True)
 
 
 def main() -> None:
@@ -84,7 +87,8 @@ def main() -> None:
             f"orchestration.workers={args.workers}", "policy.threads=1", "learner.threads=1",
             f"seed_data.dir={scratch / 'seeds'}"]
     cfg = load_config(ROOT / "params.yaml", profile="smoke", overrides=sets)
-    seeds_for(scratch / "seeds", cfg.client_envs(), args.orgs_per_env * (cfg.federation.seeds_per_client or 0))
+    seeds_for(scratch / "seeds", cfg.client_envs(), args.orgs_per_env * (cfg.federation.seeds_per_client or 0),
+              cfg.seed)
     try:
         with prefect_test_harness(server_startup_timeout=120):
             flow = round_loop.with_options(task_runner=task_runner("dask", args.workers))

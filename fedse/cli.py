@@ -158,31 +158,94 @@ def envs_check(episodes: int = typer.Option(None, "--episodes", min=1, help="tes
     if as_json:
         print(json.dumps({"envs": results}))
         return
-    table = Table("env", "expert success", "random success", "steps/s",
-                  title=f"fedse envs check — first {n} test tasks (random: mean of 4 passes)")
+    table = Table("env", "tasks", "expert success", "expert turns", "random success", "steps/s",
+                  title=f"fedse envs check — first {n} test tasks (random: mean of 4 passes; 95% Wilson intervals "
+                        "over the tasks)")
     for name, r in results.items():
-        table.add_row(name, f"{r['expert_success']:.2f}", f"{r['random_success']:.2f}", f"{r['steps_per_sec']:,.0f}")
+        table.add_row(name, str(r["tasks"]), _with_ci(r["expert_success"], r["expert_ci95"]),
+                      f"{r['expert_turns']:.1f}", _with_ci(r["random_success"], r["random_ci95"]),
+                      f"{r['steps_per_sec']:,.0f}")
     out.print(table)
 
 
-@app.command("seed", epilog="Example: fedse seed --out seeds --env maze --env wordle --count 16")
+def _with_ci(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _seed_list(text: str) -> list[int]:
+    """'0-4' or '0,2,5' -> run seeds; anything else is one clear error."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected a range like 0-4 or a list like 0,2,5") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r}: expected at least one run seed, none negative")
+    return seeds
+
+
+@envs_app.command("audit", epilog="Example: fedse envs audit --profile quick --seeds 0-4")
 @clear_errors
-def seed(out_dir: Path = typer.Option(None, "--out", help="output folder [params: seed_data.dir]"),
+def envs_audit(profile: str = typer.Option(None, "--profile", help="whose exploration draws to audit "
+                                           "[params: profile]"),
+               seeds: str = typer.Option("0-4", "--seeds", help="run seeds whose seed and exploration draws to "
+                                         "audit, e.g. 0-4 or 0,2"),
+               seed_dir: Path = typer.Option(None, "--seed-dir", help="seed files to audit as well (s<seed>/<env>."
+                                             "jsonl, where present) [params: seed_data.dir]"),
+               as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Count test and validation tasks whose content recurs among validation, seed, exploration or pretraining
+    tasks; exits 1 on any overlap."""
+    from fedse.envs.contamination import SOURCES, audit, first
+
+    cfg = load_config(State.params, profile=profile, overrides=list(State.overrides)) if profile else State.config()
+    reports = audit(cfg, _seed_list(seeds), seed_dir or cfg.seed_data.dir)
+    if as_json:
+        print(json.dumps({"profile": profile or cfg.profile, "seeds": seeds, "envs": [r.as_dict() for r in reports]}))
+    else:
+        table = Table("env", "test keys", "val keys", "val ∩ test",
+                      *[f"{s}\n→ test / val" for s in SOURCES],
+                      title=f"held-out content among what is trained or tuned on (profile {profile or cfg.profile}, "
+                            f"run seeds {seeds}); every cell must be 0")
+        for r in reports:
+            cells = [f"{len(r.sources[s][1])} / {len(r.sources[s][2])}  ({r.sources[s][0]:,} tasks)"
+                     for s in SOURCES]
+            table.add_row(r.env, str(r.test_keys), str(r.val_keys), str(len(r.val_in_test)), *cells,
+                          style=None if r.clean else "bold red")
+        out.print(table)
+    dirty = [r for r in reports if not r.clean]
+    for r in dirty:
+        found = [f"{name} ({first(t + v)})" for name, (_, t, v) in r.sources.items() if t or v]
+        if r.val_in_test:
+            found.insert(0, f"validation ({first(r.val_in_test)})")
+        err.print(f"[bold red]overlap:[/] {r.env}: held-out content in {'; '.join(found)}", highlight=False)
+    if dirty:
+        raise typer.Exit(1)
+
+
+@app.command("seed", epilog="Example: fedse seed --seed 1 --out seeds --env maze --env wordle --count 16")
+@clear_errors
+def seed(out_dir: Path = typer.Option(None, "--out", help="seed-data root [params: seed_data.dir]"),
          env: list[str] = typer.Option(None, "--env", help="only these environments (repeatable)"),
-         count: int = typer.Option(None, "--count", min=0, help="trajectories per env [params]")) -> None:
-    """Write expert seed trajectories (train task ids only) as <out>/<env>.jsonl."""
-    from fedse.seed import write_seed_file
+         count: int = typer.Option(None, "--count", min=0, help="trajectories per env [params]"),
+         run_seed: int = typer.Option(None, "--seed", min=0, help="the run seed whose draw to write [params: seed]"),
+         ) -> None:
+    """Write the expert seed trajectories of one run seed (train task ids only) as <out>/s<seed>/<env>.jsonl."""
+    from fedse.seed import seed_dir, write_seed_file
 
     cfg = State.config()
     names = env or cfg.envs.names
     target = out_dir or cfg.seed_data.dir
+    drawn = cfg.seed if run_seed is None else run_seed
     table = Table("env", "trajectories", "expert success", "mean turns", "file",
-                  title=f"expert seed trajectories in {target}/ (seed {cfg.seed}, train ids only)")
+                  title=f"expert seed trajectories in {seed_dir(target, drawn)}/ (run seed {drawn}, train ids only)")
     with _progress() as bar:
         for name in names:
             n = count if count is not None else cfg.seed_data.counts.get(name, 0)
             job = bar.add_task(f"seeding {name}", total=n)
-            summary = write_seed_file(name, n, target, cfg.seed, env_options(name),
+            summary = write_seed_file(name, n, target, drawn, env_options(name),
                                       advance=lambda k, job=job: bar.advance(job, k))
             table.add_row(name, str(summary.written), f"{summary.expert_success:.3f}",
                           f"{summary.mean_turns:.1f}", summary.path.name)

@@ -39,6 +39,10 @@ class CorpusSpec(BaseModel):
     skill_high: float = Field(1.0, ge=0, le=1)
     random_share: float = Field(0.0, ge=0, le=1, description="share of episodes played at skill 0")
     seed: int = 0
+    splits: str = Field("content-v1", description="the environments' split scheme the pretrain ids come from: "
+                        "content-v1 = pretrain content disjoint from every test and validation task (base v3); "
+                        "a change of what a pretrain id plays must change this, and the committed base's "
+                        "corpus fingerprint (corpus_fingerprint) catches one that does not")
 
     @model_validator(mode="after")
     def _ordered(self) -> CorpusSpec:
@@ -107,6 +111,21 @@ def build_corpus(spec: CorpusSpec, workers: int = 1) -> dict[str, list[Trajector
     with ProcessPoolExecutor(max_workers=min(workers, len(spec.envs))) as pool:
         results = pool.map(_play_one, [(spec.model_dump_json(), env) for env in spec.envs])
         return dict(zip(spec.envs, results, strict=True))
+
+
+def corpus_fingerprint(spec: CorpusSpec) -> str:
+    """sha256 over the content keys of every corpus task, env by env: what the base was pretrained on, so a
+    stored base can be checked against what today's environments would play (ids alone say nothing)."""
+    import hashlib
+
+    from fedse.envs.registry import make_env
+
+    digest = hashlib.sha256()
+    for env in spec.envs:
+        game = make_env(env)
+        for task in task_ids(spec, env):
+            digest.update(f"{env}\t{game.content_key(task)}\n".encode())
+    return digest.hexdigest()
 
 
 def summary(corpus: dict[str, list[Trajectory]]) -> dict[str, dict[str, float]]:

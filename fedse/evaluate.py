@@ -63,7 +63,10 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at p = 0 or 1 one end is exactly 0 or 1; rounding would leave it a hair inside, excluding p itself
+    low = 0.0 if p <= 0 else max(0.0, min(p, centre - half))
+    high = 1.0 if p >= 1 else min(1.0, max(p, centre + half))
+    return low, high
 
 
 def task_interval(task_success: list[float], passes: int, z: float = Z95) -> tuple[float, float]:

@@ -41,6 +41,7 @@ from fedse.model import Agent, adapter_state, read_adapter, save_adapter, set_ad
 from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
 from fedse.screen import screen, with_quorum
+from fedse.seed import seed_file
 from fedse.trajectory import Trajectory, read_jsonl
 from fedse.transport import Transport, Upload, experiment_name
 
@@ -93,11 +94,13 @@ def org_index(client: str) -> int:
 
 
 def seed_records(cfg: Config, env: str, shard: int = 0) -> list[Trajectory]:
-    """A client's expert seeds: the `shard`-th block of `seeds_per_client` records of `<seed_data.dir>/<env>.jsonl`
-    (the first block for the paper's one client per env; organisations of one env get disjoint blocks)."""
-    path = cfg.seed_data.dir / f"{env}.jsonl"
+    """A client's expert seeds: the `shard`-th block of `seeds_per_client` records of the run seed's file
+    `<seed_data.dir>/s<seed>/<env>.jsonl` (the first block for the paper's one client per env; organisations of
+    one env get disjoint blocks)."""
+    path = seed_file(cfg.seed_data.dir, cfg.seed, env)
     if not path.exists():
-        raise ValueError(f"{path}: seed trajectories not found (run `fedse seed` or `dvc repro seed`)")
+        raise ValueError(f"{path}: seed trajectories of run seed {cfg.seed} not found (run `fedse seed --seed "
+                         f"{cfg.seed}` or `dvc repro seed@{cfg.seed}`)")
     limit = cfg.federation.seeds_per_client
     if limit is None and shard:
         raise ValueError("federation.orgs_per_env > 1 needs federation.seeds_per_client (each organisation's share)")

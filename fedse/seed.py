@@ -1,8 +1,10 @@
 """Expert seed trajectories: the per-client starting buffer (the paper's AgentTraj analogue).
 
-Only train task ids outside the validation split are ever used, so nothing an agent is later trained on is a
-test or validation task. The ids are a seeded sample of that range rather than its first N, so a client's
-seeds cover its whole task space.
+Only train task ids outside the validation split are ever used, and the environments keep those ids'
+content apart from every test and validation task, so nothing an agent is later trained on is a held-out
+task. The ids are a seeded sample of that range rather than its first N, so a client's seeds cover its whole
+task space. Each run seed has its own draw (`<dir>/s<seed>/<env>.jsonl`): the spread of results over run
+seeds then includes which expert trajectories a client happened to start with.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class SeedSummary:
     @property
     def expert_success(self) -> float:
         return self.written / self.tried if self.tried else 0.0
+
+
+def seed_dir(root: Path, seed: int) -> Path:
+    """The folder of run seed `seed`'s expert seed files under the seed-data root."""
+    return Path(root) / f"s{seed}"
+
+
+def seed_file(root: Path, seed: int, env_name: str) -> Path:
+    """Where run seed `seed` finds the expert seeds of `env_name`."""
+    return seed_dir(root, seed) / f"{env_name}.jsonl"
 
 
 def task_id_rng(env_name: str, seed: int) -> random.Random:
@@ -72,12 +84,12 @@ def expert_trajectories(env_name: str, count: int, seed: int, options: dict[str,
     return kept[:count], tried
 
 
-def write_seed_file(env_name: str, count: int, out_dir: Path, seed: int,
+def write_seed_file(env_name: str, count: int, root: Path, seed: int,
                     options: dict[str, Any] | None = None,
                     advance: Callable[[int], None] | None = None) -> SeedSummary:
-    """Write `<out_dir>/<env>.jsonl` atomically and summarise it."""
+    """Write `<root>/s<seed>/<env>.jsonl` atomically and summarise it."""
     records, tried = expert_trajectories(env_name, count, seed, options, advance)
-    path = out_dir / f"{env_name}.jsonl"
+    path = seed_file(root, seed, env_name)
     write_jsonl(path, records)
     turns = sum(len(t.turns) for t in records) / len(records) if records else 0.0
     return SeedSummary(env=env_name, path=path, written=len(records), tried=tried, mean_turns=turns)

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.atomic import atomic_dir, atomic_file
-from fedse.corpus import CorpusSpec, build_corpus, summary
+from fedse.corpus import CorpusSpec, build_corpus, corpus_fingerprint, summary
 from fedse.prompt import SPECIAL_TOKENS, Renderer
 from fedse.trajectory import Trajectory
 
@@ -184,7 +184,7 @@ def build(spec: TinySpec, out_dir: Path, advance: Callable[[int, float], None] |
         weights = tmp / "model.safetensors"
         (tmp / INFO).write_text(json.dumps({
             "spec": spec.model_dump(), "key": spec.key(), "weights_sha256": file_sha256(weights),
-            "corpus": summary(corpus), "examples": len(data),
+            "corpus": summary(corpus), "corpus_fingerprint": corpus_fingerprint(spec.corpus), "examples": len(data),
             "tokens_seen": tokens, "corpus_tokens": sum(len(e.ids) for e in data),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)],

@@ -1,7 +1,7 @@
 """Client organisations on one machine: a directory and a process each, holding only what is theirs.
 
 `prepare(root, client, ...)` makes `<root>/<client>/` (under the repository, `.orgs/<client>/`): its expert
-seed file (`data/seed/<client>.jsonl`, copied from the project's; on its own machine an organisation brings its
+seed files (`data/seed/s<seed>/<env>.jsonl`, copied from the project's; on its own machine an organisation brings its
 own), its S3 keys (`s3-credentials.json`, its role only), a DVC repository of its own (`.dvc/`, its buffer
 versions' cache) and the environment its process starts with (`environment()`): the Prefect API, the object
 store, its keys, `FEDSE_ORG`, and nothing of the server's (no MLflow, no other role's keys). `start()` runs
@@ -33,12 +33,14 @@ def prepare(root: Path, client: str, seeds: Path, credentials: Path | None) -> P
     from dvc.repo import Repo
 
     home = folder(root, client)
-    (home / "data" / "seed").mkdir(parents=True, exist_ok=True)
     env = env_of(client)  # <env>-<k>: one of several organisations of that environment
-    source = Path(seeds) / f"{env}.jsonl"
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no expert seeds for organisation {client} (run `dvc repro seed`)")
-    shutil.copyfile(source, home / "data" / "seed" / f"{env}.jsonl")
+    sources = sorted(Path(seeds).glob(f"s*/{env}.jsonl"))
+    if not sources:
+        raise FileNotFoundError(f"{seeds}/s<seed>/{env}.jsonl: no expert seeds for organisation {client} "
+                                "(run `dvc repro seed`)")
+    for source in sources:  # every run seed's draw, each in its own s<seed>/ folder
+        (home / "data" / "seed" / source.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, home / "data" / "seed" / source.parent.name / f"{env}.jsonl")
     if credentials is not None:
         keys = json.loads(Path(credentials).read_text())
         role = client_role(client)

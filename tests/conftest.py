@@ -50,15 +50,20 @@ def object_store(tmp_path_factory: pytest.TempPathFactory):
         yield store
 
 
+RUN_SEEDS = range(7)
+
+
 @pytest.fixture()
 def seeds(tmp_path: Path) -> Path:
-    """Expert seed files for maze and wordle (6 trajectories each), for runs of those two clients."""
+    """Expert seed files for maze and wordle (6 trajectories each) of run seeds 0-6 (the seeds the flow tests
+    run at), for runs of those two clients."""
     from typer.testing import CliRunner
 
     from fedse.cli import app
 
     folder = tmp_path / "seeds"
-    result = CliRunner().invoke(app, ["seed", "--out", str(folder), "--env", "maze", "--env", "wordle",
-                                      "--count", "6"])
-    assert result.exit_code == 0, result.output
+    for run_seed in RUN_SEEDS:
+        result = CliRunner().invoke(app, ["seed", "--out", str(folder), "--seed", str(run_seed), "--env", "maze",
+                                          "--env", "wordle", "--count", "6"])
+        assert result.exit_code == 0, result.output
     return folder

@@ -30,9 +30,13 @@ def test_envs_check_json_has_the_documented_shape() -> None:
     data = json.loads(result.stdout)
     assert set(data["envs"]) == {"babyai", "webshop", "textcraft", "maze", "wordle"}
     for stats in data["envs"].values():
-        assert set(stats) == {"expert_success", "random_success", "steps_per_sec"}
-        assert stats["expert_success"] == 1.0 and 0.0 <= stats["random_success"] <= 1.0
-        assert stats["steps_per_sec"] > 0
+        assert set(stats) == {"tasks", "expert_success", "expert_ci95", "expert_turns", "random_success",
+                              "random_ci95", "steps_per_sec"}
+        assert stats["tasks"] == 3 and stats["expert_success"] == 1.0 and 0.0 <= stats["random_success"] <= 1.0
+        for rate, (low, high) in ((stats["expert_success"], stats["expert_ci95"]),
+                                  (stats["random_success"], stats["random_ci95"])):
+            assert 0.0 <= low <= rate <= high <= 1.0 and high - low > 0.1  # three tasks: a wide interval
+        assert stats["expert_turns"] >= 1 and stats["steps_per_sec"] > 0
 
 
 @pytest.mark.parametrize("policy", ["expert", "random"])
@@ -46,7 +50,7 @@ def test_play_prints_the_episode(policy: str) -> None:
 
 
 def test_human_play_reads_actions_from_the_terminal() -> None:
-    result = run("envs", "play", "wordle", "--task", "0", input="hello\ns h a k e\n")
+    result = run("envs", "play", "wordle", "--task", "0", input="xqzvw\ns h a k e\n")
     assert result.exit_code == 0
     assert "Could not read" in result.output or "invalid word" in result.output
     assert "(input closed" in result.output or "after" in result.output
@@ -66,18 +70,18 @@ def test_user_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str
 
 
 def test_seed_writes_jsonl_per_env(tmp_path: Path) -> None:
-    result = run("seed", "--out", str(tmp_path), "--env", "maze", "--env", "wordle", "--count", "5")
+    result = run("seed", "--out", str(tmp_path), "--seed", "2", "--env", "maze", "--env", "wordle", "--count", "5")
     assert result.exit_code == 0, result.output
     for name in ("maze", "wordle"):
-        assert len((tmp_path / f"{name}.jsonl").read_text().splitlines()) == 5
-    assert not (tmp_path / "babyai.jsonl").exists()
+        assert len((tmp_path / "s2" / f"{name}.jsonl").read_text().splitlines()) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2"] and not (tmp_path / "s2" / "babyai.jsonl").exists()
 
 
 def test_train_then_eval_through_the_cli(micro_params: Path, tmp_path: Path) -> None:
     seeds = tmp_path / "seeds"
     assert run("seed", "--out", str(seeds), "--env", "maze", "--count", "4").exit_code == 0
     adapter = tmp_path / "adapter"
-    result = run("--params", str(micro_params), "train", "--env", "maze", "--data", str(seeds / "maze.jsonl"),
+    result = run("--params", str(micro_params), "train", "--env", "maze", "--data", str(seeds / "s0" / "maze.jsonl"),
                  "--out", str(adapter))
     assert result.exit_code == 0, result.output
     assert "steps" in result.stdout and (adapter / "adapter_model.safetensors").exists()
@@ -113,7 +117,8 @@ def test_unknown_model_preset_is_one_line(tmp_path: Path) -> None:
 def test_run_then_report_through_the_cli(micro_params: Path, tmp_path: Path) -> None:
     """`fedse run` (smoke profile, two envs) writes metrics and a plot; `fedse report` tables two methods."""
     seeds = tmp_path / "seeds"
-    assert run("seed", "--out", str(seeds), "--env", "maze", "--env", "wordle", "--count", "8").exit_code == 0
+    written = run("seed", "--out", str(seeds), "--seed", "3", "--env", "maze", "--env", "wordle", "--count", "8")
+    assert written.exit_code == 0, written.output
     common = ["--profile", "smoke", "--set", "federation.clients=[maze, wordle]", "--set", f"seed_data.dir={seeds}",
               "--set", "federation.eval_episodes=2", "--set", "federation.explore_episodes=2"]
     for method in ("fedse", "fedit"):

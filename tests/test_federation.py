@@ -335,7 +335,7 @@ def test_several_organisations_per_env_get_disjoint_seeds_and_their_own_explored
     first, second = (client_seeds(cfg, name, ["maze"], 0) for name in ("maze-1", "maze-2"))
     assert len(first) == len(second) == 3
     assert {t.content_hash for t in first}.isdisjoint(t.content_hash for t in second)
-    assert [t.content_hash for t in first + second] == [t.content_hash for t in read_jsonl(seeds / "maze.jsonl")]
+    assert [t.content_hash for t in first + second] == [t.content_hash for t in read_jsonl(seeds / "s0" / "maze.jsonl")]
     assert explore_task_ids("maze", 0, 3, 0, "maze-1") != explore_task_ids("maze", 0, 3, 0, "maze-2")
     assert explore_task_ids("maze", 0, 3, 0, "maze") == explore_task_ids("maze", 0, 3, 0)  # the paper's draws
     with pytest.raises(ValueError, match="asks for 4 per client for 2 organisations"):

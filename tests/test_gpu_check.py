@@ -26,7 +26,7 @@ def test_dry_run_scores_both_methods_and_prints_one_summary_line(tmp_path: Path)
     done = gpu_sh("--dry-run", "--out", str(tmp_path), "--set", f"seed_data.dir={seed}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "seed: writing expert trajectories for maze, wordle" in done.stdout
-    assert sorted(p.name for p in seed.iterdir()) == ["maze.jsonl", "wordle.jsonl"]
+    assert sorted(p.name for p in (seed / "s0").iterdir()) == ["maze.jsonl", "wordle.jsonl"]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu check on cpu (profile smoke): fedit ") and f"-> {tmp_path}" in last
     meta = json.loads((tmp_path / "gpu.json").read_text())

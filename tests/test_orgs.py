@@ -20,15 +20,17 @@ from flows.workers import check
 
 def test_an_organisation_gets_its_own_seeds_and_only_its_own_keys(tmp_path: Path) -> None:
     seeds = tmp_path / "seeds"
-    seeds.mkdir()
-    for env in ("maze", "wordle"):
-        (seeds / f"{env}.jsonl").write_text(f"{env}\n")
+    for run_seed, env in (("s0", "maze"), ("s0", "wordle"), ("s1", "maze")):
+        (seeds / run_seed).mkdir(parents=True, exist_ok=True)
+        (seeds / run_seed / f"{env}.jsonl").write_text(f"{env} {run_seed}\n")
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"endpoint": "http://127.0.0.1:1", "roles": {
         "server": {"access_key": "s", "secret_key": "S"}, "client_maze": {"access_key": "m", "secret_key": "M"},
         "client_wordle": {"access_key": "w", "secret_key": "W"}}}))
     home = orgs.prepare(tmp_path / "orgs", "maze", seeds, keys)
-    assert sorted(p.name for p in (home / "data" / "seed").iterdir()) == ["maze.jsonl"]
+    copied = sorted(str(p.relative_to(home / "data" / "seed")) for p in (home / "data" / "seed").rglob("*.jsonl"))
+    assert copied == ["s0/maze.jsonl", "s1/maze.jsonl"], "every run seed's draw of its own env, nothing else"
+    assert (home / "data" / "seed" / "s1" / "maze.jsonl").read_text() == "maze s1\n"
     own = json.loads((home / "s3-credentials.json").read_text())
     assert own["roles"] == {"client_maze": {"access_key": "m", "secret_key": "M"}}
     assert (home / "s3-credentials.json").stat().st_mode & 0o077 == 0 and (home / ".dvc").is_dir()

@@ -22,7 +22,8 @@ def test_seed_files_hold_successful_expert_episodes_on_train_ids_outside_validat
 
 
 def test_same_seed_same_file_other_seed_other_tasks(tmp_path: Path) -> None:
-    a = write_seed_file("maze", 20, tmp_path / "a", seed=0).path.read_text()
+    a = write_seed_file("maze", 20, tmp_path / "a", seed=0)
     b = write_seed_file("maze", 20, tmp_path / "b", seed=0).path.read_text()
-    c = write_seed_file("maze", 20, tmp_path / "c", seed=1).path.read_text()
-    assert a == b and a != c
+    c = write_seed_file("maze", 20, tmp_path / "a", seed=1)
+    assert a.path == tmp_path / "a" / "s0" / "maze.jsonl" and c.path == tmp_path / "a" / "s1" / "maze.jsonl"
+    assert a.path.read_text() == b and a.path.read_text() != c.path.read_text(), "each run seed its own draw"

@@ -167,3 +167,21 @@ def test_registry_names_unknown_env() -> None:
         env_class("chess")
     with pytest.raises(ValueError, match="bad environment options"):
         make_env("maze", nonsense=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_content_keys_hold_test_and_validation_apart_and_never_disturb_an_episode(name: str) -> None:
+    env = make_env(name)
+    test = {env.content_key(t) for t in env.test_ids}
+    val = {env.content_key(t) for t in env.validation_ids()}
+    assert test and val and not test & val, "validation is independent of test in content"
+    others = [*env.explore_ids()[:200], *env.pretrain_ids()[:200]]
+    assert not {env.content_key(t) for t in others} & (test | val)
+    playing = make_env(name)
+    first, info = playing.reset(env.validation_ids()[3])
+    keys = [playing.content_key(t) for t in (env.test_ids[1], env.explore_ids()[5], env.pretrain_ids()[7])]
+    action = info["admissible_actions"][0]
+    fresh = make_env(name)
+    assert fresh.reset(env.validation_ids()[3])[0] == first
+    assert playing.step(action)[:4] == fresh.step(action)[:4], "a key computed mid-episode changes nothing"
+    assert keys == [env.content_key(t) for t in (env.test_ids[1], env.explore_ids()[5], env.pretrain_ids()[7])]
