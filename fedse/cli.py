@@ -351,6 +351,7 @@ def train_cmd(env: str = typer.Option(..., "--env", help="environment the trajec
     """SFT of a LoRA adapter on successful trajectories of one environment."""
     from fedse.learner import train
     from fedse.model import save_adapter
+    from fedse.policy import acting_window
     from fedse.trajectory import read_jsonl
 
     cfg = State.config()
@@ -366,7 +367,8 @@ def train_cmd(env: str = typer.Option(..., "--env", help="environment the trajec
         def advance(step: int, total: int, loss: float) -> None:
             bar.update(job, completed=step, total=total, description=f"training {env} (loss {loss:.3f})")
 
-        stats = train(agent, records, cfg.learner, seed=cfg.seed, advance=advance)
+        stats = train(agent, records, cfg.learner, seed=cfg.seed, advance=advance,
+                      window=acting_window(agent, cfg.policy))
         digest = save_adapter(agent, out_dir, {"env": env, "data": str(data), "trajectories": len(records),
                                            "steps": stats.steps, "tokens": stats.tokens})
     typer.echo(f"{stats.steps} steps, {stats.tokens:,} tokens ({stats.tokens_per_sec:,.0f}/s), loss "

@@ -38,6 +38,7 @@ from fedse.evaluate import EnvScore, score, summarise
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, read_adapter, save_adapter, set_adapter_state, state_hash
+from fedse.policy import acting_window
 from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
 from fedse.screen import screen, with_quorum
@@ -168,7 +169,8 @@ def local_train(agent: Agent, cfg: Config, start: AdapterState, data: list[Traje
     set_adapter_state(agent, start, origin="start adapter")
     limit = cfg.federation.max_buffer
     mu = cfg.aggregation.fedprox_mu if method(cfg.federation.method).federated else 0.0
-    stats = train(agent, data[-limit:] if limit else data, cfg.learner, seed=seed, advance=advance, prox_mu=mu)
+    stats = train(agent, data[-limit:] if limit else data, cfg.learner, seed=seed, advance=advance, prox_mu=mu,
+                  window=acting_window(agent, cfg.policy))
     return adapter_state(agent), stats
 
 

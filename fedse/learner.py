@@ -1,7 +1,9 @@
 """Local learning: supervised fine-tuning of the LoRA adapter on trajectories (maximum likelihood).
 
 Only the agent's tokens carry loss (its `Action: …` replies and their end markers), exactly as the policy
-produced them: the episode is tokenised by the same renderer the policy uses. Examples are bucketed by length
+produced them: the episode is tokenised by the same renderer the policy uses, and cut into the same windows
+the policy acts in (`fedse.prompt.Window`: the head, then only as many recent turns as the policy keeps), so
+every reply is learned in the context the agent will see when it acts. Examples are bucketed by length
 so that padding stays small, AdamW with a cosine schedule, gradient accumulation, and bf16 autocast where the
 hardware makes it faster (CUDA; CPUs with native bf16), fp32 otherwise.
 """
@@ -20,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.model import Agent
-from fedse.prompt import Encoded, Renderer
+from fedse.prompt import Encoded, Renderer, Window, dropped_turns
 from fedse.threads import torch_threads
 from fedse.trajectory import Trajectory
 
@@ -65,18 +67,15 @@ class TrainStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def encode(agent: Agent, traj: Trajectory, max_len: int) -> list[Example]:
-    """One example per episode, or several when it is longer than `max_len` (see `episode_examples`)."""
-    return episode_examples(agent.renderer, traj, max_len)
+def encode(agent: Agent, traj: Trajectory, max_len: int, window: Window | None = None) -> list[Example]:
+    """The episode's training examples in the acting window `window` (None: a policy that keeps every turn
+    that fits in `max_len`), each at most `max_len` tokens (see `acting_examples`)."""
+    return acting_examples(agent.renderer, traj, window or Window(max_len), max_len)
 
 
-def episode_examples(r: Renderer, traj: Trajectory, max_len: int) -> list[Example]:
-    """One example per episode, or several when it is longer than `max_len`.
-
-    Each piece keeps the head (system + first observation, which states the task), like the policy's own
-    truncation, and a contiguous run of turns; every agent reply is trained on exactly once. The base model's
-    pretraining uses the same pieces, so it learns from exactly the windows the policy later acts on.
-    """
+def _turns(r: Renderer, traj: Trajectory) -> tuple[Encoded, list[Encoded]]:
+    """The head (system + first observation) and each turn (reply, then the observation it led to), encoded
+    piece by piece exactly as the policy's prompts are (`fedse.policy.episode_window`)."""
     head = Encoded()
     head.add(r.system())
     head.add(r.user(traj.turns[0].observation if traj.turns else traj.final_observation))
@@ -90,6 +89,44 @@ def episode_examples(r: Renderer, traj: Trajectory, max_len: int) -> list[Exampl
         enc.add(close)
         enc.add(r.user(next_obs))
         turns.append(enc)
+    return head, turns
+
+
+def acting_examples(r: Renderer, traj: Trajectory, window: Window, max_len: int) -> list[Example]:
+    """One example per run of decisions that the policy took in the same window.
+
+    Decision t (the t-th reply) was chosen from the head plus turns[d_t:t], where d_t is how many turns the
+    window had dropped (`fedse.prompt.dropped_turns`, the policy's own rule). Between drops the window only
+    grows, so decisions a … b−1 with the same d share one example, head + turns[d:b], whose loss covers
+    exactly their replies: each reply is trained on once, in the context it was acted in. Turns before a (kept
+    for context, learned in an earlier example) carry no loss.
+    """
+    head, turns = _turns(r, traj)
+    dropped = dropped_turns([len(t.ids) for t in turns], len(head.ids), window)
+    examples: list[Example] = []
+    a = 0
+    while a < len(turns):
+        b = a + 1
+        while b < len(turns) and dropped[b] == dropped[a]:
+            b += 1
+        enc = _copy(head)
+        for j in range(dropped[a], b):
+            enc.add(turns[j].ids)
+            if j >= a:
+                enc.agent[-len(turns[j].ids):] = turns[j].agent
+        examples.append(_example(enc, max_len))
+        a = b
+    return examples
+
+
+def pieces(r: Renderer, traj: Trajectory, max_len: int) -> list[Example]:
+    """The tiny base's pretraining windows: the head, then consecutive turns packed up to `max_len` tokens; each
+    reply trained on once.
+
+    Kept as it was when base v3 was built (`fedse base build` must reproduce it); unlike `acting_examples` it
+    does not limit the turns to a policy's `history_turns`.
+    """
+    head, turns = _turns(r, traj)
     examples: list[Example] = []
     current = _copy(head)
     has_turn = False
@@ -182,15 +219,18 @@ def training(model: Any) -> Iterator[None]:
 
 
 def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, seed: int = 0,
-          advance: Callable[[int, int, float], None] | None = None, prox_mu: float = 0.0) -> TrainStats:
+          advance: Callable[[int, int, float], None] | None = None, prox_mu: float = 0.0,
+          window: Window | None = None) -> TrainStats:
     """Fine-tune the agent's adapter in place; `advance(step, total, loss)` reports progress.
+
+    `window` is the one the agent acts in (`fedse.policy.acting_window`); the examples are cut by it.
 
     `prox_mu` > 0 adds FedProx's μ/2·‖φ − φ_start‖² to the loss: it keeps a client near the broadcast adapter,
     which bounds how far heterogeneous clients drift apart before they are averaged.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    examples = [e for t in trajectories for e in encode(agent, t, spec.max_len)]
+    examples = [e for t in trajectories for e in encode(agent, t, spec.max_len, window)]
     if not examples:
         return TrainStats(0, 0, 0, 0, float("nan"), float("nan"), 0.0)
     whole = int(spec.epochs)

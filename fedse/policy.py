@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedse.envs.base import TextEnv
 from fedse.envs.pool import Slot
 from fedse.model import Agent
-from fedse.prompt import ACTION_PREFIX, IM_END, fit_window
+from fedse.prompt import IM_END, Window, fit_window, prompt_tail
 
 _ACTION_RE = re.compile(r"Action:\s*(.*)", re.IGNORECASE)
 _THOUGHT_RE = re.compile(r"Thought:\s*(.*?)\s*(?:Action:|$)", re.IGNORECASE | re.DOTALL)
@@ -102,9 +102,17 @@ def episode_window(agent: Agent, slot: Slot, budget: int, constrained: bool, kee
         content, close = r.reply(action, thought)
         memo.turns.append(r.assistant_open() + content + close + r.user(observation))
     head, turns = memo.head, memo.turns
-    tail = r.assistant_open() + (r.const(ACTION_PREFIX) if constrained else [])
+    tail = prompt_tail(r, constrained)
     ids, dropped = fit_window(turns, head, budget - len(tail), keep_turns=keep_turns)
     return ids + tail, dropped
+
+
+def acting_window(agent: Agent, spec: PolicySpec) -> Window:
+    """The window `make_policy(agent, spec)` acts in (its budget before the reply, the turns it keeps): the
+    learner cuts its examples by this, so it trains on the contexts the agent will act in."""
+    constrained = spec.resolved_mode(agent) == "constrained"
+    budget = min(spec.context, agent.context) - (0 if constrained else spec.max_new_tokens)
+    return Window(budget - len(prompt_tail(agent.renderer, constrained)), spec.history_turns)
 
 
 class MergedLora:
@@ -345,7 +353,7 @@ class ConstrainedPolicy:
                     content, close = r.reply(action)
                     ids += r.assistant_open() + content + close
                 ids += r.user(observation)
-            deltas.append(ids + r.assistant_open() + r.const(ACTION_PREFIX))
+            deltas.append(ids + prompt_tail(r, True))
         return deltas
 
     # ------------------------------------------------------------------ acting

@@ -93,9 +93,20 @@ class Renderer:
         return enc
 
 
-def fit_window(turns: list[list[int]], head: list[int], budget: int, refill: float = 0.5,
-               keep_turns: int | None = None) -> tuple[list[int], int]:
-    """Head (system + first observation) plus the most recent turns, within `budget` tokens.
+@dataclass(frozen=True)
+class Window:
+    """How an agent's prompt is framed when it acts: at most `budget` tokens before its reply (the head, then as
+    many recent turns as fit), at most `keep_turns` turns (None = as many as fit). The policy acts in it and the
+    learner cuts its examples by it (`fedse.learner.acting_examples`), so the two cannot drift apart."""
+
+    budget: int
+    keep_turns: int | None = None
+    refill: float = 0.5
+
+
+def dropped_turns(lengths: list[int], head: int, window: Window) -> list[int]:
+    """For t = 0 … len(lengths): how many of the oldest turns the window leaves out when the episode has t turns
+    (turn i being `lengths[i]` tokens after a head of `head` tokens).
 
     Why this policy: the first observation holds the instruction and must survive; recent turns hold the
     state; the middle of a long episode is what an agent can best afford to forget. Turns are dropped with
@@ -103,22 +114,38 @@ def fit_window(turns: list[list[int]], head: list[int], budget: int, refill: flo
     `keep_turns // 2`; (2) whenever the window would still exceed `budget` tokens, the oldest go until it fits
     in `refill · budget`. Between drops the window only grows, so a KV cache of it stays valid instead of
     being rebuilt at every step; rule (1) depends on the turn count alone, so episodes that run in lockstep
-    drop together (one rebuild for the batch). The result is a pure function of the turns: the cached and
-    uncached scorers see the same prompt. Returns the ids and how many turns were dropped.
+    drop together (one rebuild for the batch). The result is a pure function of the turns.
     """
     starts = [0]
-    for turn in turns:
-        starts.append(starts[-1] + len(turn))
-    target = int(budget * refill)
-    block = max(1, (keep_turns or 0) // 2)
-    dropped = 0
-    for t in range(1, len(turns) + 1):
-        if keep_turns is not None and t > keep_turns:
-            dropped = max(dropped, -(-(t - keep_turns) // block) * block)
-        if len(head) + starts[t] - starts[dropped] > budget:
-            while dropped < t and len(head) + starts[t] - starts[dropped] > target:
-                dropped += 1
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    target = int(window.budget * window.refill)
+    keep = window.keep_turns
+    block = max(1, (keep or 0) // 2)
+    dropped = [0]
+    for t in range(1, len(lengths) + 1):
+        d = dropped[-1]
+        if keep is not None and t > keep:
+            d = max(d, -(-(t - keep) // block) * block)
+        if head + starts[t] - starts[d] > window.budget:
+            while d < t and head + starts[t] - starts[d] > target:
+                d += 1
+        dropped.append(d)
+    return dropped
+
+
+def fit_window(turns: list[list[int]], head: list[int], budget: int, refill: float = 0.5,
+               keep_turns: int | None = None) -> tuple[list[int], int]:
+    """Head (system + first observation) plus the most recent turns, within `budget` tokens (see
+    `dropped_turns`): the cached and uncached scorers see the same prompt. Returns the ids and how many turns
+    were dropped."""
+    dropped = dropped_turns([len(t) for t in turns], len(head), Window(budget, keep_turns, refill))[-1]
     ids = list(head)
     for turn in turns[dropped:]:
         ids.extend(turn)
     return ids[-budget:] if len(ids) > budget else ids, dropped
+
+
+def prompt_tail(r: Renderer, constrained: bool) -> list[int]:
+    """What a prompt ends with when the agent is to act (constrained mode also commits to `Action: `)."""
+    return r.assistant_open() + (r.const(ACTION_PREFIX) if constrained else [])

@@ -45,7 +45,7 @@ class TinySpec(BaseModel):
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
     pretrain_steps: int = Field(3000, ge=0)
     batch: int = Field(16, ge=1, description="examples per step")
-    window: int = Field(512, ge=64, description="tokens per example: head + a run of turns, as the policy sees")
+    window: int = Field(512, ge=64, description="tokens per example: head + a run of turns (fedse.learner.pieces)")
     loss: Literal["actions", "all"] = Field("actions", description="which tokens carry loss: the players' "
                                             "actions (behaviour cloning) or every token (plain LM)")
     lr: float = Field(2e-3, gt=0)
@@ -94,12 +94,12 @@ def architecture(spec: TinySpec, tokenizer):  # -> Qwen3ForCausalLM
 
 def examples(renderer: Renderer, corpus: dict[str, list[Trajectory]], spec: TinySpec) -> list:
     """Training windows of every transcript, shuffled; labels on actions only or on every token."""
-    from fedse.learner import episode_examples
+    from fedse.learner import pieces
 
     out = []
     for records in corpus.values():
         for traj in records:
-            for ex in episode_examples(renderer, traj, spec.window):
+            for ex in pieces(renderer, traj, spec.window):
                 if spec.loss == "all":
                     ex.labels = list(ex.ids)
                 out.append(ex)

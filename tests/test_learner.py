@@ -117,3 +117,50 @@ def test_training_runs_on_its_own_thread_count_and_restores_the_process_count(mi
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def labelled_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each contiguous run of trained tokens (one agent reply each)."""
+    runs, start = [], None
+    for i, x in enumerate([*labels, IGNORE]):
+        if x != IGNORE and start is None:
+            start = i
+        elif x == IGNORE and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_each_reply_is_learned_in_exactly_the_prompt_the_policy_acted_on(micro_agent: Agent) -> None:
+    """Issue 26: the learner's windows are the policy's. Replay a 15-turn Maze episode: at every decision the
+    policy's prompt (its window, minus the `Action: ` it commits to) is the prefix of the one example that
+    trains that decision's reply, and every reply is trained once."""
+    import random
+
+    from fedse.envs.pool import Slot
+    from fedse.policy import ConstrainedPolicy, PolicySpec, acting_window, episode_window
+    from fedse.prompt import ACTION_PREFIX
+
+    pool = EnvPool(lambda: make_env("maze"), [10_007])
+    rng = random.Random(3)
+    pool.run(lambda envs, slots: ["move up" if rng.random() < 0.5 else "move left" for _ in slots])
+    (traj,) = pool.trajectories("maze", policy="random")
+    assert len(traj.turns) == 15
+    for spec in (PolicySpec(mode="constrained", context=300, history_turns=4),
+                 PolicySpec(mode="constrained", context=200, history_turns=None)):
+        policy = ConstrainedPolicy(micro_agent, context=spec.context, keep_turns=spec.history_turns)
+        examples = encode(micro_agent, traj, 4096, acting_window(micro_agent, spec))
+        assert len(examples) > 1, "the window dropped turns, so the episode needs several examples"
+        prefix = micro_agent.renderer.const(ACTION_PREFIX)
+        history = [(t.action, obs) for t, obs in zip(traj.turns, [*[x.observation for x in traj.turns[1:]],
+                                                                   traj.final_observation], strict=True)]
+        spans = [(e, a, b) for e in examples for a, b in labelled_runs(e.labels)]  # in decision order
+        assert len(spans) == len(traj.turns)
+        for t, (turn, (example, a, b)) in enumerate(zip(traj.turns, spans, strict=True)):
+            slot = Slot(traj.task_id, traj.turns[0].observation, "", {}, history=history[:t])
+            prompt, _ = episode_window(micro_agent, slot, policy.budget, True, policy.keep_turns)
+            assert example.ids[:a] == prompt[:-len(prefix)], (spec, t)  # the context it acted in
+            assert example.ids[a:b] == micro_agent.renderer.reply(turn.action)[0], (spec, t)
+        labelled = sum(sum(1 for x in e.labels if x != IGNORE) for e in examples)
+        reply_tokens = sum(len(micro_agent.renderer.reply(t.action)[0]) for t in traj.turns)
+        assert labelled == reply_tokens, "every reply once, nothing else"
