@@ -127,18 +127,20 @@ def mark_client_done(out: Path, client: str, round: int, stats: dict[str, Any],
 def rewind(buffer: Buffer, round: int) -> None:
     """Put a buffer back to its state after `round` (−1: empty), dropping what later, unfinished rounds added.
 
-    Records are appended oldest first and each manifest counts them, so the state after round t is the first
-    `count` records of buffer.jsonl."""
+    Records are appended oldest first and each manifest counts them (`rows`; `count` in manifests written
+    before buffers could supersede records, when the two were equal), so the state after round t is the first
+    `rows` records of buffer.jsonl minus what manifests 0 … t superseded."""
     keep = 0
     if round >= 0:
         manifest = buffer.root / f"manifest_{round}.json"
         if not manifest.exists():
             raise ResumeError(f"{manifest}: missing, though metrics.json lists round {round} as complete")
-        keep = json.loads(manifest.read_text())["count"]
-    if keep > len(buffer):
-        raise ResumeError(f"{buffer.path}: holds {len(buffer)} records, fewer than the {keep} its round {round} "
+        doc = json.loads(manifest.read_text())
+        keep = doc.get("rows", doc["count"])
+    if keep > buffer.rows:
+        raise ResumeError(f"{buffer.path}: holds {buffer.rows} records, fewer than the {keep} its round {round} "
                           "manifest counts")
-    buffer.truncate(keep)
+    buffer.truncate(keep, round)
     for later in buffer.root.glob("manifest_*.json"):
         if int(later.stem.split("_", 1)[1]) > round:
             later.unlink()

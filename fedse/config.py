@@ -112,6 +112,14 @@ class FederationConfig(Strict):
         return self
 
 
+class BufferConfig(Strict):
+    """What a client's buffer keeps (fedse/buffer.py)."""
+
+    keep: Literal["all", "shortest"] = Field(default="all", description="all: every success (the paper); "
+                                             "shortest: per task (by content), the success with the fewest turns, "
+                                             "a later shorter one replacing an older one")
+
+
 class OrchestrationConfig(Strict):
     """How the Prefect flow runs the round (read by flows/, never by the library's algorithm)."""
 
@@ -139,6 +147,7 @@ class Config(Strict):
     profile: str | None = None
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
     envs: EnvsConfig = Field(default_factory=EnvsConfig)
     seed_data: SeedDataConfig = Field(default_factory=SeedDataConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)

@@ -31,9 +31,9 @@ import torch
 from fedse import audit, checkpoint
 from fedse.aggregate import Aggregate, aggregate, orthonormal_init, state_bytes
 from fedse.atomic import write_json
-from fedse.buffer import Buffer, shortest_per_task, success_filter
+from fedse.buffer import Buffer, Keep, shortest_per_task, success_filter
 from fedse.config import Config
-from fedse.envs.registry import env_class
+from fedse.envs.registry import env_class, make_env
 from fedse.evaluate import EnvScore, score, summarise
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
@@ -147,17 +147,30 @@ def keep(fresh: list[Trajectory], how: Method, attempts: int = 1) -> list[Trajec
     return shortest_per_task(kept) if attempts > 1 else kept
 
 
+def task_key(cfg: Config) -> Callable[[Trajectory], str]:
+    """A record's task by content (`TextEnv.content_key`, each env with its configured options): records on
+    ids with the same secret, goal or maze instance are records of one task."""
+    games: dict[str, Any] = {}
+
+    def key(traj: Trajectory) -> str:
+        if traj.env not in games:
+            games[traj.env] = make_env(traj.env, **cfg.envs.options.get(traj.env, {}))
+        return f"{traj.env}:{games[traj.env].content_key(traj.task_id)}"
+
+    return key
+
+
 def client_data(buffer: Buffer, kept: list[Trajectory], round: int, how: Method,
-                seeds: list[Trajectory], options: dict[str, Any] | None = None,
-                ) -> tuple[list[Trajectory], dict[str, Any]]:
+                seeds: list[Trajectory], options: dict[str, Any] | None = None, keep_mode: Keep = "all",
+                key: Callable[[Trajectory], str] | None = None) -> tuple[list[Trajectory], dict[str, Any]]:
     """Put this round's kept episodes in the buffer; return what the client trains on and the manifest.
 
     With history (Fed-SE) that is the whole cumulative buffer; without, only this round's new records (the
     seeds, given in the client's first round only, count as that round's data). The manifest also says how
     much of the buffer is the agent's own and how direct its new successes are against the expert's
-    (`fedse.quality`).
+    (`fedse.quality`). `keep_mode` and `key`: `Buffer.add` (`buffer.keep`, records keyed by task content).
     """
-    added = buffer.add(seeds + kept)
+    added = buffer.add(seeds + kept, keep_mode, key)
     manifest = buffer.commit(round, added, experience(buffer.records, added, options))
     data = buffer.records if how.history else added
     return data, manifest
@@ -477,7 +490,8 @@ class InProcess:
             self.progress.finish(bar)
         data, manifest = client_data(Buffer(fed.out / "buffers" / job.name),
                                      keep(fresh, how, cfg.federation.explore_attempts), round, how,
-                                     client_seeds(cfg, job.name, job.envs, round), cfg.envs.options.get(job.envs[0]))
+                                     client_seeds(cfg, job.name, job.envs, round), cfg.envs.options.get(job.envs[0]),
+                                     cfg.buffer.keep, task_key(cfg))
         label = f"round {round}: {job.name} trains on {len(data)} trajectories"
         bar = self.progress.start(label, None)
 

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedse.buffer import Buffer
 from fedse.config import Config
-from fedse.federation import client_data, client_seeds
+from fedse.federation import client_data, client_seeds, task_key
 from fedse.methods import method
 from fedse.trajectory import Trajectory
 
@@ -31,5 +31,6 @@ class ClientData:
 def update_buffer(cfg: Config, root: str, kept: list[Trajectory], round: int, client: str,
                   envs: list[str]) -> ClientData:
     data, manifest = client_data(Buffer(Path(root)), kept, round, method(cfg.federation.method),
-                                 client_seeds(cfg, client, envs, round), cfg.envs.options.get(envs[0]))
+                                 client_seeds(cfg, client, envs, round), cfg.envs.options.get(envs[0]),
+                                 cfg.buffer.keep, task_key(cfg))
     return ClientData(data, manifest, root)

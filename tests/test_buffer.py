@@ -66,3 +66,42 @@ def test_buffer_survives_a_crash_between_write_and_rename(tmp_path: Path, monkey
     assert not (tmp_path / "manifest_1.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer.jsonl", "manifest_0.json"]  # no temp left
     assert [t.task_id for t in Buffer(tmp_path).records] == [1, 2]
+
+
+def walk(task: int, turns: int, tag: str = "", policy: str = "agent") -> Trajectory:
+    """A success of `turns` turns (its own content hash: model_copy would keep the old one)."""
+    base = traj(task, True, policy=policy).model_dump()
+    return Trajectory(**base | {"turns": [Turn(observation="o", action=f"a{tag}{i}") for i in range(turns)],
+                                "content_hash": ""})
+
+
+def test_keep_shortest_holds_one_success_per_task_and_a_shorter_one_supersedes_it(tmp_path: Path) -> None:
+    buf = Buffer(tmp_path)
+    seed, long = walk(1, 4, policy="expert"), walk(2, 9)
+    m0 = buf.commit(0, buf.add([seed, long, walk(2, 12, "b")], keep="shortest"))
+    assert m0["count"] == 2 and m0["superseded_hashes"] == []  # the longer second walk on task 2 is not taken
+    shorter, longer = walk(2, 5, "c"), walk(1, 6, "d")
+    added = buf.add([shorter, longer, traj(3, False)], keep="shortest")
+    assert added == [shorter, traj(3, False)]  # failures (w/o filter) are kept as they come
+    m1 = buf.commit(1, added)
+    assert m1["superseded_hashes"] == [long.content_hash] and m1["count"] == 3 and m1["rows"] == 4
+    again = Buffer(tmp_path)  # the superseded record stays on disk and out of the buffer
+    assert [len(t.turns) for t in again.records] == [4, 5, 1] and again.rows == 4
+    same_content = walk(70, 2, "e")
+    by_content = buf.add([walk(7, 3, "f"), same_content], keep="shortest",
+                         key=lambda t: f"{t.env}:{t.task_id // 10 if t.task_id >= 10 else t.task_id}")
+    assert [t.task_id for t in by_content] == [70], "ids 7 and 70 share a content key: one task, the shorter wins"
+
+
+def test_rewind_restores_what_a_later_round_superseded(tmp_path: Path) -> None:
+    from fedse.checkpoint import rewind
+
+    buf = Buffer(tmp_path)
+    first = walk(1, 8)
+    buf.commit(0, buf.add([first], keep="shortest"))
+    buf.commit(1, buf.add([walk(1, 3, "b")], keep="shortest"))
+    assert [len(t.turns) for t in Buffer(tmp_path).records] == [3]
+    again = Buffer(tmp_path)
+    rewind(again, 0)
+    assert again.records == [first] and not (tmp_path / "manifest_1.json").exists()
+    assert [t.content_hash for t in Buffer(tmp_path).records] == [first.content_hash]
