@@ -118,6 +118,9 @@ class BufferConfig(Strict):
     keep: Literal["all", "shortest"] = Field(default="all", description="all: every success (the paper); "
                                              "shortest: per task (by content), the success with the fewest turns, "
                                              "a later shorter one replacing an older one")
+    prune: bool = Field(default=False, description="replay each own success without its loops and no-op steps "
+                        "in the client's own environment, keeping the shorter episode if it still succeeds "
+                        "(fedse/prune.py)")
 
 
 class OrchestrationConfig(Strict):

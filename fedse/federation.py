@@ -39,6 +39,7 @@ from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, read_adapter, save_adapter, set_adapter_state, state_hash
 from fedse.policy import acting_window
+from fedse.prune import prune
 from fedse.quality import experience
 from fedse.rollout import Episodes, Pace, rollout
 from fedse.screen import screen, with_quorum
@@ -138,13 +139,16 @@ def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int
                    passes=fed.explore_attempts)
 
 
-def keep(fresh: list[Trajectory], how: Method, attempts: int = 1) -> list[Trajectory]:
+def keep(fresh: list[Trajectory], how: Method, attempts: int = 1, pruned: bool = False,
+         options: dict[str, Any] | None = None) -> list[Trajectory]:
     """The success filter, or (w/o filter) every episode; with several attempts per task, only the shortest
-    success of each task (`federation.explore_attempts`)."""
+    success of each task (`federation.explore_attempts`); with `pruned` (`buffer.prune`), each success
+    without its loops and no-op steps where a replay in the client's own environment still succeeds."""
     if how.keep_failures:
         return list(fresh)
     kept = success_filter(fresh)
-    return shortest_per_task(kept) if attempts > 1 else kept
+    kept = shortest_per_task(kept) if attempts > 1 else kept
+    return [prune(t, options) for t in kept] if pruned else kept
 
 
 def task_key(cfg: Config) -> Callable[[Trajectory], str]:
@@ -489,7 +493,8 @@ class InProcess:
                             client=job.name)
             self.progress.finish(bar)
         data, manifest = client_data(Buffer(fed.out / "buffers" / job.name),
-                                     keep(fresh, how, cfg.federation.explore_attempts), round, how,
+                                     keep(fresh, how, cfg.federation.explore_attempts, cfg.buffer.prune,
+                                          cfg.envs.options.get(job.envs[0])), round, how,
                                      client_seeds(cfg, job.name, job.envs, round), cfg.envs.options.get(job.envs[0]),
                                      cfg.buffer.keep, task_key(cfg))
         label = f"round {round}: {job.name} trains on {len(data)} trajectories"
