@@ -81,6 +81,9 @@ class FederationConfig(Strict):
                                   "paper (explore_episodes fresh tasks, every success kept); k > 1 = "
                                   "explore_episodes / k tasks played k times each, and only the shortest success "
                                   "of each task is kept (best-of-k, label-free: success and length only)")
+    explore_unsolved: bool = Field(default=False, description="explore tasks (by content) the client's buffer "
+                                   "holds no success on yet, each once a round; false = a fresh random sample "
+                                   "(the paper)")
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
     eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
     eval_split: Literal["test", "val"] = Field(default="test", description="val: calibrate a profile without "

@@ -119,21 +119,58 @@ def seed_records(cfg: Config, env: str, shard: int = 0) -> list[Trajectory]:
     return records
 
 
-def explore_task_ids(env: str, round: int, count: int, seed: int, client: str | None = None) -> list[int]:
-    """The train tasks a client plays in a round: a fresh seeded sample of its explore range each round (each
-    organisation of an env its own sample)."""
+#: Candidates drawn per explored task when exploration prefers unsolved tasks (`federation.explore_unsolved`).
+UNSOLVED_DRAWS = 32
+
+
+def explore_candidates(env: str, round: int, count: int, seed: int, client: str | None = None,
+                       unsolved: bool = False) -> list[int]:
+    """The round's seeded sample of the client's explore range (each organisation of an env its own): `count`
+    tasks, or UNSOLVED_DRAWS times as many to choose unsolved ones from. Every task a client explores is one."""
     ids = env_class(env).explore_ids()
     rng = random.Random(f"explore-{client or env}-{seed}-{round}")
-    return [ids[i] for i in rng.sample(range(len(ids)), count)]
+    return [ids[i] for i in rng.sample(range(len(ids)), min(len(ids), count * (UNSOLVED_DRAWS if unsolved else 1)))]
+
+
+def explore_task_ids(env: str, round: int, count: int, seed: int, client: str | None = None,
+                     solved: set[str] | None = None, key: Callable[[int], str] | None = None) -> list[int]:
+    """The train tasks a client plays in a round: a fresh seeded sample of its explore range each round. With
+    `solved` (content keys, `key` giving a task id's), the first candidates whose task the client has not yet
+    solved, each task once, topped up with solved ones when too few are left."""
+    if solved is None or key is None:
+        return explore_candidates(env, round, count, seed, client)
+    candidates = explore_candidates(env, round, count, seed, client, unsolved=True)
+    chosen: list[int] = []
+    taken: set[str] = set()
+    for task in candidates:
+        k = key(task)
+        if k not in solved and k not in taken:
+            chosen.append(task)
+            taken.add(k)
+            if len(chosen) == count:
+                return chosen
+    return chosen + [t for t in candidates if t not in set(chosen)][:count - len(chosen)]
+
+
+def solved_keys(buffer: Buffer, env: str, options: dict[str, Any] | None = None,
+                ) -> tuple[set[str], Callable[[int], str]]:
+    """The content keys of the env's tasks the buffer holds a success on, and the key of a task id."""
+    game = make_env(env, **(options or {}))
+    return {game.content_key(t.task_id) for t in buffer.records if t.success and t.env == env}, game.content_key
 
 
 def explore(agent: Agent, cfg: Config, env: str, state: AdapterState, round: int, seed: int,
-            advance: Callable[[int], None] | None = None, client: str | None = None) -> Episodes:
+            advance: Callable[[int], None] | None = None, client: str | None = None,
+            buffer: Buffer | None = None) -> Episodes:
     """Play this round's train tasks with the broadcast adapter at the exploration temperature (episodes keyed
-    by run seed, env, round and task: fresh draws every round); the records carry the rollout's pace."""
+    by run seed, env, round and task: fresh draws every round); the records carry the rollout's pace. With
+    `federation.explore_unsolved`, tasks the client's `buffer` already holds a success on are passed over
+    (and with `explore_attempts` k, each unsolved task gets k tries: best-of-k where it is needed)."""
     set_adapter_state(agent, state, origin="global adapter")
     fed = cfg.federation
-    ids = explore_task_ids(env, round, fed.explore_episodes // fed.explore_attempts, seed, client)
+    solved, key = (solved_keys(buffer, env, cfg.envs.options.get(env))
+                   if fed.explore_unsolved and buffer is not None else (None, None))
+    ids = explore_task_ids(env, round, fed.explore_episodes // fed.explore_attempts, seed, client, solved, key)
     return rollout(agent, env, ids, cfg.policy, evaluation=False, seed=seed, adapter_hash=state_hash(state),
                    round=round, env_options=cfg.envs.options.get(env), advance=advance,
                    passes=fed.explore_attempts)
@@ -486,13 +523,14 @@ class InProcess:
         how, cfg = fed.method, fed.cfg
         start = round_start(fed.exchange, how, round, job.name, job.start or {}, job.start, fed.initial)
         fresh: list[Trajectory] = []
+        buffer = Buffer(fed.out / "buffers" / job.name)
         if how.explore:
             bar = self.progress.start(f"round {round}: {job.name} explores", cfg.federation.explore_episodes)
             fresh = explore(self.agent, cfg, job.envs[0], start, round, cfg.seed,
                             advance=lambda n, bar=bar: self.progress.update(bar, advance=n),
-                            client=job.name)
+                            client=job.name, buffer=buffer)
             self.progress.finish(bar)
-        data, manifest = client_data(Buffer(fed.out / "buffers" / job.name),
+        data, manifest = client_data(buffer,
                                      keep(fresh, how, cfg.federation.explore_attempts, cfg.buffer.prune,
                                           cfg.envs.options.get(job.envs[0])), round, how,
                                      client_seeds(cfg, job.name, job.envs, round), cfg.envs.options.get(job.envs[0]),

@@ -3,9 +3,12 @@
 Safe to retry: the episodes are seeded by (seed, round), so a retry replays the same ones.
 """
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from fedse.buffer import Buffer
 from fedse.config import Config
 from fedse.federation import AdapterState, explore
 from fedse.trajectory import Trajectory
@@ -13,7 +16,10 @@ from tasks.agent import borrowed
 
 
 @task(name="rollout", retries=1, cache_policy=NO_CACHE, task_run_name="rollout-{client}-round-{round}")
-def rollout(cfg: Config, env: str, start: AdapterState, round: int, client: str | None = None) -> list[Trajectory]:
-    """Client `client` (default: the one named after `env`) plays its train tasks of `env`."""
+def rollout(cfg: Config, env: str, start: AdapterState, round: int, client: str | None = None,
+            buffer_root: str | None = None) -> list[Trajectory]:
+    """Client `client` (default: the one named after `env`) plays its train tasks of `env` (passing over the
+    tasks its buffer at `buffer_root` has solved, with `federation.explore_unsolved`)."""
     with borrowed(cfg) as agent:
-        return explore(agent, cfg, env, start, round, cfg.seed, client=client)
+        buffer = Buffer(Path(buffer_root)) if buffer_root else None
+        return explore(agent, cfg, env, start, round, cfg.seed, client=client, buffer=buffer)

@@ -345,3 +345,41 @@ def test_several_organisations_per_env_get_disjoint_seeds_and_their_own_explored
     assert sorted(doc["rounds"][0]["envs"]) == ENVS and doc["settings"]["orgs_per_env"] == 2
     assert doc["rounds"][0]["aggregation"]["clients"] == 4
     assert load_config("params.yaml", profile="smoke").client_names() == load_config("params.yaml").envs.names
+
+
+def test_exploring_unsolved_tasks_passes_over_solved_content_and_tops_up_when_too_few_are_left() -> None:
+    from fedse.envs.wordle import WordleEnv, secrets
+    from fedse.federation import UNSOLVED_DRAWS, explore_candidates
+
+    game = WordleEnv()
+    train = secrets("common")["train"]
+    solved = {f"common:fixed:{w}" for w in train[:-5]}  # all but five secrets solved
+    picked = explore_task_ids("wordle", 0, 8, 0, solved=solved, key=game.content_key)
+    candidates = explore_candidates("wordle", 0, 8, 0, unsolved=True)
+    assert len(candidates) == 8 * UNSOLVED_DRAWS and set(picked) <= set(candidates)
+    unsolved = list(dict.fromkeys(game.content_key(t) for t in candidates if game.content_key(t) not in solved))
+    keys = [game.content_key(t) for t in picked]
+    assert len(picked) == 8 and len(set(picked)) == 8
+    assert 0 < len(unsolved) < 8 and keys[:len(unsolved)] == unsolved, "each unsolved task once, first"
+    assert all(k in solved for k in keys[len(unsolved):]), "then solved ones to fill the budget"
+    assert explore_task_ids("wordle", 0, 8, 0, solved=None) == explore_task_ids("wordle", 0, 8, 0)  # the paper's
+    assert explore_task_ids("wordle", 0, 8, 0) == explore_candidates("wordle", 0, 8, 0)
+
+
+def test_the_experience_levers_run_in_the_round_loop(micro_spec, seeds, tmp_path: Path) -> None:
+    """buffer.keep shortest + buffer.prune + explore_unsolved with best-of-3: one success per task, none longer
+    than needed, and no explored task already solved before its round."""
+    from fedse.buffer import Buffer
+    from fedse.envs.registry import make_env
+
+    cfg = smoke(micro_spec, seeds, "fedse", explore_attempts=3, explore_unsolved=True, rounds=2)
+    cfg = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"keep": "shortest", "prune": True})})
+    doc = run(cfg, tmp_path)
+    assert doc["complete"]
+    for env in ENVS:
+        game = make_env(env)
+        records = Buffer(tmp_path / "buffers" / env).records
+        keys = [game.content_key(t.task_id) for t in records if t.success]
+        assert len(keys) == len(set(keys)), "one success per task"
+        manifest = json.loads((tmp_path / "buffers" / env / "manifest_1.json").read_text())
+        assert "superseded_hashes" in manifest and manifest["rows"] >= manifest["count"]

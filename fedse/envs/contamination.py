@@ -93,8 +93,9 @@ def audit_env(env: str, options: dict[str, Any], sources: dict[str, Callable[[],
 
 
 def exploration_ids(cfg: Any, env: str, seeds: Iterable[int]) -> list[int]:
-    """Every train task the profile's clients of `env` explore, over all rounds and the given run seeds."""
-    from fedse.federation import explore_task_ids
+    """Every train task the profile's clients of `env` may explore, over all rounds and the given run seeds
+    (with `explore_unsolved`, every candidate they choose from)."""
+    from fedse.federation import explore_candidates
 
     fed = cfg.federation
     if env not in cfg.client_envs():
@@ -102,7 +103,7 @@ def exploration_ids(cfg: Any, env: str, seeds: Iterable[int]) -> list[int]:
     clients = [c for c in cfg.client_names() if c == env or c.startswith(f"{env}-")]
     count = fed.explore_episodes // fed.explore_attempts
     return [t for seed in seeds for client in clients for r in range(fed.rounds)
-            for t in explore_task_ids(env, r, count, seed, client)]
+            for t in explore_candidates(env, r, count, seed, client, fed.explore_unsolved)]
 
 
 def audit(cfg: Any, seeds: list[int], seed_root: Path) -> list[Overlap]:
