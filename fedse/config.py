@@ -85,6 +85,8 @@ class FederationConfig(Strict):
                                    "holds no success on yet, each once a round; false = a fresh random sample "
                                    "(the paper)")
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
+    own_cap: float | None = Field(default=None, ge=0, description="train on at most this many of the agent's own "
+                                  "records per expert seed (the newest); null = all (the paper)")
     eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
     eval_split: Literal["test", "val"] = Field(default="test", description="val: calibrate a profile without "
                                               "touching test tasks")

@@ -203,18 +203,32 @@ def task_key(cfg: Config) -> Callable[[Trajectory], str]:
 
 def client_data(buffer: Buffer, kept: list[Trajectory], round: int, how: Method,
                 seeds: list[Trajectory], options: dict[str, Any] | None = None, keep_mode: Keep = "all",
-                key: Callable[[Trajectory], str] | None = None) -> tuple[list[Trajectory], dict[str, Any]]:
+                key: Callable[[Trajectory], str] | None = None, own_cap: float | None = None,
+                ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Put this round's kept episodes in the buffer; return what the client trains on and the manifest.
 
     With history (Fed-SE) that is the whole cumulative buffer; without, only this round's new records (the
     seeds, given in the client's first round only, count as that round's data). The manifest also says how
     much of the buffer is the agent's own and how direct its new successes are against the expert's
-    (`fedse.quality`). `keep_mode` and `key`: `Buffer.add` (`buffer.keep`, records keyed by task content).
+    (`fedse.quality`). `keep_mode` and `key`: `Buffer.add` (`buffer.keep`, records keyed by task content);
+    `own_cap`: `mix` (`federation.own_cap`).
     """
     added = buffer.add(seeds + kept, keep_mode, key)
     manifest = buffer.commit(round, added, experience(buffer.records, added, options))
     data = buffer.records if how.history else added
-    return data, manifest
+    return mix(data, own_cap), manifest
+
+
+def mix(data: list[Trajectory], own_cap: float | None) -> list[Trajectory]:
+    """The training set with the agent's own records capped at `own_cap` × the expert seeds in it (the newest
+    own records kept), so the expert-to-own ratio is a setting rather than an accident of the counts (the
+    paper: hundreds to thousands of expert trajectories per client); None = every record."""
+    if own_cap is None:
+        return data
+    own = [t for t in data if t.policy != "expert"]
+    room = int(own_cap * (len(data) - len(own)))
+    kept = {id(t) for t in own[max(0, len(own) - room):]} if room else set()
+    return [t for t in data if t.policy == "expert" or id(t) in kept]
 
 
 def local_train(agent: Agent, cfg: Config, start: AdapterState, data: list[Trajectory], seed: int,
@@ -534,7 +548,7 @@ class InProcess:
                                      keep(fresh, how, cfg.federation.explore_attempts, cfg.buffer.prune,
                                           cfg.envs.options.get(job.envs[0])), round, how,
                                      client_seeds(cfg, job.name, job.envs, round), cfg.envs.options.get(job.envs[0]),
-                                     cfg.buffer.keep, task_key(cfg))
+                                     cfg.buffer.keep, task_key(cfg), cfg.federation.own_cap)
         label = f"round {round}: {job.name} trains on {len(data)} trajectories"
         bar = self.progress.start(label, None)
 

@@ -36,6 +36,8 @@ class LearnerSpec(BaseModel):
 
     lr: float = Field(1e-3, gt=0)
     epochs: float = Field(2, gt=0)
+    steps: int | None = Field(None, ge=1, description="optimizer steps per training call, whatever the data's size "
+                              "(epochs then ignored): equal compute for every method and client; null = epochs")
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_len: int = Field(1024, ge=32)
@@ -218,6 +220,22 @@ def training(model: Any) -> Iterator[None]:
         model.eval()
 
 
+def schedule(examples: list[Example], spec: LearnerSpec, rng: random.Random) -> list[list[Example]]:
+    """The batches of one training call, in order: `epochs` passes over shuffled length-bucketed batches (a
+    fractional last epoch is a prefix of its batches), or with `steps`, as many passes as it takes to fill
+    exactly steps × grad_accum batches, so methods with more data do not also get more compute."""
+    if spec.steps is not None:
+        flat: list[list[Example]] = []
+        while len(flat) < spec.steps * spec.grad_accum:
+            flat.extend(batches(examples, spec.batch_size, rng))
+        return flat[:spec.steps * spec.grad_accum]
+    whole = int(spec.epochs)
+    plan = [batches(examples, spec.batch_size, rng) for _ in range(math.ceil(spec.epochs))]
+    if spec.epochs != whole:  # a fractional last epoch: a prefix of its shuffled batches
+        plan[-1] = plan[-1][: max(1, round((spec.epochs - whole) * len(plan[-1])))]
+    return [b for epoch in plan for b in epoch]
+
+
 def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, seed: int = 0,
           advance: Callable[[int, int, float], None] | None = None, prox_mu: float = 0.0,
           window: Window | None = None) -> TrainStats:
@@ -233,11 +251,7 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, s
     examples = [e for t in trajectories for e in encode(agent, t, spec.max_len, window)]
     if not examples:
         return TrainStats(0, 0, 0, 0, float("nan"), float("nan"), 0.0)
-    whole = int(spec.epochs)
-    plan = [batches(examples, spec.batch_size, rng) for _ in range(math.ceil(spec.epochs))]
-    if spec.epochs != whole:  # a fractional last epoch: a prefix of its shuffled batches
-        plan[-1] = plan[-1][: max(1, round((spec.epochs - whole) * len(plan[-1])))]
-    flat = [b for epoch in plan for b in epoch]
+    flat = schedule(examples, spec, rng)
     total_steps = math.ceil(len(flat) / spec.grad_accum)
     params = [p for p in agent.model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []

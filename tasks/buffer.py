@@ -32,5 +32,5 @@ def update_buffer(cfg: Config, root: str, kept: list[Trajectory], round: int, cl
                   envs: list[str]) -> ClientData:
     data, manifest = client_data(Buffer(Path(root)), kept, round, method(cfg.federation.method),
                                  client_seeds(cfg, client, envs, round), cfg.envs.options.get(envs[0]),
-                                 cfg.buffer.keep, task_key(cfg))
+                                 cfg.buffer.keep, task_key(cfg), cfg.federation.own_cap)
     return ClientData(data, manifest, root)

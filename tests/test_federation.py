@@ -383,3 +383,28 @@ def test_the_experience_levers_run_in_the_round_loop(micro_spec, seeds, tmp_path
         assert len(keys) == len(set(keys)), "one success per task"
         manifest = json.loads((tmp_path / "buffers" / env / "manifest_1.json").read_text())
         assert "superseded_hashes" in manifest and manifest["rows"] >= manifest["count"]
+
+
+def test_own_records_are_capped_at_a_multiple_of_the_seeds_newest_first() -> None:
+    from fedse.federation import mix
+
+    def rec(i: int, policy: str) -> Trajectory:
+        return Trajectory(env="maze", task_id=i, instruction="go", turns=[Turn(observation="o", action="a")],
+                          final_observation="end", reward=1.0, success=True, policy=policy)
+
+    data = [rec(0, "expert"), rec(1, "expert"), *[rec(i, "agent") for i in range(2, 9)]]
+    assert mix(data, None) == data
+    assert [t.task_id for t in mix(data, 1.0)] == [0, 1, 7, 8]
+    assert [t.task_id for t in mix(data, 0.0)] == [0, 1]
+    assert mix(data, 10.0) == data
+
+
+def test_equal_steps_give_every_client_the_same_optimizer_steps() -> None:
+    import random
+
+    from fedse.learner import Example, LearnerSpec, schedule
+
+    few, many = [Example([1, 2], [1, 2])] * 3, [Example([1, 2, 3], [1, 2, 3])] * 40
+    spec = LearnerSpec(steps=10, batch_size=2, grad_accum=2)
+    assert len(schedule(few, spec, random.Random(0))) == len(schedule(many, spec, random.Random(0))) == 20
+    assert len(schedule(many, LearnerSpec(epochs=1, batch_size=2), random.Random(0))) == 20
