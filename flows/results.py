@@ -116,16 +116,43 @@ def record_timing(path: Path, wall: float, jobs: int, timing: dict[str, float], 
     return total
 
 
+def resumable(cmd: str, outs: list[Path]) -> bool:
+    """Whether a run stage's output folder holds an unfinished run it can continue (`--resume`): a multi-hour
+    run (the SmolLM2 profile) then spans several sittings, round by round, instead of starting over."""
+    if "flows.experiment" not in cmd:
+        return False
+    for out in outs:
+        metrics = out / "metrics.json"
+        if out.is_dir() and metrics.exists():
+            try:
+                doc = json.loads(metrics.read_text())
+            except ValueError:
+                return False
+            return not doc.get("complete") and bool(doc.get("rounds"))
+    return False
+
+
 def run_stage(stage: str, cmd: str, outs: list[Path], record: threading.Lock) -> tuple[str, float, int]:
-    """Run one stage's command on one thread (its old outputs cleared first), then record it in dvc.lock;
-    (stage, seconds, exit status)."""
+    """Run one stage's command on one thread, then record it in dvc.lock; (stage, seconds, exit status). An
+    unfinished run in its output folder is continued (`--resume`); anything else there is cleared first, as is
+    a run that cannot be continued (other code or parameters: the resume refuses)."""
     LOGS.mkdir(parents=True, exist_ok=True)
-    clear(outs)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = time.perf_counter()
-    with open(LOGS / f"{stage.replace('@', '-')}.log", "w") as log:
-        code = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    log_path = LOGS / f"{stage.replace('@', '-')}.log"
+    code = None
+    if resumable(cmd, outs):
+        with open(log_path, "a") as log:
+            log.write(f"\n--- resuming the unfinished run: {cmd} --resume\n")
+            log.flush()
+            code = subprocess.run(f"{cmd} --resume", shell=True, cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        clear(outs)
+        with open(log_path, "a" if code is not None else "w") as log:
+            code = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - started
     if code == 0:
         with record:

@@ -58,3 +58,20 @@ def test_the_smollm2_table_runs_only_when_named_and_each_report_waits_for_its_ow
     left = ["report", "report_full", "report_smollm2", "smollm2@fedit-s0"]
     assert ready(left, None) == ["report", "report_full"]  # the SmolLM2 report waits for its runs
     assert ready(["report", "experiment@fedse-0", "report_smollm2"], ["smollm2@*"]) == ["report_smollm2"]
+
+
+def test_an_unfinished_run_is_resumed_and_anything_else_starts_afresh(tmp_path) -> None:
+    from flows.results import resumable
+
+    cmd = "python -m flows.experiment --profile smollm2 --method fedse --seed 0 --out experiments/x"
+    run = tmp_path / "run"
+    assert not resumable(cmd, [run])  # nothing there
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"complete": False, "rounds": [{"round": 0}]}))
+    assert resumable(cmd, [run]) and not resumable("fedse report x", [run])
+    (run / "metrics.json").write_text(json.dumps({"complete": False, "rounds": []}))
+    assert not resumable(cmd, [run])  # killed before its first round: nothing to keep
+    (run / "metrics.json").write_text(json.dumps({"complete": True, "rounds": [{"round": 0}]}))
+    assert not resumable(cmd, [run])
+    (run / "metrics.json").write_text("{half written")
+    assert not resumable(cmd, [run])
