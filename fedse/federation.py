@@ -35,6 +35,7 @@ from fedse.buffer import Buffer, Keep, shortest_per_task, success_filter
 from fedse.config import Config
 from fedse.envs.registry import env_class, make_env
 from fedse.evaluate import EnvScore, score, summarise
+from fedse.kernels import choose as choose_kernels
 from fedse.learner import TrainStats, train
 from fedse.methods import Method, method
 from fedse.model import Agent, adapter_state, read_adapter, save_adapter, set_adapter_state, state_hash
@@ -595,6 +596,7 @@ class Federation:
                  resume: bool = False, runner: Runner | None = None, on_round: RoundHook | None = None) -> None:
         """`resume`: continue the run in `out` instead of refusing a used folder. `on_round(round, record,
         adapter, egress)` is called after each round is committed (the flow tracks it in MLflow there)."""
+        choose_kernels(cfg.model.kernels)  # the server's averaging computes on the CPU too
         if runner is None:
             if agent is None:
                 raise ValueError("Federation needs an agent or a runner")

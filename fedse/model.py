@@ -14,12 +14,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.atomic import atomic_dir
+from fedse.kernels import choose as choose_kernels
 from fedse.prompt import Renderer
 from fedse.tiny import TinySpec
 
@@ -56,6 +57,9 @@ class ModelSpec(BaseModel):
                              "when their spec matches, instead of building")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     tiny: TinySpec = Field(default_factory=TinySpec)
+    kernels: Literal["portable", "native"] = Field("portable", description="CPU kernels: portable (AVX2 in ATen "
+                                                   "and MKL: the same adapter bytes on any x86-64 CPU) or native "
+                                                   "(each library's fastest path for this CPU); fedse/kernels.py")
 
 
 @dataclass
@@ -207,6 +211,7 @@ def attach_lora(model: Any, lora: LoraSpec, seed: int = 0) -> Any:
 def load_agent(spec: ModelSpec, adapter: Path | None = None, seed: int = 0,
                advance: Callable[[int, float], None] | None = None) -> Agent:
     """Base + LoRA; the adapter's weights from `adapter` when given (else the fresh, zero-effect adapter)."""
+    choose_kernels(spec.kernels)
     state = read_adapter(adapter) if adapter is not None else None  # a bad file fails before the slow load
     base, tokenizer, name = load_base(spec, advance)
     agent = Agent(attach_lora(base, spec.lora, seed), tokenizer, name, pick_device(spec.device))

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from fedse import kernels
 from fedse.corpus import CorpusSpec
 from fedse.model import Agent, ModelSpec, load_agent
 from fedse.tiny import TinySpec
+
+kernels.choose("portable")  # as every run does (model.kernels): before any test computes with torch
 
 MICRO = TinySpec(d_model=64, layers=2, heads=2, kv_heads=1, vocab=600, context=1024,
                  corpus=CorpusSpec(episodes=6), pretrain_steps=3, batch=4, window=256)
