@@ -62,11 +62,18 @@ class AggregationSpec(BaseModel):
     server_lr: float = Field(1.0, gt=0, description="server step η: 1 = FedAvg, > 1 undoes the 1/K dilution")
     momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM momentum (rule factors only)")
     fedprox_mu: float = Field(0.0, ge=0, description="client-side proximal term μ/2·‖φ − φ_global‖² (FedProx)")
+    personal: Literal["none", "b"] = Field("none", description="b: every client keeps its own LoRA B factors "
+                                           "(FedSA-LoRA): it starts each round from the global A and its own B, "
+                                           "and each environment is evaluated with its own client's B; the server "
+                                           "averages as usual (its B is only the registry's summary)")
 
     @model_validator(mode="after")
     def _momentum_needs_factors(self) -> AggregationSpec:
         if self.momentum and self.rule not in (None, "factors"):
             raise ValueError(f"momentum is only supported with rule factors, not {self.rule}")
+        if self.personal != "none" and self.rule not in (None, "factors"):
+            raise ValueError(f"personal {self.personal} keeps each client's B factors: only rule factors averages "
+                             f"A alone, not {self.rule}")
         return self
 
 
@@ -131,6 +138,14 @@ def average(adapters: Iterable[Update]) -> dict[str, torch.Tensor]:
     first = updates[0][1]
     return {key: (sum(state[key].detach().to("cpu", torch.float64) * (w / total) for _, state, w in updates)
                   ).to(first[key].dtype) for key in first}
+
+
+def personalised(global_state: State, own: State | None) -> dict[str, torch.Tensor]:
+    """The global adapter with a client's own LoRA B factors (`aggregation.personal: b`): the A factors are
+    what the federation shares, the B factors what the client keeps; None = the global adapter as it is."""
+    if own is None:
+        return dict(global_state)
+    return {k: (own[k] if ".lora_B." in k and k in own else v) for k, v in global_state.items()}
 
 
 def state_bytes(state: State) -> int:

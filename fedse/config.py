@@ -175,6 +175,10 @@ class Config(Strict):
         per_round, clients = self.federation.clients_per_round, len(self.client_names())
         if per_round is not None and per_round > clients:
             raise ValueError(f"federation.clients_per_round: {per_round} is more than the {clients} clients")
+        if self.aggregation.personal != "none" and (self.orchestration.mode == "workers"
+                                                    or self.federation.orgs_per_env > 1):
+            raise ValueError("aggregation.personal: each environment is evaluated with its one client's own part, "
+                             "which the server holds in inprocess and dask modes with one client per environment")
         return self
 
     def client_envs(self) -> list[str]:
@@ -221,6 +225,7 @@ class Config(Strict):
         spec = self.aggregation
         info = {"rule": self.rule(), "server_lr": spec.server_lr, "momentum": spec.momentum,
                 "fedprox_mu": spec.fedprox_mu, "rank": self.global_rank(), "max_norm_ratio": spec.max_norm_ratio}
+        info |= {"personal": spec.personal} if spec.personal != "none" else {}
         return info | ({"trim": spec.trim} if info["rule"] == "trimmed_mean" else {})
 
     def quorum(self, clients: int) -> int:

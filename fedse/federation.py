@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from fedse import audit, checkpoint
-from fedse.aggregate import Aggregate, aggregate, orthonormal_init, state_bytes
+from fedse.aggregate import Aggregate, aggregate, orthonormal_init, personalised, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, Keep, shortest_per_task, success_filter
 from fedse.config import Config
@@ -442,11 +442,20 @@ def next_global(cfg: Config, how: Method, updates: Iterable[tuple[str, AdapterSt
 
 
 def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state: AdapterState,
-               initial: AdapterState) -> AdapterState:
-    """The adapter scored on `env`: the global one, or for `local` that env's own client's adapter."""
+               initial: AdapterState, personal: str = "none") -> AdapterState:
+    """The adapter scored on `env`: the global one; for `local` that env's own client's adapter; with
+    `aggregation.personal: b`, the global A with that env's client's own B."""
     if how.train and not how.federated and not how.pooled:
         return own.get(env, initial)
+    if personal == "b" and how.federated:
+        return personalised(global_state, own.get(env))
     return global_state
+
+
+def personal_start(cfg: Config, start: AdapterState, own: AdapterState | None) -> AdapterState:
+    """Where a client acts and trains from: the broadcast adapter, or with `aggregation.personal: b` the
+    broadcast A factors with its own B (what it trained last round; the broadcast B before its first)."""
+    return personalised(start, own) if cfg.aggregation.personal == "b" else start
 
 
 def server_round(cfg: Config, how: Method, round: int, out: Path, exchange: Transport | None,
@@ -481,6 +490,7 @@ class ClientJob:
     name: str
     envs: list[str]
     start: AdapterState | None
+    own: AdapterState | None = None  # its adapter after its last round, when it keeps a part (personal b)
 
 
 @dataclass
@@ -537,6 +547,7 @@ class InProcess:
         """One client's round: (download the global adapter,) explore, filter, buffer, train, upload."""
         how, cfg = fed.method, fed.cfg
         start = round_start(fed.exchange, how, round, job.name, job.start or {}, job.start, fed.initial)
+        start = personal_start(cfg, start, job.own)
         fresh: list[Trajectory] = []
         buffer = Buffer(fed.out / "buffers" / job.name)
         if how.explore:
@@ -642,6 +653,11 @@ class Federation:
         return self.document(complete=True)
 
     @property
+    def keeps_own(self) -> bool:
+        """Whether each client keeps a part of its adapter across rounds (`aggregation.personal: b`)."""
+        return self.method.federated and self.cfg.aggregation.personal == "b"
+
+    @property
     def total_rounds(self) -> int:
         """How many rounds the run has: `federation.rounds`, or one evaluation for a method that trains nothing."""
         return self.cfg.federation.rounds if self.method.train else 1
@@ -654,7 +670,7 @@ class Federation:
         if start == 0:
             return self.initial
         last = start - 1
-        if self.method.train and not self.method.federated:  # no server: each client goes on from its own
+        if self.method.train and (not self.method.federated or self.keeps_own):  # each goes on from its own
             for client in self.clients:
                 mine = last_round(self.cfg, client.name, last)  # its last round (partial participation)
                 client.state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, mine,
@@ -684,7 +700,7 @@ class Federation:
             else:
                 start = None if self.exchange is not None and round > 0 else \
                     start_state(how, global_state, client.state, self.initial)
-                jobs.append(ClientJob(client.name, client.envs, start))
+                jobs.append(ClientJob(client.name, client.envs, start, client.state if self.keeps_own else None))
         for name, got in self.runner.clients(self, round, jobs):
             if isinstance(got, Exception):
                 if not how.federated:  # no server to go on without this client
@@ -693,7 +709,7 @@ class Federation:
                 continue
             outcomes[name] = got
             checkpoint.mark_client_done(self.out, name, round, got.stats,
-                                        got.state if self.exchange is None else None)
+                                        got.state if self.exchange is None or self.keeps_own else None)
         for client in clients:
             if client.name in outcomes:
                 client.state = outcomes[client.name].state
@@ -718,15 +734,17 @@ class Federation:
     def _finished(self, client: Client, round: int, stats: dict[str, Any]) -> ClientOutcome:
         """A client that finished this round before a crash: its marker's numbers, and (without a server) its
         own adapter; with one, the server reads its upload from the exchange."""
-        if self.exchange is not None:
+        if self.exchange is not None and not self.keeps_own:
             return ClientOutcome(client.state or self.initial, stats, stats.get("successes_trained_on", 1))
         state = checkpoint.load_state(checkpoint.client_file(self.out, client.name, round, ".safetensors"))
         return ClientOutcome(state, stats, stats["successes_trained_on"])
 
     def evaluate(self, round: int, global_state: AdapterState, record: dict[str, Any]) -> None:
-        """The global adapter on every env; for `local`, each client's own adapter on its own env."""
+        """The global adapter on every env; for `local`, each client's own adapter on its own env; with
+        `aggregation.personal: b`, the global A with each env's client's own B."""
         own = {c.name: c.state for c in self.clients if c.state is not None}
-        states = {env: eval_state(self.method, env, own, global_state, self.initial) for env in self.cfg.client_envs()}
+        states = {env: eval_state(self.method, env, own, global_state, self.initial, self.cfg.aggregation.personal)
+                  for env in self.cfg.client_envs()}
         record.update(summarise(self.runner.evaluate(self, round, states)))
 
     def document(self, complete: bool) -> dict[str, Any]:

@@ -239,11 +239,11 @@ def submit_chain(cfg: Config, how: Method, exchange: Transport | None, out: Path
     start = job.start if job.start is not None else \
         download_global.with_options(**retry).submit(exchange, round, job.name)
     fresh = rollout.with_options(**retry).submit(cfg, job.envs[0], start, round, job.name,
-                                                 str(out / "buffers" / job.name)) if how.explore else None
+                                                 str(out / "buffers" / job.name), job.own) if how.explore else None
     kept = success_filter.submit(cfg, fresh if fresh is not None else [], job.envs[0], job.name, round)
     data = update_buffer.submit(cfg, str(out / "buffers" / job.name), kept, round, job.name, job.envs)
     versioned = version_buffer.submit(dvc_repo, data, job.name, round) if dvc_repo else None
-    trained = train.with_options(**retry).submit(cfg, start, data, round, job.name)
+    trained = train.with_options(**retry).submit(cfg, start, data, round, job.name, job.own)
     sent = upload.with_options(**retry).submit(exchange, cfg, str(out), trained, data, round, job.name) \
         if exchange is not None else None
     return Chain(job.name, fresh, data, versioned, trained, sent)

@@ -408,3 +408,47 @@ def test_equal_steps_give_every_client_the_same_optimizer_steps() -> None:
     spec = LearnerSpec(steps=10, batch_size=2, grad_accum=2)
     assert len(schedule(few, spec, random.Random(0))) == len(schedule(many, spec, random.Random(0))) == 20
     assert len(schedule(many, LearnerSpec(epochs=1, batch_size=2), random.Random(0))) == 20
+
+
+def test_personal_b_clients_keep_their_b_and_each_env_is_scored_with_its_own(micro_spec, seeds, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """aggregation.personal b (FedSA-LoRA): round 1 starts from the global A and the client's own round-0 B, and
+    each environment is evaluated with the global A and its own client's B."""
+    from fedse import federation
+    from fedse.checkpoint import client_file, load_state
+
+    starts: list[dict] = []
+    scored: list[dict] = []
+    train, evaluate = federation.local_train, federation.InProcess.evaluate
+
+    def recorded_train(agent, cfg, start, *args, **kwargs):
+        starts.append(start)
+        return train(agent, cfg, start, *args, **kwargs)
+
+    def recorded_evaluate(self, fed, round, states):
+        scored.append(states)
+        return evaluate(self, fed, round, states)
+
+    monkeypatch.setattr(federation, "local_train", recorded_train)
+    monkeypatch.setattr(federation.InProcess, "evaluate", recorded_evaluate)
+    cfg = with_aggregation(smoke(micro_spec, seeds, "fedse"), personal="b")
+    doc = run(cfg, tmp_path)
+    assert doc["complete"] and doc["aggregation"]["personal"] == "b"
+    global0 = read_adapter(tmp_path / "adapters" / "round_0")
+    global1 = read_adapter(tmp_path / "adapters" / "round_1")
+    for i, env in enumerate(ENVS):
+        own0, own1 = (load_state(client_file(tmp_path, env, r, ".safetensors")) for r in (0, 1))
+        start = starts[len(ENVS) + i]  # round 1, clients in order
+        for key, value in start.items():
+            expected = own0[key] if ".lora_B." in key else global0[key]
+            assert torch.equal(value, expected), (env, key)
+        for key, value in scored[1][env].items():
+            assert torch.equal(value, own1[key] if ".lora_B." in key else global1[key]), (env, key)
+    assert any(not torch.equal(scored[1]["maze"][k], scored[1]["wordle"][k]) for k in scored[1]["maze"])
+
+
+def test_personal_needs_the_factor_rule_and_one_client_per_env_on_the_server() -> None:
+    with pytest.raises(ValueError, match="only rule factors averages A alone"):
+        load_config("params.yaml", overrides=["aggregation.personal=b", "aggregation.rule=exact"])
+    with pytest.raises(ValueError, match="inprocess and dask modes with one client per environment"):
+        load_config("params.yaml", overrides=["aggregation.personal=b", "orchestration.mode=workers"])
