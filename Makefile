@@ -66,7 +66,7 @@ check: setup
 ## clients, run seeds 0-4) or pretraining tasks; one table per profile, exit 1 on any overlap
 AUDITED := quick full smollm2 paper
 audit: setup
-	@for p in $(AUDITED); do $(BIN)/fedse envs audit --profile $$p --seeds 0-4 || exit 1; done
+	$(BIN)/fedse envs audit $(foreach p,$(AUDITED),--profile $(p)) --seeds 0-4
 
 ## browser: Debian's chromium for the UI test (tests/test_stack.py drives it with Playwright), installed once with
 ## apt-get (as root, else through sudo); skipped when $(CHROMIUM) is already there

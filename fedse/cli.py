@@ -187,10 +187,10 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-@envs_app.command("audit", epilog="Example: fedse envs audit --profile quick --seeds 0-4")
+@envs_app.command("audit", epilog="Example: fedse envs audit --profile quick --profile full --seeds 0-4")
 @clear_errors
-def envs_audit(profile: str = typer.Option(None, "--profile", help="whose exploration draws to audit "
-                                           "[params: profile]"),
+def envs_audit(profiles: list[str] = typer.Option(None, "--profile", help="whose exploration draws to audit, "
+                                                  "repeatable: one table each [params: profile]"),
                seeds: str = typer.Option("0-4", "--seeds", help="run seeds whose seed and exploration draws to "
                                          "audit, e.g. 0-4 or 0,2"),
                seed_dir: Path = typer.Option(None, "--seed-dir", help="seed files to audit as well (s<seed>/<env>."
@@ -200,27 +200,30 @@ def envs_audit(profile: str = typer.Option(None, "--profile", help="whose explor
     tasks; exits 1 on any overlap."""
     from fedse.envs.contamination import SOURCES, audit, first
 
-    cfg = load_config(State.params, profile=profile, overrides=list(State.overrides)) if profile else State.config()
-    reports = audit(cfg, _seed_list(seeds), seed_dir or cfg.seed_data.dir)
-    if as_json:
-        print(json.dumps({"profile": profile or cfg.profile, "seeds": seeds, "envs": [r.as_dict() for r in reports]}))
-    else:
-        table = Table("env", "test keys", "val keys", "val ∩ test",
-                      *[f"{s}\n→ test / val" for s in SOURCES],
-                      title=f"held-out content among what is trained or tuned on (profile {profile or cfg.profile}, "
-                            f"run seeds {seeds}); every cell must be 0")
-        for r in reports:
-            cells = [f"{len(r.sources[s][1])} / {len(r.sources[s][2])}  ({r.sources[s][0]:,} tasks)"
-                     for s in SOURCES]
-            table.add_row(r.env, str(r.test_keys), str(r.val_keys), str(len(r.val_in_test)), *cells,
-                          style=None if r.clean else "bold red")
-        out.print(table)
-    dirty = [r for r in reports if not r.clean]
-    for r in dirty:
+    runs = [State.config()] if not profiles else \
+        [load_config(State.params, profile=p, overrides=list(State.overrides)) for p in profiles]
+    dirty = []
+    for cfg in runs:
+        reports = audit(cfg, _seed_list(seeds), seed_dir or cfg.seed_data.dir)
+        if as_json:
+            print(json.dumps({"profile": cfg.profile, "seeds": seeds, "envs": [r.as_dict() for r in reports]}))
+        else:
+            table = Table("env", "test keys", "val keys", "val ∩ test", *[f"{s}\n→ test / val" for s in SOURCES],
+                          title=f"held-out content among what is trained or tuned on (profile {cfg.profile}, "
+                                f"run seeds {seeds}); every cell must be 0")
+            for r in reports:
+                cells = [f"{len(r.sources[s][1])} / {len(r.sources[s][2])}  ({r.sources[s][0]:,} tasks)"
+                         for s in SOURCES]
+                table.add_row(r.env, str(r.test_keys), str(r.val_keys), str(len(r.val_in_test)), *cells,
+                              style=None if r.clean else "bold red")
+            out.print(table)
+        dirty += [(cfg.profile, r) for r in reports if not r.clean]
+    for profile, r in dirty:
         found = [f"{name} ({first(t + v)})" for name, (_, t, v) in r.sources.items() if t or v]
         if r.val_in_test:
             found.insert(0, f"validation ({first(r.val_in_test)})")
-        err.print(f"[bold red]overlap:[/] {r.env}: held-out content in {'; '.join(found)}", highlight=False)
+        err.print(f"[bold red]overlap:[/] {r.env} (profile {profile}): held-out content in {'; '.join(found)}",
+                  highlight=False)
     if dirty:
         raise typer.Exit(1)
 

@@ -71,3 +71,20 @@ def test_build_removes_its_training_state_when_done(tmp_path: Path) -> None:
     out = tmp_path / "models" / "tiny-x"
     tiny.build(SPEC, out)
     assert (out / "model.safetensors").exists() and not tiny.resume_path(out).exists()
+
+
+def test_the_committed_base_was_pretrained_on_what_todays_environments_play() -> None:
+    """The committed base's corpus fingerprint (the content keys of every task its corpus played) is what the
+    corpus recipe in params.yaml gives with today's environments: the audit's pretraining column (computed from
+    the recipe) is then about the base that is actually committed."""
+    import json
+
+    from fedse.config import load_config
+    from fedse.corpus import corpus_fingerprint
+    from fedse.model import committed_dir
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_config(root / "params.yaml").model
+    info = json.loads((root / committed_dir(spec) / tiny.INFO).read_text())
+    assert info["key"] == spec.tiny.key()
+    assert info["corpus_fingerprint"] == corpus_fingerprint(spec.tiny.corpus)
