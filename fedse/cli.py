@@ -223,7 +223,7 @@ def envs_audit(profiles: list[str] = typer.Option(None, "--profile", help="whose
         if r.val_in_test:
             found.insert(0, f"validation ({first(r.val_in_test)})")
         err.print(f"[bold red]overlap:[/] {r.env} (profile {profile}): held-out content in {'; '.join(found)}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     if dirty:
         raise typer.Exit(1)
 
