@@ -486,29 +486,36 @@ def run_name(cfg: Config) -> str:
 @app.command("report", epilog="Example: fedse report runs/fedse-quick-s0 runs/fedit-quick-s0 --out reports/mine")
 @clear_errors
 def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each with a metrics.json)"),
-               out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and curves.png")) \
-        -> None:
-    """Markdown table of final success per env and method (mean ± 95% CI over seeds) and learning curves
-    (curves.png, and curves.csv for `dvc plots show`).
+               out_dir: Path = typer.Option(Path("reports"), "--out", help="folder for results.md and the figures"),
+               main: list[str] = typer.Option(None, "--main", help="a label of the main comparison (repeatable) "
+                                              "[pretrained, fedit, fedse]")) -> None:
+    """Markdown table of final success per env and method (mean ± 95% CI over seeds, paired differences with
+    both intervals) and figures: curves.png (the main comparison in one panel, with intervals over seeds),
+    ablations.png (every other method beside Fed-SE), forest.png (every paired difference, both intervals),
+    exploration.png (every method, and what its clients found exploring), and curves.csv for `dvc plots show`.
 
     Each run's metrics.json is copied to `OUT/runs/<run>.json`, so the report can be rebuilt from OUT alone:
     `fedse report OUT/runs/*.json --out OUT`.
     """
     from fedse.atomic import write_json, write_text
-    from fedse.plots import curves_csv, method_curves
-    from fedse.report import labeller, load_runs, markdown
+    from fedse.plots import curves_csv, forest, main_comparison, method_curves, small_multiples
+    from fedse.report import forest_rows, labeller, load_runs, markdown
 
     docs = load_runs(runs)
     for path, doc in zip(runs, docs, strict=True):  # the small metrics files travel with the report (reviewable)
         name = path.name if path.is_dir() else path.stem
         if not (path.is_file() and path.resolve().parent == (out_dir / "runs").resolve()):
             write_json(out_dir / "runs" / f"{name}.json", doc)
-    plot = method_curves(docs, out_dir / "curves.png", label=labeller(docs))
+    names = main or ["pretrained", "fedit", "fedse"]
+    plot = main_comparison(docs, out_dir / "curves.png", names, label=labeller(docs))
+    others = small_multiples(docs, out_dir / "ablations.png", names, label=labeller(docs))
+    differences = forest(forest_rows(docs), out_dir / "forest.png")
+    method_curves(docs, out_dir / "exploration.png", label=labeller(docs))
     curves_csv(docs, out_dir / "curves.csv", label=labeller(docs))  # the same lines for `dvc plots show`
-    text = markdown(docs, plot)
+    text = markdown(docs, plot, [p for p in (others, differences) if p is not None])
     write_text(out_dir / "results.md", text)
     out.print(text, markup=False, highlight=False)
-    out.print(f"table: {out_dir / 'results.md'}\nplot:  {plot}")
+    out.print(f"table: {out_dir / 'results.md'}\nplots: {plot}, {others}, {differences}")
 
 
 @app.command("compare", epilog="Example: fedse compare --tracking-uri http://127.0.0.1:5000 --json")

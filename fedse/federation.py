@@ -763,6 +763,8 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
                      "max_buffer": fed.max_buffer, "clients_per_round": fed.clients_per_round,
+                     "explore_unsolved": fed.explore_unsolved, "own_cap": fed.own_cap,
+                     "buffer": cfg.buffer.model_dump(),
                      **({"orgs_per_env": fed.orgs_per_env} if fed.orgs_per_env > 1 else {}),
                      "learner": cfg.learner.model_dump()},
         "aggregation": cfg.aggregation_info(),

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from fedse.atomic import write_text
-from fedse.report import client_series, explores, split
+from fedse.report import Paired, client_series, explores, split, t95
 
 
 def run_curves(doc: dict[str, Any], path: Path) -> Path:
@@ -110,6 +110,10 @@ def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> 
             ax.fill_between(rounds, [min(s) for s in series], [max(s) for s in series], alpha=0.12, color=colour)
     ids = split(docs)
     _style(ax, f"macro {ids} success per round (mean over seeds; band = min–max)", ids)
+    handles, names = ax.get_legend_handles_labels()
+    ax.get_legend().remove()  # below the lowest panel, never over the data
+    (low if exploring else ax).legend(handles, names, fontsize=7, ncol=3, loc="upper center",
+                                      bbox_to_anchor=(0.5, -0.3 if exploring else -0.12), frameon=False)
     fewer = sorted({v for v in sizes.values() if v != most})
     xlabel = f"round (filled: {most} {ids} tasks per env; hollow: {', '.join(map(str, fewer))})" if fewer else "round"
     ax.set_xlabel(xlabel)
@@ -122,6 +126,101 @@ def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> 
         low.set_ylim(-0.02, min(1.02, max(0.25, low.dataLim.y1 * 1.15)))
         low.grid(alpha=0.3)
         low.set_title("exploration success per round (mean over seeds and clients)", fontsize=10)
+    return _save(fig, path)
+
+
+def seed_band(series: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Per round: the mean over seeds and its 95 % t interval (no band with one seed)."""
+    mean = [sum(s) / len(s) for s in series]
+    half = []
+    for s, m in zip(series, mean, strict=True):
+        n = len(s)
+        sd = (sum((x - m) ** 2 for x in s) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        half.append(t95(n - 1) * sd / n ** 0.5 if n > 1 else 0.0)
+    return mean, [m - h for m, h in zip(mean, half, strict=True)], [m + h for m, h in zip(mean, half, strict=True)]
+
+
+def main_comparison(docs: list[dict[str, Any]], path: Path, main: list[str], label: Any = None) -> Path:
+    """The comparison the study is about in one panel: each label of `main` (pretrained, FedIT, Fed-SE, the
+    variant) as its mean macro success per round over seeds with the 95 % t interval over seeds as a band;
+    the legend sits below the axes, never over the data."""
+    curves = {name: c for name, c in mean_curves(docs, label).items() if name in main}
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for i, name in enumerate(sorted(curves, key=main.index)):
+        rounds, series = curves[name]
+        mean, low, high = seed_band(series)
+        colour = "grey" if len(rounds) == 1 else plt.get_cmap("tab10").colors[i % 10]
+        text = f"{name} (n={len(series[0])})"
+        if len(rounds) == 1:  # evaluated once (the untrained base): a flat reference with its band
+            ax.axhline(mean[0], ls="--", lw=1.2, color=colour, label=text)
+            ax.axhspan(low[0], high[0], color=colour, alpha=0.08)
+            continue
+        ax.plot(rounds, mean, marker="o", ms=4, lw=1.8, color=colour, label=text)
+        ax.fill_between(rounds, low, high, alpha=0.15, color=colour)
+    ids = split(docs)
+    ax.set_title(f"macro {ids} success per round: mean over seeds, band = 95 % t interval over seeds", fontsize=10)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"{ids} success")
+    ax.set_ylim(-0.02, min(1.02, max(0.25, ax.dataLim.y1 * 1.15)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    return _save(fig, path)
+
+
+def small_multiples(docs: list[dict[str, Any]], path: Path, skip: list[str], reference: str = "fedse",
+                    label: Any = None) -> Path | None:
+    """Every other method (the ablations, the aggregation and experience variants) in a small panel of its own,
+    with the reference (the paper's Fed-SE) in grey behind it; all panels share the axes."""
+    curves = mean_curves(docs, label)
+    others = [name for name in curves if name not in skip and name != reference]
+    if not others:
+        return None
+    cols = min(4, len(others))
+    rows = -(-len(others) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True, sharey=True,
+                             squeeze=False)
+    top = max(max(max(s) for s in series) for _, series in curves.values())
+    for ax, name in zip(axes.flat, others, strict=False):
+        for which, colour in ((reference, "grey"), (name, "tab:blue")):
+            if which not in curves:
+                continue
+            rounds, series = curves[which]
+            mean, low, high = seed_band(series)
+            if len(rounds) == 1:
+                ax.axhline(mean[0], ls="--", lw=1, color=colour)
+                continue
+            ax.plot(rounds, mean, marker="o", ms=2.5, lw=1.3, color=colour)
+            ax.fill_between(rounds, low, high, alpha=0.15, color=colour)
+        ax.set_title(f"{name} (n={len(curves[name][1][0])})", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.02, min(1.02, max(0.25, top * 1.15)))
+    for ax in list(axes.flat)[len(others):]:
+        ax.axis("off")
+    fig.suptitle(f"each method (blue) against {reference} (grey): macro {split(docs)} success per round, "
+                 "band = 95 % t interval over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def forest(rows: list[tuple[str, Paired]], path: Path) -> Path | None:
+    """Every paired difference at a glance: the point estimate, the 95 % t interval over seeds (thick) and the
+    95 % bootstrap interval over tasks (thin), against the zero line."""
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9.5, 0.32 * len(rows) + 1.3))
+    for y, (_, result) in enumerate(reversed(rows)):
+        ax.plot([result.low, result.high], [y, y], color="tab:blue", lw=1.2)
+        if result.seed_half is not None:
+            ax.plot([result.diff - result.seed_half, result.diff + result.seed_half], [y, y], color="black",
+                    lw=3.2, alpha=0.55, solid_capstyle="butt")
+        ax.plot(result.diff, y, "o", color="black", ms=4)
+    ax.axvline(0, color="red", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([name for name, _ in reversed(rows)], fontsize=7)
+    ax.set_xlabel("paired difference (left − right), macro or micro success as named")
+    ax.set_title("thick: 95 % t interval over seeds; thin: 95 % bootstrap interval over tasks", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 

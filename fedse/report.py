@@ -58,8 +58,8 @@ PAPER_RANKS = {2: (47.0, 19.1), 4: (51.8, 38.1), 8: (57.5, 76.3), 16: (59.1, 152
 
 # what a run without an "aggregation" record used: the server averaged the LoRA factors, plain FedAvg
 AGGREGATION_DEFAULTS: dict[str, Any] = {"rule": "factors", "server_lr": 1.0, "momentum": 0.0, "fedprox_mu": 0.0,
-                                        "rank": None, "max_norm_ratio": 10.0, "trim": 0.2}
-VARIANT = re.compile(r"^fedse( \[.*\])?( best-of-\d+)?$")  # a variant of Fed-SE's server or exploration
+                                        "rank": None, "max_norm_ratio": 10.0, "trim": 0.2, "personal": "none"}
+VARIANT = re.compile(r"^fedse( \[.*\])?( \{.*\})?( best-of-\d+)?$")  # a variant of Fed-SE: server, experience
 EXPLORE_KEYS = [("explore_success", "explore success", ".3f"), ("self_share", "self-generated share", ".3f"),
                 ("length_ratio", "length / expert's", ".2f")]
 
@@ -146,7 +146,7 @@ def aggregation_tag(doc: Doc) -> str:
     agg = aggregation(doc)
     parts = [] if agg["rule"] == AGGREGATION_DEFAULTS["rule"] else [str(agg["rule"])]
     default_rank = len(doc.get("envs") or []) * doc.get("lora_r", 8) if agg["rule"] == "exact" else None
-    for key in ("server_lr", "momentum", "fedprox_mu", "rank", "max_norm_ratio", "trim"):
+    for key in ("server_lr", "momentum", "fedprox_mu", "rank", "max_norm_ratio", "trim", "personal"):
         if agg[key] != AGGREGATION_DEFAULTS[key] and not (key == "rank" and agg[key] == default_rank):
             parts.append(f"{key} {agg[key]:g}" if isinstance(agg[key], float) else f"{key} {agg[key]}")
     return f" [{', '.join(parts)}]" if parts else ""
@@ -159,14 +159,29 @@ def federated(name: str) -> bool:
     return known is None or known.federated
 
 
+def experience_tag(doc: Doc) -> str:
+    """" {shortest, prune, unsolved, own_cap 1, steps 32}": the experience, mixing and budget settings that
+    differ from the paper's (older runs record none: they used the paper's)."""
+    settings = doc.get("settings") or {}
+    buffer = settings.get("buffer") or {}
+    parts = [*(["shortest"] if buffer.get("keep", "all") != "all" else []),
+             *(["prune"] if buffer.get("prune") else []),
+             *(["unsolved"] if settings.get("explore_unsolved") else []),
+             *([f"own_cap {settings['own_cap']:g}"] if settings.get("own_cap") is not None else []),
+             *([f"steps {settings['learner']['steps']}"] if (settings.get("learner") or {}).get("steps") else [])]
+    return f" {{{', '.join(parts)}}}" if parts else ""
+
+
 def label(doc: Doc) -> str:
-    """Method name, plus the aggregation when it is not the default, best-of-k exploration, the LoRA rank when
-    it is not the paper's default of 8, and the transfer dtype when the adapters did not travel in fp32 (each
-    is a different experiment, never pooled with the default)."""
+    """Method name, plus the aggregation when it is not the default, the experience settings that are not the
+    paper's, best-of-k exploration, the LoRA rank when it is not the paper's default of 8, and the transfer
+    dtype when the adapters did not travel in fp32 (each is a different experiment, never pooled with the
+    default)."""
     r = doc.get("lora_r", 8)
     dtype = (doc.get("exchange") or {}).get("dtype", "fp32")
     attempts = (doc.get("settings") or {}).get("explore_attempts", 1)
-    return (doc["method"] + aggregation_tag(doc) + (f" best-of-{attempts}" if attempts != 1 else "")
+    return (doc["method"] + aggregation_tag(doc) + experience_tag(doc)
+            + (f" best-of-{attempts}" if attempts != 1 else "")
             + (f" r={r}" if r != 8 else "") + (f" {dtype}" if dtype != "fp32" else ""))
 
 
@@ -421,9 +436,10 @@ def claim_list(groups: dict[str, list[Doc]]) -> list[tuple[str, str, str, str]]:
     against FedIT (the variants exist to recover what plain averaging loses)."""
     variants = []
     for name in sorted(n for n in groups if VARIANT.match(n) and n != "fedse"):
-        what = "this aggregation" if "[" in name else "best-of-k exploration"
-        variants += [(name, "fedse", "micro", f"ours: {what} vs the paper's Fed-SE"),
-                     (name, "fedit", "micro", f"ours: {what} vs static FedAvg + LoRA")]
+        variants += [(name, "fedse", "micro", "ours: this variant vs the paper's Fed-SE"),
+                     (name, "fedit", "micro", "ours: this variant vs static FedAvg + LoRA")]
+    for name in sorted(n for n in groups if n.startswith("fedit [")):  # e.g. personalised FedIT
+        variants.append((name, "fedit", "micro", "ours: this FedIT variant vs the paper's FedIT"))
     return PAPER_CLAIMS + DIAGNOSTICS + variants
 
 
@@ -440,6 +456,17 @@ def claims_table(docs: list[Doc]) -> str:
             continue
         rows.append(f"| {claim} | {paper} | {result.left:.3f} vs {result.right:.3f} | {paired_cells(result)} |")
     return "\n".join(rows)
+
+
+def forest_rows(docs: list[Doc]) -> list[tuple[str, Paired]]:
+    """Every paired difference the report states: each method's final − round 0, then each ordering."""
+    groups = group(docs)
+    rows = [(f"{name}: final − round 0 (macro)", result) for name, runs in sorted(groups.items())
+            if len(runs[0]["rounds"]) > 1 and (result := improvement(runs)) is not None]
+    for left, right, key, _ in claim_list(groups):
+        if left in groups and right in groups and (result := compare(groups[left], groups[right], key)) is not None:
+            rows.append((f"{left} − {right} ({key})", result))
+    return rows
 
 
 def paired_cells(result: Paired) -> str:
@@ -560,7 +587,7 @@ def split(docs: list[Doc]) -> str:
     return "validation" if found == {"val"} else "test" if found == {"test"} else "mixed test and validation"
 
 
-def markdown(docs: list[Doc], plot: Path | None = None) -> str:
+def markdown(docs: list[Doc], plot: Path | None = None, figures: list[Path] | None = None) -> str:
     profiles = sorted({str(d.get("profile")) for d in docs})
     ids = split(docs)
     parts = [f"# fedse results (profile {', '.join(profiles)}; model {docs[0].get('model')})", "",
@@ -586,6 +613,7 @@ def markdown(docs: list[Doc], plot: Path | None = None) -> str:
         parts += ["", "## LoRA rank sweep (Fed-SE)", "", ranks]
     if plot is not None:
         parts += ["", f"![learning curves]({plot.name})"]
+    parts += [f"![{figure.stem}]({figure.name})" for figure in figures or []]
     return "\n".join(parts) + "\n"
 
 

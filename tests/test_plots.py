@@ -62,3 +62,31 @@ def test_calibration_runs_are_labelled_validation_not_test(tmp_path: Path, monke
     assert labels[0][0] == "validation success" and "macro validation success" in labels[0][1]
     assert labels[1][0] == "validation success"
     assert labels[2][0] == "test success" and "macro test success" in labels[2][1]
+
+
+def test_the_main_comparison_bands_are_t_intervals_over_seeds(tmp_path: Path) -> None:
+    from fedse.plots import main_comparison, seed_band
+    from fedse.report import t95
+
+    mean, low, high = seed_band([[0.2, 0.3, 0.4], [0.5, 0.5, 0.5]])
+    assert abs(mean[0] - 0.3) < 1e-12 and mean[1] == 0.5
+    assert abs((high[0] - low[0]) / 2 - t95(2) * 0.1 / 3 ** 0.5) < 1e-12  # t(0.975, 2)·sd/√n
+    assert low[1] == high[1] == 0.5
+    docs = [run("fedse", s, [0.2, 0.3 + s / 100]) for s in range(3)] + [run("pretrained", s, [0.25]) for s in range(3)]
+    docs += [run("no_filter", 0, [0.2, 0.1])]
+    assert main_comparison(docs, tmp_path / "m.png", ["pretrained", "fedit", "fedse"]).stat().st_size > 10_000
+
+
+def test_ablations_get_a_panel_each_and_the_forest_plots_every_difference(tmp_path: Path) -> None:
+    from fedse.plots import forest, small_multiples
+    from fedse.report import forest_rows
+
+    docs = [run(m, s, [0.2, v]) for m, v in (("fedse", 0.3), ("fedit", 0.35), ("no_filter", 0.1), ("local", 0.2))
+            for s in range(3)]
+    assert small_multiples(docs, tmp_path / "a.png", ["fedse", "fedit"]).stat().st_size > 10_000
+    assert small_multiples(docs, tmp_path / "none.png", ["fedse", "fedit", "no_filter", "local"]) is None
+    rows = forest_rows([d | {"envs": ["maze", "wordle"]} for d in docs])
+    names = [name for name, _ in rows]
+    assert "fedse: final − round 0 (macro)" in names and "fedse − fedit (micro)" in names
+    assert all(r.low - 1e-12 <= r.diff <= r.high + 1e-12 for _, r in rows)
+    assert forest(rows, tmp_path / "f.png").stat().st_size > 10_000 and forest([], tmp_path / "g.png") is None

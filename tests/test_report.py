@@ -333,3 +333,16 @@ def test_round_line_says_where_the_round_stands_and_who_was_missing() -> None:
                                     "without babyai, webshop"
     # the pretrained method's single evaluation: no clients, no interval recorded in old runs
     assert round_line({"round": 0, "macro": 0.1, "seconds": 3.0}, 1) == "round 0 of 1  macro 0.100  3 s"
+
+
+def test_experience_and_personal_settings_split_the_rows_and_old_runs_keep_their_labels() -> None:
+    from fedse.report import VARIANT, label
+
+    base = {"method": "fedse", "lora_r": 8, "envs": ["maze"], "settings": {"explore_attempts": 1}}
+    assert label(base) == "fedse"
+    levers = base | {"settings": {"explore_attempts": 4, "explore_unsolved": True, "own_cap": 1.0,
+                                  "buffer": {"keep": "shortest", "prune": True}, "learner": {"steps": 32}}}
+    assert label(levers) == "fedse {shortest, prune, unsolved, own_cap 1, steps 32} best-of-4"
+    assert VARIANT.match(label(levers))
+    personal = {"method": "fedit", "lora_r": 8, "envs": ["maze"], "aggregation": {"personal": "b"}}
+    assert label(personal) == "fedit [personal b]"
