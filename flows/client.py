@@ -29,6 +29,7 @@ from prefect.artifacts import create_table_artifact
 
 from fedse.config import Config
 from fedse.federation import ClientJob, ClientOutcome, env_of
+from fedse.kernels import choose as choose_kernels
 from fedse.methods import method
 from fedse.transport import Transport, Upload
 from tasks.agent import fresh_adapter
@@ -107,6 +108,7 @@ def client_round(experiment: str, round: int, client: str, settings: dict[str, A
                        f"start one `python -m flows.client serve` per organisation with {ORG} set")
     org = Path.cwd()
     cfg = own_config(settings, org)
+    choose_kernels(cfg.model.kernels)  # before this run's first tensor (the broadcast's download)
     how = method(cfg.federation.method)
     if not how.federated:
         raise OrgError(f"method {how.name} has no server: nothing for an organisation's worker to do")

@@ -33,6 +33,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, 
 from fedse.atomic import write_json
 from fedse.cli import summarise_run
 from fedse.config import Config, ConfigError, run_config
+from fedse.kernels import choose as choose_kernels
 from flows.console import Phases, quiet, quiet_worker, shown_on
 from flows.round_loop import configured
 from tasks.track import REMEMBERED
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> int:
     (ROOT / "mlflow").mkdir(exist_ok=True)
     try:
         cfg = run_config(args.params, args.profile, args.method, args.seed, args.sets)
+        choose_kernels(cfg.model.kernels)  # before the task runner starts its workers: they inherit the choice
         log = log_file(cfg)
         print(opening(cfg, log), flush=True)
         if not args.verbose:

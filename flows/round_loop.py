@@ -31,6 +31,7 @@ from prefect.tasks import exponential_backoff
 from fedse.config import Config, OrchestrationConfig, run_config
 from fedse.evaluate import EnvScore
 from fedse.federation import AdapterState, ClientJob, ClientOutcome, Federation, failure, successes, update_stats
+from fedse.kernels import choose as choose_kernels
 from fedse.methods import Method
 from fedse.report import round_line
 from fedse.transport import Transport, Upload
@@ -63,6 +64,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     `resume`: the folder of a killed run of the same settings, to continue (its completed rounds are kept)."""
     chosen = [f"transport.backend={transport}"] if transport else []  # before `sets`: an explicit override wins
     cfg = run_config(params, profile, method, seed, [*chosen, *(sets or [])])
+    choose_kernels(cfg.model.kernels)  # before any tensor of this run, here and in the workers it starts
     flow_run = str(get_run_context().flow_run.id)
     folder = Path(resume) if resume else run_folder(cfg, out, flow_run)
     runner = workers_runner(cfg, dvc_repo) if cfg.orchestration.mode == "workers" else Tasks(cfg, dvc_repo)
