@@ -110,13 +110,13 @@ def test_a_canary_in_a_client_buffer_reaches_neither_the_store_nor_mlflow(object
 
     canary = f"CANARY-{uuid.uuid4().hex}"
     planted = tmp_path / "seeds"
-    records = list(read_jsonl(seeds / "s3" / "maze.jsonl"))  # the run below is run seed 3's
+    records = list(read_jsonl(seeds / "s0" / "maze.jsonl"))  # the run below is run seed 3's: plant there
     first = records[0].model_dump()
     first["turns"][0]["observation"] += f" {canary}"
     first["instruction"] += f" {canary}"
     (planted / "s3").mkdir(parents=True)
     write_jsonl(planted / "s3" / "maze.jsonl", [Trajectory.model_validate(first | {"content_hash": ""}), *records[1:]])
-    write_jsonl(planted / "s3" / "wordle.jsonl", read_jsonl(seeds / "s3" / "wordle.jsonl"))
+    write_jsonl(planted / "s3" / "wordle.jsonl", read_jsonl(seeds / "s0" / "wordle.jsonl"))
     before = {b["Name"]: set(stored(object_store, b["Name"])) for b in object_store.client().list_buckets()["Buckets"]}
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -223,7 +223,7 @@ def test_a_used_run_folder_is_refused(micro_spec, seeds, tmp_path: Path) -> None
 
 def test_missing_seed_file_is_one_clear_line(micro_spec, tmp_path: Path) -> None:
     cfg = smoke(micro_spec, tmp_path / "nowhere", "fedse")
-    with pytest.raises(ValueError, match=r"maze\.jsonl: seed trajectories not found"):
+    with pytest.raises(ValueError, match=r"maze\.jsonl: seed trajectories of run seed 0 not found"):
         run(cfg, tmp_path / "out")
 
 

@@ -126,7 +126,7 @@ def test_an_upstream_failure_fails_the_flow_with_its_own_error(micro_params: Pat
     state = round_loop(method="fedit", profile="smoke", params=str(micro_params), sets=smoke_sets(empty),
                        out=str(tmp_path / "run"), return_state=True)
     assert state.is_failed()
-    assert "seed trajectories not found" in str(state.result(raise_on_failure=False))
+    assert "seed trajectories of run seed 0 not found" in str(state.result(raise_on_failure=False))
 
 
 def test_a_second_run_in_the_same_process_starts_from_the_fresh_adapter(micro_params: Path, seeds: Path,
@@ -223,11 +223,11 @@ def test_a_client_is_retried_and_one_that_keeps_failing_is_missing_from_a_quorum
     attempts: dict[str, int] = {}
 
     @task(name="train")
-    def flaky_train(cfg, start, data, round, name):
+    def flaky_train(cfg, start, data, round, name, own=None):
         attempts[name] = attempts.get(name, 0) + 1
         if name == "wordle" or attempts[name] == 1:  # maze fails once, wordle every time
             raise RuntimeError(f"{name} crashed")
-        return real_train.fn(cfg, start, data, round, name)
+        return real_train.fn(cfg, start, data, round, name, own)
 
     monkeypatch.setattr(loop, "train", flaky_train)
     sets = [*smoke_sets(seeds), "federation.rounds=1", "federation.quorum=1", "orchestration.retries=2",
@@ -249,10 +249,10 @@ def test_a_client_that_hangs_past_the_deadline_is_missing(micro_params: Path, se
     from tasks.train import train as real_train
 
     @task(name="train")
-    def hanging_train(cfg, start, data, round, name):
+    def hanging_train(cfg, start, data, round, name, own=None):
         if name == "wordle":
             time.sleep(45)  # never delivers within the deadline; it holds no model while it hangs
-        return real_train.fn(cfg, start, data, round, name)
+        return real_train.fn(cfg, start, data, round, name, own)
 
     monkeypatch.setattr(loop, "train", hanging_train)
     sets = [*smoke_sets(seeds), "federation.rounds=1", "federation.quorum=1", "federation.client_timeout=20"]
@@ -312,11 +312,11 @@ def test_a_failed_flow_resumed_ends_as_an_uninterrupted_one_and_tracks_each_roun
     broken = [True]
 
     @task(name="train")
-    def breaking(cfg, start, data, round, name):
+    def breaking(cfg, start, data, round, name, own=None):
         calls.append((name, round))
         if (name, round) == ("wordle", 1) and broken[0]:
             raise RuntimeError("out of memory")
-        return real_train.fn(cfg, start, data, round, name)
+        return real_train.fn(cfg, start, data, round, name, own)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tmp_path / "run"

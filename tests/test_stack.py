@@ -70,9 +70,10 @@ def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
     seeds = tmp_path / "seeds"
     runner = CliRunner()
-    for env in ("maze", "wordle"):
-        assert runner.invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"]).exit_code == 0
-    canary = plant_canary(seeds, "maze")
+    for env in ("maze", "wordle"):  # run seed 2's draw: the run below is seed 2
+        assert runner.invoke(app, ["seed", "--out", str(seeds), "--seed", "2", "--env", env, "--count", "4"]
+                             ).exit_code == 0
+    canary = plant_canary(seeds / "s2", "maze")
     egress = tmp_path / "egress"
 
     # Prefect reads its settings into a context once per process: set the API there, not only in os.environ
@@ -162,8 +163,9 @@ def test_two_experiments_on_one_stack_keep_to_their_own_keys_runs_and_buffers(st
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
     seeds = tmp_path / "seeds"
-    for env in ("maze", "wordle"):
-        assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"]).exit_code == 0
+    for env in ("maze", "wordle"):  # run seed 5's draw
+        assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--seed", "5", "--env", env, "--count", "4"]
+                                  ).exit_code == 0
     before = set(objects(stack, "fedse"))
     sets = ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
             "federation.explore_episodes=2", "federation.eval_episodes=2", f"transport.audit_dir={tmp_path / 'egress'}"]
@@ -230,8 +232,9 @@ def test_prefect_and_mlflow_uis_show_the_served_run(stack: Stack, micro_params: 
         pytest.skip(f"no browser at {browser_path}; `make browser` installs one (make test does)")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
     seeds = tmp_path / "seeds"
-    for env in ("maze", "wordle"):
-        assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"]).exit_code == 0
+    for env in ("maze", "wordle"):  # run seed 7's draw
+        assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--seed", "7", "--env", env, "--count", "4"]
+                                  ).exit_code == 0
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
         flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={
             "method": "fedse", "profile": "smoke", "seed": 7, "params": str(micro_params),

@@ -27,6 +27,7 @@ from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
 from flows.stack import Stack
 
 CLIENTS = ["textcraft", "maze", "wordle"]
+RUN_SEEDS = (3, 4)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, canary: str) -> Iterator[Sta
     root = tmp_path_factory.mktemp("orgs-stack")
     Repo.init(str(root), no_scm=True).close()  # the stack makes bucket dvc its folder's DVC remote
     seeds = root / "data" / "seed"
-    for env in CLIENTS:
-        done = CliRunner().invoke(app, ["seed", "--out", str(seeds), "--env", env, "--count", "4"])
-        assert done.exit_code == 0, done.output
-    records = list(read_jsonl(seeds / "maze.jsonl"))
-    first = records[0].model_dump()
-    first["turns"][0]["observation"] += f" {canary}"
-    write_jsonl(seeds / "maze.jsonl", [Trajectory.model_validate(first | {"content_hash": ""}), *records[1:]])
+    for run_seed in RUN_SEEDS:  # the runs below are seeds 3 and 4; each organisation gets every draw
+        for env in CLIENTS:
+            done = CliRunner().invoke(app, ["seed", "--out", str(seeds), "--seed", str(run_seed), "--env", env,
+                                            "--count", "4"])
+            assert done.exit_code == 0, done.output
+        path = seeds / f"s{run_seed}" / "maze.jsonl"
+        records = list(read_jsonl(path))
+        first = records[0].model_dump()
+        first["turns"][0]["observation"] += f" {canary}"
+        write_jsonl(path, [Trajectory.model_validate(first | {"content_hash": ""}), *records[1:]])
     serving = root / "serve-params.yaml"
     serving.write_text("orchestration: {task_runner: thread, workers: 2}\n")
     running = Stack.on_free_ports(root, orgs=CLIENTS, extra_env={"FEDSE_PARAMS": str(serving)})
@@ -105,7 +109,8 @@ def test_clients_run_on_their_own_workers_and_only_adapters_and_manifests_cross(
     # each organisation holds its own client's seeds, buffer and egress log, and nothing of the others'
     for client in CLIENTS:
         home = stack.orgs_root / client
-        assert sorted(p.name for p in (home / "data" / "seed").iterdir()) == [f"{client}.jsonl"]
+        assert sorted(str(p.relative_to(home / "data" / "seed")) for p in (home / "data" / "seed").rglob("*")
+                      if p.is_file()) == [f"s{k}/{client}.jsonl" for k in RUN_SEEDS]
         assert sorted(p.name for p in (home / "runs" / experiment / "buffers").iterdir()) == [client]
         assert sorted(p.name for p in (home / "runs" / experiment / "egress" / experiment).iterdir()) == \
             [f"client_{client}.jsonl"]
