@@ -7,12 +7,14 @@ different CPU generations therefore produce different adapter bytes from the sam
 rates. `model.kernels: portable` pins both to AVX2, which every x86-64 server of the last decade has (MKL's
 conditional numerical reproducibility, `MKL_CBWR`), so the bytes are the same wherever the run is repeated with
 the same thread counts; `native` lets each library pick the fastest path for the CPU at hand. GPUs are not
-affected by this setting.
+affected by this setting, and neither are CPUs other than x86-64 (ARM has neither path to pin): there portable
+is native, and bytes are reproducible on the same CPU model only.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from typing import Literal
 
 import torch
@@ -30,7 +32,7 @@ def choose(kind: Kernels) -> str:
 
     Both libraries read their setting once, at their first computation, so a process that already computed
     natively cannot switch: that is refused in one line rather than silently giving unportable bytes."""
-    if kind == "native":
+    if kind == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
         return torch.backends.cpu.get_cpu_capability()
     os.environ.update(PORTABLE)
     active = torch.backends.cpu.get_cpu_capability()
