@@ -4,6 +4,7 @@
 # an unfinished run (a session ended) is continued with --resume when the script runs again.
 #   bash reports/calibration/issue26.sh            # every candidate x seeds 0-2 not yet kept
 #   bash reports/calibration/issue26.sh fedse      # only candidates whose name starts with this
+#   JOBS=1 bash reports/calibration/issue26.sh      # one run at a time (JOBS, default 2)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
@@ -31,6 +32,6 @@ export -f one; export OUT KEEP
 for seed in 0 1 2; do  # seed-major: an interrupted sweep has every candidate at seed 0 first
   echo "$CANDIDATES" | while IFS='|' read -r name method sets; do
     [[ -z "${1:-}" || $name == "$1"* ]] || continue
-    echo "$name $method $seed $sets"
+    echo "$name $method $seed${sets:+ $sets}"  # no trailing blank: xargs -L would join the next line
   done
-done | xargs -P 2 -L 1 bash -c 'one "$@"' _
+done | xargs -P "${JOBS:-2}" -L 1 bash -c 'one "$@"' _
