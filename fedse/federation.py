@@ -150,7 +150,8 @@ def explore_task_ids(env: str, round: int, count: int, seed: int, client: str | 
             taken.add(k)
             if len(chosen) == count:
                 return chosen
-    return chosen + [t for t in candidates if t not in set(chosen)][:count - len(chosen)]
+    picked = set(chosen)
+    return chosen + [t for t in candidates if t not in picked][:count - len(chosen)]
 
 
 def solved_keys(buffer: Buffer, env: str, options: dict[str, Any] | None = None,
