@@ -5,6 +5,8 @@
 #   bash reports/calibration/issue26.sh            # every candidate x seeds 0-2 not yet kept
 #   bash reports/calibration/issue26.sh fedse      # only candidates whose name starts with this
 #   JOBS=1 bash reports/calibration/issue26.sh      # one run at a time (JOBS, default 2)
+# A run holds a lock (flock on $OUT/<tag>.lock) while it works, so a second copy of the script started later (when a
+# core frees up) skips the runs the first is doing instead of writing into the same folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
@@ -20,11 +22,13 @@ combo|fedse|--set buffer.keep=shortest --set buffer.prune=true --set federation.
 exactlr2|fedse|--set aggregation.rule=exact --set aggregation.server_lr=2"
 one() {  # name method seed settings...
   local name=$1 method=$2 seed=$3; shift 3
-  local tag="$name-s$seed" resume=()
+  local tag="$name-s$seed"
   [ -f "$KEEP/$tag.json" ] && return 0
-  if [ -f "$OUT/$tag/metrics.json" ]; then resume=(--resume); else rm -rf "${OUT:?}/$tag"; fi
+  exec 9>"$OUT/$tag.lock"; flock -n 9 || return 0  # another copy of the script holds this run
+  local where=(--out "$OUT/$tag")
+  if [ -f "$OUT/$tag/metrics.json" ]; then where=(--resume "$OUT/$tag"); else rm -rf "${OUT:?}/$tag"; fi
   if fedse --set federation.eval_split=val "$@" run --profile quick --method "$method" --seed "$seed" \
-       --out "$OUT/$tag" "${resume[@]}" >> "$OUT/$tag.log" 2>&1; then
+       "${where[@]}" >> "$OUT/$tag.log" 2>&1; then
     cp "$OUT/$tag/metrics.json" "$KEEP/$tag.json"; echo "done $tag"
   else echo "FAILED $tag (log $OUT/$tag.log)"; fi
 }
