@@ -36,7 +36,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
        29: 2.045, 30: 2.042}
 
-BOOTSTRAP = 2000       # resamples of the tasks
+BOOTSTRAP = 10_000     # resamples of the tasks (reports/protocol.md)
 BOOTSTRAP_SEED = 2512  # one fixed RNG seed per comparison: the same runs always give the same interval
 
 # (left, right, metric, what the paper reports left vs right (micro %, or Maze % for the history claim))
@@ -98,8 +98,9 @@ class Paired:
         return f"[{self.low:+.3f}, {self.high:+.3f}] ({what})"
 
     def verdict(self) -> str:
-        seed_low = None if self.seed_half is None else self.diff - self.seed_half
-        return verdict(self.diff, self.low, seed_low)
+        if self.seed_half is None:
+            return verdict(self.low, self.high)
+        return verdict(self.low, self.high, self.diff - self.seed_half, self.diff + self.seed_half)
 
 
 def t95(df: int) -> float:
@@ -489,17 +490,15 @@ def improvement_table(docs: list[Doc]) -> str:
 TIE = 1e-9  # success rates are ratios of small counts: below this a difference is float rounding, not a sign
 
 
-def verdict(diff: float, task_low: float, seed_low: float | None = None) -> str:
-    """"holds" needs both intervals above 0 (the seed one only where there are several seeds); "holds over
-    tasks only" when the tasks separate the two but another training run might not. A tie (0.169 vs 0.169 as
-    1e-17) is no direction; the table prints it as +0.000."""
+def verdict(task_low: float, task_high: float, seed_low: float | None = None, seed_high: float | None = None) -> str:
+    """reports/protocol.md's three verdicts, fixed before the test runs: *holds* when both intervals lie above 0
+    (the seed one only where there are several seeds), *against* when both lie below 0, else *within noise*. An
+    interval that ends within float rounding of 0 (equal means computed in two orders) does not exclude it."""
     if task_low > TIE and (seed_low is None or seed_low > TIE):
         return "holds"
-    if task_low > TIE:
-        return "holds over tasks only"
-    if diff > TIE:
-        return "same direction, within noise"
-    return "does not hold"
+    if task_high < -TIE and (seed_high is None or seed_high < -TIE):
+        return "against"
+    return "within noise"
 
 
 # ------------------------------------------------------------------------------- self-generated experience
@@ -576,8 +575,8 @@ PAIRED_NOTE = (
     f"**over tasks**: 95% percentile bootstrap ({BOOTSTRAP} resamples of the tasks within each env, fixed RNG "
     "seed) of the per-task differences averaged over seeds; *binomial* marks runs without per-task results "
     "(two independent proportions), *unpaired* methods with no seed in common (the results table's intervals "
-    "combined). Verdict: *holds* when both intervals lie above 0, *holds over tasks only* when only the task "
-    "(or binomial) one does, else *same direction, within noise* or *does not hold*.")
+    "combined). Verdict (reports/protocol.md): *holds* when both intervals lie above 0, *against* when both lie "
+    "below 0, else *within noise*.")
 
 
 def split(docs: list[Doc]) -> str:

@@ -102,7 +102,7 @@ def test_improvement_of_old_runs_pairs_seeds_and_falls_back_to_binomial() -> Non
     one = improvement([two_rounds("fedse", 0, 0.1, 0.15)])
     assert one.seed_half is None and one.seeds_cell() == "—"
     assert one.high - one.diff == pytest.approx(1.96 * ((0.09 + 0.1275) / 20 * 2) ** 0.5 / 2, rel=1e-3)
-    assert one.verdict() == "same direction, within noise"
+    assert one.verdict() == "within noise"
 
 
 def test_mixed_profiles_are_reported_as_separate_rows() -> None:
@@ -169,7 +169,7 @@ def test_bootstrap_interval_covers_the_true_difference_and_excludes_zero_for_a_c
     assert "| fedse > fedit (micro) |" in claims and "(60 tasks) | holds |" in claims
     # the same method against itself: every paired difference is 0, and so is the interval
     same = compare(better, better, "micro")
-    assert (same.diff, same.low, same.high, same.seed_half) == (0, 0, 0, 0) and same.verdict() == "does not hold"
+    assert (same.diff, same.low, same.high, same.seed_half) == (0, 0, 0, 0) and same.verdict() == "within noise"
 
 
 def test_seed_interval_is_the_t_interval_of_the_per_seed_differences() -> None:
@@ -255,15 +255,18 @@ def test_labels_separate_aggregation_variants_and_add_their_rows() -> None:
 
 
 def test_verdicts() -> None:
-    assert verdict(0.3, 0.1, 0.05) == "holds"
-    assert verdict(0.3, 0.1, None) == "holds"  # one seed: the task interval decides
-    assert verdict(0.3, 0.1, -0.05) == "holds over tasks only"
-    assert verdict(0.05, -0.1, 0.01) == "same direction, within noise"
-    assert verdict(-0.01, -0.1, -0.2) == "does not hold"
-    # equal means computed in two orders differ by float rounding; a tie has no direction
+    assert verdict(0.1, 0.5, 0.05, 0.55) == "holds"
+    assert verdict(0.1, 0.5) == "holds"  # one seed: the task interval decides
+    assert verdict(0.1, 0.5, -0.05, 0.6) == "within noise"  # the tasks separate them, another run might not
+    assert verdict(-0.1, 0.2, 0.01, 0.1) == "within noise"
+    assert verdict(-0.3, -0.1, -0.4, -0.05) == "against"
+    assert verdict(-0.3, -0.1) == "against"
+    assert verdict(-0.3, -0.1, -0.4, 0.02) == "within noise"
+    # equal means computed in two orders differ by float rounding; an interval ending there excludes nothing
     tie = (0.1 + 0.2) - 0.3  # 5.6e-17
     assert tie > 0
-    assert verdict(tie, tie - 0.1) == "does not hold" and verdict(tie, tie, tie) == "does not hold"
+    assert verdict(tie, 0.1) == "within noise" and verdict(tie, tie, tie, tie) == "within noise"
+    assert verdict(-0.1, -tie) == "within noise"
 
 
 def test_single_run_interval_comes_from_its_per_task_means() -> None:
