@@ -36,9 +36,9 @@ run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro seed@0
 	$(BIN)/python -m flows.experiment --profile quick --method fedse
 
-## results: the whole results table on the tiny model (README "Results") on both cores: every out-of-date DVC stage
-## (quick profile: every method x 3 seeds, the aggregation options, the LoRA rank sweep; the full profile for fedse
-## and fedit) two at a time, each recorded with `dvc commit`, then `dvc repro` writes reports/quick and reports/full.
+## results: the whole results table on the tiny model (reports/protocol.md) on both cores: every out-of-date DVC stage
+## (quick profile, seeds 0-4: pretrained, fedit, fedse, local, local_se, personalised fedit and fedse; no_filter vs
+## fedse on Wordle, 12 rounds) two at a time, each recorded with `dvc commit`, then `dvc repro` writes the reports.
 ## Stages already recorded in dvc.lock are not run again, so an interrupted `make results` resumes. Prints the wall
 ## time (also in reports/results-timing.json).
 results: setup

@@ -30,11 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / ".cache" / "fedse" / "results-logs"
-# stages that hold many rounds of all five environments go first, so the short ones fill in around them
-WEIGHT = {"full": 10.0, "experiment": 1.0, "variant": 1.0, "rank": 1.0}
+# stages that hold many rounds go first, so the short ones fill in around them
+WEIGHT = {"collapse": 3.0, "experiment": 1.0, "variant": 1.0, "personal": 1.0}
 FIRST = ("seed",)  # run (through dvc repro) before anything else
 # each report stage and the run stages it reports on; a report is written (dvc repro -s) once all of them are done
-REPORTS = {"report": ("experiment", "variant", "rank"), "report_full": ("full",), "report_smollm2": ("smollm2",)}
+REPORTS = {"report": ("experiment", "variant", "personal"), "report_collapse": ("collapse",),
+           "report_smollm2": ("smollm2",)}
 LAST = tuple(REPORTS)
 ON_DEMAND = ("smollm2",)  # run only when --only names them (SmolLM2 runs take over an hour each)
 

@@ -5,16 +5,16 @@ import json
 from flows.results import clear, order, record_timing
 
 STAGES = ["experiment@centralized-0", "experiment@fedit-0", "experiment@fedse-0", "experiment@fedse-1",
-          "full@fedse", "rank@2", "variant@exact-s0"]
+          "collapse@fedse", "personal@fedit-0", "variant@exact-s0"]
 
 
 def test_without_patterns_the_heaviest_run_first_then_by_name() -> None:
-    assert order(STAGES, None) == ["full@fedse", *sorted(s for s in STAGES if s != "full@fedse")]
+    assert order(STAGES, None) == ["collapse@fedse", *sorted(s for s in STAGES if s != "collapse@fedse")]
 
 
 def test_patterns_give_the_run_order_and_drop_unmatched_stages() -> None:
-    got = order(STAGES, ["experiment@fedse-*", "experiment@fedit-*", "rank@*"])
-    assert got == ["experiment@fedse-0", "experiment@fedse-1", "experiment@fedit-0", "rank@2"]
+    got = order(STAGES, ["experiment@fedse-*", "experiment@fedit-*", "personal@*"])
+    assert got == ["experiment@fedse-0", "experiment@fedse-1", "experiment@fedit-0", "personal@fedit-0"]
 
 
 def test_a_stage_matching_two_patterns_runs_at_the_first() -> None:
@@ -54,9 +54,9 @@ def test_the_smollm2_table_runs_only_when_named_and_each_report_waits_for_its_ow
     from flows.results import in_scope, ready
 
     assert not in_scope("smollm2@fedse-s0", None) and in_scope("smollm2@fedse-s0", ["smollm2@*"])
-    assert in_scope("experiment@fedse-0", None) and in_scope("full@fedit", ["smollm2@*"])
-    left = ["report", "report_full", "report_smollm2", "smollm2@fedit-s0"]
-    assert ready(left, None) == ["report", "report_full"]  # the SmolLM2 report waits for its runs
+    assert in_scope("experiment@fedse-0", None) and in_scope("collapse@fedit", ["smollm2@*"])
+    left = ["report", "report_collapse", "report_smollm2", "smollm2@fedit-s0"]
+    assert ready(left, None) == ["report", "report_collapse"]  # the SmolLM2 report waits for its runs
     assert ready(["report", "experiment@fedse-0", "report_smollm2"], ["smollm2@*"]) == ["report_smollm2"]
 
 
