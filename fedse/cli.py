@@ -32,6 +32,10 @@ base_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="The embedded tiny base model (built offline from its spec).",
                        epilog="Example: fedse base info")
 app.add_typer(base_app, name="base")
+keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Ed25519 keys that sign what this organisation uploads, and the keys it trusts.",
+                       epilog="Example: fedse keys init client_maze (then hand the printed public key over)")
+app.add_typer(keys_app, name="keys")
 
 # piped output (CI logs, `| less`) gets a wide page instead of rich's 80 columns, where tables fold to "…"
 out = Console(width=None if Console().is_terminal else 200)
@@ -590,6 +594,84 @@ def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="t
             show(f"round {entry['round']} {entry['sender']} ({entry['key']}):")
             for name, shape in entry["tensors"].items():
                 show(f"  {name} {tuple(shape)} {entry['dtype']}")
+
+
+def _keys_dir() -> Any:
+    return typer.Option(Path("keys"), "--dir", envvar="FEDSE_KEYS", help="the keyring folder [env FEDSE_KEYS, "
+                        "else ./keys]")
+
+
+@keys_app.command("init", epilog="Example: fedse keys init client_maze --dir .orgs/client_maze/keys")
+@clear_errors
+def keys_init(name: str = typer.Argument(..., help="signer name: server, client_<env>, …"),
+              keys_dir: Path = _keys_dir()) -> None:
+    """Create the signing key NAME if absent (an existing key is kept) and print its public key."""
+    from fedse.signing import Keyring
+
+    ring = Keyring(keys_dir)
+    existed = ring.has(name)
+    fingerprint = ring.init(name)
+    public = ring.public_hex(name)
+    show(f"{name}  key {fingerprint}  ({'existing' if existed else 'new'}, {keys_dir / (name + '.key')})")
+    show(f"public key: {public}")
+    show(f"the other party runs: fedse keys trust {name} {public}")
+
+
+@keys_app.command("rotate", epilog="Example: fedse keys rotate server")
+@clear_errors
+def keys_rotate(name: str = typer.Argument(..., help="own signer name"), keys_dir: Path = _keys_dir()) -> None:
+    """Retire the key NAME (kept under retired/) and create a new one; signatures by the old key stop verifying."""
+    from fedse.signing import Keyring
+
+    ring = Keyring(keys_dir)
+    old, new = ring.rotate(name)
+    public = ring.public_hex(name)
+    show(f"{name}  key {old} -> {new}  (old pair in {keys_dir / 'retired'})")
+    show(f"public key: {public}")
+    show(f"every party that checks {name}'s signatures must now run: fedse keys trust {name} {public} --replace")
+
+
+@keys_app.command("trust", epilog="Example: fedse keys trust server keys/server.pub --dir .orgs/client_maze/keys")
+@clear_errors
+def keys_trust(name: str = typer.Argument(..., help="the other party's signer name"),
+               public: str = typer.Argument(..., help="its public key: 64 hex digits, or a .pub file"),
+               keys_dir: Path = _keys_dir(),
+               replace: bool = typer.Option(False, "--replace", help="replace a different key already trusted "
+                                            "for NAME (after it rotated)")) -> None:
+    """Trust NAME's public key for checking its signatures."""
+    from fedse.signing import Keyring
+
+    source = Path(public)
+    if source.is_file():
+        try:
+            public = source.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read public key file {source}: {exc}") from None
+    elif "/" in public or public.endswith(".pub"):
+        raise ValueError(f"no such public key file {source}")
+    fingerprint = Keyring(keys_dir).trust(name, public, replace=replace)
+    show(f"{name}  key {fingerprint}  trusted ({keys_dir / 'trusted' / (name + '.pub')})")
+
+
+@keys_app.command("show", epilog="Example: fedse keys show --json")
+@clear_errors
+def keys_show(keys_dir: Path = _keys_dir(),
+              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """The own and trusted keys of the keyring, with fingerprints and public keys."""
+    from fedse.signing import Keyring
+
+    ring = Keyring(keys_dir)
+    names = ring.names()
+    rows = {kind: [{"name": n, "fingerprint": ring.fingerprint(n), "public": ring.public_hex(n)} for n in found]
+            for kind, found in names.items()}
+    if as_json:
+        print(json.dumps({"dir": str(keys_dir), **rows}))
+        return
+    table = Table("name", "kind", "fingerprint", "public key", title=f"keys in {keys_dir}")
+    for kind, entries in rows.items():
+        for row in entries:
+            table.add_row(row["name"], kind, row["fingerprint"], row["public"])
+    out.print(table)
 
 
 def _cell(value: float | None) -> str:
