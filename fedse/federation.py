@@ -46,7 +46,7 @@ from fedse.rollout import Episodes, Pace, rollout
 from fedse.screen import screen, with_quorum
 from fedse.seed import seed_file
 from fedse.trajectory import Trajectory, read_jsonl
-from fedse.transport import Transport, Upload, experiment_name
+from fedse.transport import Transport, TransportError, Upload, experiment_name
 
 AdapterState = dict[str, torch.Tensor]
 POOLED = "pooled"
@@ -346,11 +346,12 @@ def successes(data: list[Trajectory]) -> int:
 def open_exchange(cfg: Config, folder: Path, experiment: str | None = None) -> Transport | None:
     """The run's exchange; None when no adapter travels (local, centralized, pretrained: there is no server).
     A new run's (no `experiment` given) is checked to be unused; a resumed run reopens its own."""
-    if not method(cfg.federation.method).federated:
+    how = method(cfg.federation.method)
+    if not how.federated:
         return None
     transport = Transport(cfg.transport, experiment or experiment_name(cfg.transport, folder), folder)
     if experiment is None:
-        transport.check_fresh()
+        transport.check_fresh([name for name, _ in client_groups(cfg, how)])
     return transport
 
 
@@ -363,19 +364,40 @@ def exchange_info(transport: Transport | None) -> dict[str, Any] | None:
 
 
 def send_update(transport: Transport, cfg: Config, folder: Path, round: int, client: str, state: AdapterState,
-                weight: int) -> Upload:
+                weight: int, request: str | None = None) -> Upload:
     """Client side: upload the adapter, with the success count only when the server weighs by it (nothing
-    leaves a client that the server does not use), and log the upload in the client's egress log."""
+    leaves a client that the server does not use), and log the upload, with where it went, in the client's
+    egress log."""
     metadata = {"successes": weight} if method(cfg.federation.method).aggregation == "weighted" else {}
-    upload = transport.upload(round, client, state, metadata)
-    audit.record(audit.egress_dir(cfg.transport.audit_dir, folder), upload, transport.uri())
+    upload = transport.upload(round, client, state, metadata, request)
+    audit.record(audit.egress_dir(cfg.transport.audit_dir, folder), upload, transport.destination())
     return upload
 
 
-def receive_update(transport: Transport, round: int, client: str) -> tuple[str, AdapterState, int]:
-    """Server side: a client's upload as downloaded and verified, with the weight it sent (1 if none)."""
+def weight_bound(cfg: Config, client: str, round: int) -> int:
+    """The most successes a client can have trained on by round `round` (its seeds and every episode it
+    explored): a declared weight above it is a lie that would let one client outweigh the rest."""
+    seeds = cfg.federation.seeds_per_client
+    if seeds is None:
+        seeds = cfg.seed_data.counts.get(env_of(client), 0)
+    return seeds + cfg.federation.explore_episodes * (round + 1)
+
+
+def receive_update(transport: Transport, cfg: Config, round: int, client: str, reported: Upload | None = None,
+                   ) -> tuple[str, AdapterState, int]:
+    """Server side: a client's upload as downloaded and verified (signature, manifest, tensors), checked
+    against what the client reported it sent (`reported`: same bytes, same round request) and with a declared
+    weight within what the client can have earned (1 if none declared)."""
     state, upload = transport.fetch_client(round, client)
-    return client, state, int(upload.metadata.get("successes", 1))
+    if reported is not None and (upload.sha256, upload.request) != (reported.sha256, reported.request):
+        raise TransportError(f"the upload of {client} round {round} (sha256 {upload.sha256[:12]}) is not the one "
+                             f"it reported (sha256 {reported.sha256[:12]})")
+    weight = upload.metadata.get("successes", 1)
+    bound = weight_bound(cfg, client, round)
+    if type(weight) is not int or not 0 <= weight <= bound:
+        raise TransportError(f"the upload of {client} round {round} declares weight {weight!r}; at most {bound} "
+                             "successes are possible by this round")
+    return client, state, weight
 
 
 def foreign_objects(transport: Transport, cfg: Config, round: int) -> dict[str, Any]:
@@ -460,15 +482,26 @@ def personal_start(cfg: Config, start: AdapterState, own: AdapterState | None) -
 
 
 def server_round(cfg: Config, how: Method, round: int, out: Path, exchange: Transport | None,
-                 updates: list[tuple[str, AdapterState, int]], delivered: list[str], global_state: AdapterState,
+                 updates: list[tuple[str, AdapterState, int]], delivered: dict[str, Upload | None],
+                 global_state: AdapterState,
                  momentum: AdapterState | None, missing: dict[str, str],
                  save: Callable[[AdapterState, Path, dict[str, Any]], str],
                  ) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None, dict[str, Any]]:
     """The server's step of a round, whatever runs it: download and verify the `delivered` clients' uploads
-    from the exchange (or, without a server, take `updates`), screen and aggregate them, publish the new global
-    adapter, and `save` it (PEFT format) under `out/adapters/round_<t>`. Returns the new global adapter, its
-    record (None when a method has no global adapter), the server's momentum and what the rule logged."""
-    received = [receive_update(exchange, round, name) for name in delivered] if exchange else updates
+    (name: the upload each reported, None when unknown) from the exchange, a client whose upload fails
+    verification counting as missing with its reason (or, without a server, take `updates`); screen and
+    aggregate them, publish the new global adapter, and `save` it (PEFT format) under
+    `out/adapters/round_<t>`. Returns the new global adapter, its record (None when a method has no global
+    adapter), the server's momentum and what the rule logged."""
+    missing = dict(missing)
+    received = updates
+    if exchange is not None:
+        received = []
+        for name in delivered:  # one client's bad upload costs that client its round, not the round itself
+            try:
+                received.append(receive_update(exchange, cfg, round, name, delivered[name]))
+            except (TransportError, ValueError) as exc:
+                missing[name] = f"upload refused: {exc}"
     step = next_global(cfg, how, received, global_state, momentum, round, missing)
     if exchange is not None:
         step.info |= foreign_objects(exchange, cfg, round)
@@ -519,7 +552,7 @@ class Runner(Protocol):
                 ) -> Iterator[tuple[str, ClientOutcome | Exception]]: ...
 
     def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
-               delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
+               delivered: dict[str, Upload | None], global_state: AdapterState, momentum: AdapterState | None,
                missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
                                                  dict[str, Any]]: ...
 
@@ -575,7 +608,7 @@ class InProcess:
         return ClientOutcome(state, update_stats(fresh, manifest, data, stats, state, sent), successes(data), sent)
 
     def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
-               delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
+               delivered: dict[str, Upload | None], global_state: AdapterState, momentum: AdapterState | None,
                missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
                                                  dict[str, Any]]:
         def save(state: AdapterState, folder: Path, meta: dict[str, Any]) -> str:
@@ -714,13 +747,16 @@ class Federation:
         for client in clients:
             if client.name in outcomes:
                 client.state = outcomes[client.name].state
-        delivered = [c.name for c in clients if c.name in outcomes]
+        delivered = {c.name: outcomes[c.name].upload for c in clients if c.name in outcomes}
         updates = [(name, outcomes[name].state, outcomes[name].weight) for name in delivered] \
             if self.exchange is None else []
         new, adapter, self.momentum, info = self.runner.server(self, round, updates, delivered, global_state,
                                                                self.momentum, self.missing)
         record["clients"] = {c.name: outcomes[c.name].stats if c.name in outcomes else {"failed": self.missing[c.name]}
                              for c in clients}
+        for name, why in (info or {}).get("missing", {}).items():
+            if name in outcomes:  # delivered, but its upload was refused by the server
+                record["clients"][name]["refused"] = why
         if info:
             record["aggregation"] = info
         if adapter is not None:

@@ -2,25 +2,37 @@
 
 In a real federation the clients are separate organisations that share no disk; the only thing that leaves a
 client is its adapter, through an object store the federation runs. `Transport` is that exchange, with the
-same layout on either backend:
+same layout on either backend. Every object lies under the folder of the role that writes it ("writer
+first"), so one rule per role covers everything it may write, and a store's glob `*` matching `/` (SeaweedFS)
+cannot reach another role's folder:
 
-    <prefix>/<experiment>/round_<t>/client_<k>/adapter.safetensors   what client k sent after round t
-    <prefix>/<experiment>/round_<t>/client_<k>/adapter.json          its manifest, written last
-    <prefix>/<experiment>/round_<t>/global/adapter.safetensors       what the server broadcast after round t
-    <prefix>/<experiment>/round_<t>/global/adapter.json
+    <prefix>client_<k>/<experiment>/round_<t>/adapter.safetensors    what client k sent after round t
+    <prefix>client_<k>/<experiment>/round_<t>/adapter.json           its signed manifest, written last
+    <prefix>client_<k>/<experiment>/round_<t>/status.json            its signed answer to the round request
+    <prefix>server/<experiment>/round_<t>/global/adapter.safetensors what the server broadcast after round t
+    <prefix>server/<experiment>/round_<t>/global/adapter.json        its signed manifest
+    <prefix>server/<experiment>/round_<t>/client_<k>/request.json    the server's signed round request to k
+    <prefix>server/inbox/client_<k>/request.json                     the newest request to k (what k polls)
 
 Backends: a local folder (`local`, the embedded default: `fedse run` and `make run` need no server) and S3
 through boto3 (`s3`: AWS S3, or the SeaweedFS server `make serve` runs on 127.0.0.1).
 
-Integrity: the tensors are written first, then a small manifest naming their sha256, byte count, dtype,
-names, shapes and the metadata sent with them. A reader requires the manifest and checks the tensors against
-it, so an upload cut off half way (no manifest yet, or tensors that do not match it) is never read as
-complete. On a folder each object is also written atomically (temp file, then rename).
+Integrity and authenticity: the tensors are written first, then a small manifest naming their sha256, byte
+count, dtype, names, shapes and the metadata sent with them, signed (Ed25519, fedse/signing.py) by the
+sender's role. A reader requires the manifest, verifies its signature against the key it trusts for the
+expected sender (a manifest for another experiment, round or sender, or signed by anyone else, is refused),
+then checks the tensors against it, so an upload cut off half way, altered, replayed from another round or
+forged by another role is never read. Objects are size-capped before they are read (`max_adapter_bytes`,
+`MAX_MANIFEST`).
+
+Keys (`transport.keyring`): a folder of Ed25519 keys (`fedse keys`). Null: the run folder's `keys/`, where
+every role's key is created on first use — a simulation on one machine, one trust domain. Across
+organisations each holds only its own private key and trusts the others' public keys (`make serve` sets this
+up under `.serve/keys` and `.orgs/<k>/keys`).
 
 Credentials: every call acts as one role, `client_<k>` or `server`. On S3 each role can have its own keys
-(a credentials file, see `S3Spec.credentials`), so the store itself enforces who may write where: a client
-writes only its own prefix and reads only the global one; the server reads the client prefixes and writes
-the global one (`write_scope`/`read_scope` are those rules as globs, for configuring the store).
+(a credentials file, see `S3Spec.credentials`), so the store itself enforces who may write where
+(`write_scope`/`read_scope` are those rules as globs, for configuring the store).
 
 Transfer size: `dtype` bf16 or fp16 halves the bytes on the wire; the receiver casts back to fp32 before
 using the tensors, so averaging is unchanged apart from the rounding of what was sent.
@@ -42,12 +54,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.atomic import write_bytes
+from fedse.signing import SIGNATURE_FIELD, Keyring, SigningError, sign_doc, verify_doc
 
 AdapterState = dict[str, torch.Tensor]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT = "fedse-adapter/1"
-DATA, MANIFEST = "adapter.safetensors", "adapter.json"
-GLOBAL, SERVER = "global", "server"
+DATA, MANIFEST, STATUS, REQUEST = "adapter.safetensors", "adapter.json", "status.json", "request.json"
+GLOBAL, SERVER, INBOX = "global", "server", "inbox"
+MAX_MANIFEST = 1 << 20  # bytes: a manifest, request or status is a few KB; anything bigger is refused unread
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -81,6 +95,10 @@ class TransportSpec(BaseModel):
     audit_dir: Path | None = Field(default=None, description="per-client egress logs "
                                    "<audit_dir>/<experiment>/client_<k>.jsonl; null: <run folder>/egress")
     s3: S3Spec = Field(default_factory=S3Spec)
+    keyring: Path | None = Field(default=None, description="folder of Ed25519 keys (fedse keys); null: env "
+                                 "FEDSE_KEYS, else <run folder>/keys with every role's key (one machine)")
+    max_adapter_bytes: int = Field(default=1 << 30, ge=1024, description="largest adapter object read from "
+                                   "the store; a bigger one is refused before it is downloaded")
 
 
 class TransportError(ValueError):
@@ -101,6 +119,7 @@ class Upload:
     tensors: dict[str, list[int]]
     metadata: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    request: str | None = None  # sha256 of the round request this upload answers (workers mode)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,14 +138,30 @@ def client_role(client: str) -> str:
 
 
 def write_scope(role: str, prefix: str = "") -> list[str]:
-    """Keys a role may write, as globs relative to the bucket (`*` matches any characters)."""
-    base = f"{_slash(prefix)}*/round_*/"
-    return [f"{base}{GLOBAL}/*"] if role == SERVER else [f"{base}{role}/*"]
+    """Keys a role may write, as globs relative to the bucket: its own folder and nothing else."""
+    return [f"{_slash(prefix)}{role}/*"]
 
 
 def read_scope(role: str, prefix: str = "") -> list[str]:
-    """Keys a role may read: the server every sender's prefix, a client the global one only."""
-    return [f"{_slash(prefix)}*"] if role == SERVER else [f"{_slash(prefix)}*/round_*/{GLOBAL}/*"]
+    """Keys a role may read: the server everything, a client the server's folder (global adapters and round
+    requests, all signed by the server)."""
+    return [f"{_slash(prefix)}*"] if role == SERVER else [f"{_slash(prefix)}{SERVER}/*"]
+
+
+def client_folder(experiment: str, round: int, client: str) -> str:
+    return f"{client_role(client)}/{experiment}/round_{round}"
+
+
+def global_folder(experiment: str, round: int) -> str:
+    return f"{SERVER}/{experiment}/round_{round}/{GLOBAL}"
+
+
+def request_key(experiment: str, round: int, client: str) -> str:
+    return f"{SERVER}/{experiment}/round_{round}/{client_role(client)}/{REQUEST}"
+
+
+def inbox_key(client: str) -> str:
+    return f"{SERVER}/{INBOX}/{client_role(client)}/{REQUEST}"
 
 
 def _slash(prefix: str) -> str:
@@ -136,10 +171,11 @@ def _slash(prefix: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ backends
 class Backend(Protocol):
-    """Whole-object storage. `get` of a missing key is None; every other failure raises TransportError."""
+    """Whole-object storage. `get` of a missing key is None, of one over `limit` bytes a TransportError before
+    it is read; every other failure raises TransportError."""
 
     def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes | None: ...
+    def get(self, key: str, limit: int) -> bytes | None: ...
     def keys(self, prefix: str) -> list[str]: ...
     def describe(self) -> str: ...
 
@@ -152,13 +188,18 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes) -> None:
         try:
-            write_bytes(self.root / key, data)
+            write_bytes(self.root / safe_key(key), data)
         except OSError as exc:
             raise TransportError(f"{self.describe()}: cannot write {key} ({exc.strerror or exc})") from None
 
-    def get(self, key: str) -> bytes | None:
-        path = self.root / key
-        return path.read_bytes() if path.is_file() else None
+    def get(self, key: str, limit: int) -> bytes | None:
+        path = self.root / safe_key(key)
+        if not path.is_file():
+            return None
+        if path.stat().st_size > limit:
+            raise TransportError(f"{self.describe()}: {key} holds {path.stat().st_size} bytes, over the "
+                                 f"{limit} allowed; refused unread")
+        return path.read_bytes()
 
     def keys(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -181,17 +222,29 @@ class S3Backend:
 
     def put(self, key: str, data: bytes) -> None:
         try:
-            self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+            self._client.put_object(Bucket=self.bucket, Key=self.prefix + safe_key(key), Body=data)
         except Exception as exc:
             raise self._error("cannot upload", key, exc) from None
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, limit: int) -> bytes | None:
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+            got = self._client.get_object(Bucket=self.bucket, Key=self.prefix + safe_key(key))
         except Exception as exc:
             if _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise self._error("cannot download", key, exc) from None
+        if int(got.get("ContentLength") or 0) > limit:
+            got["Body"].close()
+            raise TransportError(f"{self.describe()}: {self.prefix}{key} holds {got['ContentLength']} bytes, over "
+                                 f"the {limit} allowed; refused unread")
+        try:
+            data = got["Body"].read(limit + 1)  # a server that under-reports the length still stops here
+        except Exception as exc:
+            raise self._error("cannot download", key, exc) from None
+        if len(data) > limit:
+            raise TransportError(f"{self.describe()}: {self.prefix}{key} is over the {limit} bytes allowed; "
+                                 "refused")
+        return data
 
     def keys(self, prefix: str) -> list[str]:
         found: list[str] = []
@@ -209,6 +262,15 @@ class S3Backend:
 
     def _error(self, action: str, key: str, exc: Exception) -> TransportError:
         return TransportError(f"{self.describe()}: {action} {self.prefix}{key} as {self.role}: {_reason(exc)}")
+
+
+def safe_key(key: str) -> str:
+    """A key made of plain names only: no empty, `.` or `..` part and no leading `/`, so no key can name a
+    file outside the exchange folder (or an S3 key that a reader would resolve elsewhere)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise TransportError(f"object key {key!r}: only plain names separated by '/' are allowed")
+    return key
 
 
 def s3_client(endpoint: str | None, region: str, credentials: dict[str, str]) -> Any:
@@ -279,59 +341,104 @@ def sha256(data: bytes) -> str:
 # ------------------------------------------------------------------------------------------------ the exchange
 class Transport:
     """The exchange of one experiment: clients upload and fetch the broadcast, the server fetches the uploads
-    and publishes the global adapter. Every call names the role it acts as."""
+    and publishes the global adapter; in workers mode the server also posts round requests and reads each
+    client's signed status. Every call names the role it acts as, and signs (or verifies) as that role."""
 
     def __init__(self, spec: TransportSpec, experiment: str, run_folder: Path) -> None:
         if not _NAME.match(experiment):
             raise TransportError(f"experiment name {experiment!r}: use letters, digits, '.', '_' and '-' only")
         self.spec, self.experiment = spec, experiment
         self.local_dir = Path(spec.dir or Path(run_folder) / "exchange")
+        named = spec.keyring or os.environ.get("FEDSE_KEYS")
+        self.simulated = named is None  # every role's key in the run folder: one machine, one trust domain
+        self.keyring = Keyring(Path(named) if named else Path(run_folder) / "keys")
+        self.answering: str | None = None  # digest of the round request a worker's uploads answer
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # boto3 clients and locks stay in their process
-        return {"spec": self.spec, "experiment": self.experiment, "local_dir": self.local_dir}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_backends", "_lock")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._backends, self._lock = {}, threading.Lock()
 
     # ---- client side
-    def upload(self, round: int, client: str, state: AdapterState, metadata: dict[str, Any]) -> Upload:
-        """Client `client` sends its adapter (and only the metadata given) for round `round`."""
+    def upload(self, round: int, client: str, state: AdapterState, metadata: dict[str, Any],
+               request: str | None = None) -> Upload:
+        """Client `client` sends its adapter (and only the metadata given) for round `round`, answering the
+        round request whose digest is `request` (workers mode)."""
         role = client_role(client)
-        return self._send(role, round, role, state, metadata)[0]
+        return self._send(role, round, client_folder(self.experiment, round, client), state, metadata,
+                          request or self.answering)[0]
 
     def fetch_global(self, round: int, client: str) -> AdapterState:
-        """Client `client` downloads the global adapter the server published after round `round`."""
-        return self._receive(client_role(client), round, GLOBAL)[0]
+        """Client `client` downloads the global adapter the server published after round `round`, verified as
+        the server's."""
+        return self._receive(client_role(client), round, global_folder(self.experiment, round), GLOBAL,
+                             SERVER)[0]
+
+    def put_status(self, round: int, client: str, status: dict[str, Any]) -> None:
+        """Client `client`'s signed answer to its round request (done with its upload, refused, or failed)."""
+        role = client_role(client)
+        doc = {"experiment": self.experiment, "round": round, "client": client} | status
+        key = f"{client_folder(self.experiment, round, client)}/{STATUS}"
+        self._backend(role).put(key, _json(self._sign(role, doc)))
+
+    def read_inbox(self, client: str) -> dict[str, Any] | None:
+        """The newest round request to client `client`, verified as the server's (None when there is none)."""
+        return self._read_signed(client_role(client), inbox_key(client), SERVER)
 
     # ---- server side
     def fetch_client(self, round: int, client: str) -> tuple[AdapterState, Upload]:
-        """The server downloads client `client`'s upload of round `round`, verified against its manifest."""
-        return self._receive(SERVER, round, client_role(client))
+        """The server downloads client `client`'s upload of round `round`, verified against its signed
+        manifest."""
+        role = client_role(client)
+        return self._receive(SERVER, round, client_folder(self.experiment, round, client), role, role)
 
     def publish_global(self, round: int, state: AdapterState, metadata: dict[str, Any]) -> tuple[AdapterState,
                                                                                                    Upload]:
         """The server publishes the global adapter; returns it as the clients will receive it (cast to the
         transfer dtype and back), so the server goes on with exactly what it broadcast."""
-        upload, data = self._send(SERVER, round, GLOBAL, state, metadata)
+        upload, data = self._send(SERVER, round, global_folder(self.experiment, round), state, metadata, None)
         return decode(data, upload, upload.key), upload
 
-    def unexpected(self, round: int, clients: list[str]) -> list[str]:
-        """Keys under this round that are not in its layout (each client's adapter and manifest, the global
-        one's), as the server lists them. Identities scoped by key patterns cannot stop everything (in
-        SeaweedFS `*` also matches `/`, so a client may write deeper paths under another's folder); the server
-        never reads such objects, and reports them."""
-        base = f"{self.experiment}/round_{round}"
-        expected = {f"{base}/{sender}/{name}" for sender in [*map(client_role, clients), GLOBAL]
-                    for name in (DATA, MANIFEST)}
-        return sorted(k for k in self._backend(SERVER).keys(f"{base}/") if k not in expected)
+    def put_request(self, round: int, client: str, request: dict[str, Any]) -> str:
+        """The server's signed round request to `client`: kept under the round and posted to the client's
+        inbox; returns its digest (what the client's upload must name)."""
+        signed = self._sign(SERVER, request)
+        data = _json(signed)
+        backend = self._backend(SERVER)
+        backend.put(request_key(self.experiment, round, client), data)
+        backend.put(inbox_key(client), data)
+        return digest(request)
 
-    def check_fresh(self) -> None:
+    def get_status(self, round: int, client: str) -> dict[str, Any] | None:
+        """Client `client`'s signed status for round `round`, verified as that client's (None: not yet)."""
+        role = client_role(client)
+        doc = self._read_signed(SERVER, f"{client_folder(self.experiment, round, client)}/{STATUS}", role)
+        if doc is not None and (doc.get("experiment"), doc.get("round"), doc.get("client")) != (
+                self.experiment, round, client):
+            raise TransportError(f"status of {client} round {round} describes {doc.get('experiment')} round "
+                                 f"{doc.get('round')} client {doc.get('client')}")
+        return doc
+
+    def unexpected(self, round: int, clients: list[str]) -> list[str]:
+        """Keys under this round's folders that are not in its layout (each client's adapter, manifest and
+        status), as the server lists them: the server never reads such objects, and reports them."""
+        found = []
+        for client in clients:
+            base = client_folder(self.experiment, round, client)
+            found += [k for k in self._backend(SERVER).keys(f"{base}/")
+                      if k not in {f"{base}/{n}" for n in (DATA, MANIFEST, STATUS)}]
+        return sorted(found)
+
+    def check_fresh(self, clients: list[str]) -> None:
         """Refuse to start an experiment whose name already holds objects (a stale manifest would otherwise
         pass for a new upload)."""
-        found = self._backend(SERVER).keys(f"{self.experiment}/")
+        backend = self._backend(SERVER)
+        found = [k for folder in [SERVER, *map(client_role, clients)]
+                 for k in backend.keys(f"{folder}/{self.experiment}/")]
         if found:
             raise TransportError(f"{self.where(SERVER)}: experiment {self.experiment} already holds {len(found)} "
                                  "objects; choose another transport.experiment")
@@ -342,38 +449,77 @@ class Transport:
     def uri(self) -> str:
         """Where this experiment's objects are, as a URI (metrics.json and the audit log name it)."""
         if self.spec.backend == "local":
-            return (self.local_dir / self.experiment).resolve().as_uri()
+            return self.local_dir.resolve().as_uri()
         s3 = self._s3_settings()
-        return f"s3://{s3['bucket']}/{_slash(s3['prefix'])}{self.experiment}"
+        return f"s3://{s3['bucket']}/{_slash(s3['prefix'])}"
+
+    def destination(self) -> str:
+        """Where an upload actually goes, endpoint included (what an organisation's egress log records)."""
+        if self.spec.backend == "local":
+            return self.uri()
+        return f"{self._s3_settings()['endpoint'] or 'AWS S3'} {self.uri()}"
 
     # ---- the protocol
-    def _send(self, role: str, round: int, sender: str, state: AdapterState,
-              metadata: dict[str, Any]) -> tuple[Upload, bytes]:
+    def _sign(self, role: str, doc: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if self.simulated:
+                self.keyring.init(role)
+            return sign_doc(self.keyring, role, doc)
+        except SigningError as exc:
+            raise TransportError(f"cannot sign as {role}: {exc}") from None
+
+    def _read_signed(self, role: str, key: str, signer: str) -> dict[str, Any] | None:
+        raw = self._backend(role).get(key, MAX_MANIFEST)
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            return self._verify(doc, signer, key)
+        except (ValueError, UnicodeDecodeError) as exc:
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"{self.where(role)}: {key} is not a JSON object") from None
+
+    def _verify(self, doc: dict[str, Any], signer: str, where: str) -> dict[str, Any]:
+        try:
+            if self.simulated:
+                self.keyring.init(signer)
+            return verify_doc(self.keyring, doc, signer)
+        except SigningError as exc:
+            raise TransportError(f"{where}: {exc}") from None
+
+    def _send(self, role: str, round: int, folder: str, state: AdapterState, metadata: dict[str, Any],
+              request: str | None) -> tuple[Upload, bytes]:
         data, tensors = encode(state, self.spec.dtype)
-        folder = f"{self.experiment}/round_{round}/{sender}"
+        sender = GLOBAL if role == SERVER else role
         upload = Upload(experiment=self.experiment, round=round, sender=sender, key=f"{folder}/{DATA}",
                         sha256=sha256(data), bytes=len(data), dtype=self.spec.dtype, tensors=tensors,
-                        metadata=dict(metadata))
+                        metadata=dict(metadata), request=request)
+        if len(data) > self.spec.max_adapter_bytes:
+            raise TransportError(f"adapter of {sender} round {round} is {len(data)} bytes, over "
+                                 f"transport.max_adapter_bytes {self.spec.max_adapter_bytes}")
+        manifest = _json(self._sign(role, upload.to_json()))
         backend = self._backend(role)
         backend.put(upload.key, data)
-        backend.put(f"{folder}/{MANIFEST}", json.dumps(upload.to_json(), indent=1).encode())  # last: complete
+        backend.put(f"{folder}/{MANIFEST}", manifest)  # last: complete
         return upload, data
 
-    def _receive(self, role: str, round: int, sender: str) -> tuple[AdapterState, Upload]:
+    def _receive(self, role: str, round: int, folder: str, sender: str, signer: str,
+                 ) -> tuple[AdapterState, Upload]:
         backend = self._backend(role)
-        folder = f"{self.experiment}/round_{round}/{sender}"
-        raw = backend.get(f"{folder}/{MANIFEST}")
-        if raw is None:
+        doc = self._read_signed(role, f"{folder}/{MANIFEST}", signer)
+        if doc is None:
             raise TransportError(f"{backend.describe()}: no complete upload at {folder}/ (manifest {MANIFEST} "
                                  "missing: the sender has not finished, or failed)")
-        try:
-            upload = Upload.from_json(json.loads(raw), f"{folder}/{MANIFEST}")
-        except json.JSONDecodeError:
-            raise TransportError(f"{backend.describe()}: {folder}/{MANIFEST} is not JSON") from None
-        if (upload.experiment, upload.round, upload.sender) != (self.experiment, round, sender):
+        upload = Upload.from_json(doc, f"{folder}/{MANIFEST}")
+        expected = (self.experiment, round, sender, f"{folder}/{DATA}")
+        if (upload.experiment, upload.round, upload.sender, upload.key) != expected:
             raise TransportError(f"{backend.describe()}: {folder}/{MANIFEST} describes {upload.experiment} round "
-                                 f"{upload.round} {upload.sender}")
-        data = backend.get(upload.key)
+                                 f"{upload.round} {upload.sender} ({upload.key}), not this round's {sender}: "
+                                 "replayed or misplaced")
+        data = backend.get(upload.key, self.spec.max_adapter_bytes)
         if data is None or len(data) != upload.bytes or sha256(data) != upload.sha256:
             got = "missing" if data is None else f"{len(data)} bytes, sha256 {sha256(data)[:12]}"
             raise TransportError(f"{backend.describe()}: {upload.key} does not match its manifest ({got}; expected "
@@ -400,6 +546,17 @@ class Transport:
                 "bucket": spec.bucket or env("FEDSE_S3_BUCKET") or "fedse",
                 "prefix": spec.prefix if spec.prefix is not None else env("FEDSE_S3_PREFIX", ""),
                 "credentials": spec.credentials or env("FEDSE_S3_CREDENTIALS") or None}
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def digest(doc: dict[str, Any]) -> str:
+    """sha256 of a document's canonical form, signature left out (how an upload and a status name the round
+    request they answer)."""
+    body = {k: v for k, v in doc.items() if k != SIGNATURE_FIELD}
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def experiment_name(spec: TransportSpec, run_folder: Path) -> str:

@@ -1,150 +1,222 @@
-"""Flow `fedse-client`: one round of one client organisation, run by that organisation's own process.
+"""An organisation's worker: it obeys only its own settings, and the server can only ask it for a round.
 
-The server's flow (flows/round_loop.py, `orchestration.mode: workers`) starts a run of deployment
-`fedse-client/<client>` for every client of a round and waits for it. The run executes on the organisation's
-process (`python -m flows.client serve`, started in the organisation's own directory, e.g. by `make serve`
-under `.orgs/<client>/`): download the global adapter → rollout → filter → buffer → version the buffer →
-train → upload, the same task chain the server's flow runs in-process (`submit_chain`). What the
-organisation holds never travels: its seed data (`data/seed/`), its buffers and egress log (`runs/`), its
-DVC cache and its S3 keys are all read from its own working directory and environment when its process
-starts (`FEDSE_ORG` names the client it is; a run for another client is refused). Only the adapter leaves,
-through the object store, and the run returns a small manifest (upload key and sha256, counts, losses,
-buffer version), also kept as the run's table artifact `fedse-manifest-…`, which the server reads through
-the Prefect API.
+`python -m flows.client serve --org .orgs/maze/org.yaml` runs inside the organisation's boundary, on its own
+machine or directory. It never talks to the server's Prefect or MLflow: it polls its inbox in the object store
+(`server/inbox/client_<k>/request.json`) for the server's signed round request (fedse/request.py), verifies
+the server's signature with the public key it trusts, refuses what it must (one line, recorded in its egress
+log and answered in its status), and otherwise runs the round as flow `fedse-client` on a Prefect of its own
+(ephemeral, inside its boundary: its own UI and logs, invisible to the server and to the other
+organisations): download the global adapter (verified as the server's) → rollout → filter → buffer → version
+→ train → upload (signed as its own). Then it writes its signed status next to the upload: the request it
+answers, the upload's manifest, counts, losses, buffer version and the digest of the terms it trained under.
 
-    cd .orgs/maze && FEDSE_ORG=maze PREFECT_API_URL=... FEDSE_S3_ENDPOINT=... FEDSE_S3_CREDENTIALS=keys.json \\
-        python -m flows.client serve
+Where its data goes and what code it runs — store endpoint, bucket, credentials, keys, model source and
+paths, caches, seed and buffer locations — come from its `org.yaml` only (fedse/organisation.py); the request
+can set hyperparameters and nothing else. A request for another client, an old round (replay), terms outside
+what it accepts, or a signature it cannot verify is refused.
 
 No `from __future__ import annotations` here: Prefect validates flow parameters from the annotations.
 """
 
+import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 
-from fedse.config import Config
+from fedse import audit
+from fedse.atomic import write_text
+from fedse.config import ConfigError
 from fedse.federation import ClientJob, ClientOutcome, env_of
 from fedse.kernels import choose as choose_kernels
 from fedse.methods import method
-from fedse.transport import Transport, Upload
+from fedse.organisation import OrgSettings, load
+from fedse.request import RequestError, RoundRequest, agreement
+from fedse.signing import SIGNATURE_FIELD
+from fedse.transport import Transport, TransportError, Upload, digest
 from tasks.agent import fresh_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
 FLOW = "fedse-client"
-ORG = "FEDSE_ORG"
+INBOX = "inbox"  # the experiment name of the worker's inbox-only exchange (never written to)
 
 
 class OrgError(RuntimeError):
-    """An organisation's process asked to do what it is not set up for (one line, naming the fix)."""
+    """An organisation's worker that cannot start (one line, naming the fix)."""
 
 
-def own_config(settings: dict[str, Any], org: Path) -> Config:
-    """The server's run settings with this organisation's own places: its seed data under its directory
-    (`data/seed`, or FEDSE_SEED_DIR), its S3 keys from its environment (FEDSE_S3_CREDENTIALS), its egress log
-    in its run folder, its model cache; the committed tiny bases from the checkout it runs. Every
-    hyperparameter stays the server's, so each client trains as it would in-process."""
-    data = json.loads(json.dumps(settings))  # a copy
-    models = Path(data["model"]["models_dir"])  # committed bases ship with the code this process runs
-    data["model"]["models_dir"] = str(models if models.is_absolute() else ROOT / models)
-    data["seed_data"]["dir"] = os.environ.get("FEDSE_SEED_DIR", str(org / "data" / "seed"))
-    data["transport"]["s3"]["credentials"] = None
-    data["transport"]["audit_dir"] = None
-    return Config.model_validate(data)
-
-
-def manifest(client: str, round: int, experiment: str, outcome: ClientOutcome) -> dict[str, Any]:
+def manifest(outcome: ClientOutcome) -> dict[str, Any]:
     """What crosses back to the server besides the adapter: the upload's manifest, the round's numbers and the
     buffer version; never a trajectory."""
-    return {"client": client, "round": round, "experiment": experiment, "weight": outcome.weight,
-            "buffer_version": outcome.buffer_version, "stats": outcome.stats,
+    return {"weight": outcome.weight, "buffer_version": outcome.buffer_version, "stats": outcome.stats,
             "upload": outcome.upload.to_json() if outcome.upload else None}
 
 
-def outcome_of(doc: dict[str, Any]) -> ClientOutcome:
-    """The server's view of a client's round from its manifest (the adapter itself is read from the store)."""
-    upload = Upload.from_json(doc["upload"], f"manifest of {doc['client']}") if doc.get("upload") else None
+def outcome_of(doc: dict[str, Any], client: str) -> ClientOutcome:
+    """The server's view of a client's round from its status (the adapter itself is read from the store)."""
+    upload = Upload.from_json(doc["upload"], f"status of {client}") if doc.get("upload") else None
     return ClientOutcome({}, doc["stats"], int(doc["weight"]), upload, doc.get("buffer_version"))
 
 
-def artifact_key(experiment: str, client: str, round: int) -> str:
-    """The manifest's artifact key (lowercase letters, digits and dashes only, as the flow's own keys)."""
-    from flows.round_loop import _key
-
-    return _key(f"fedse-manifest-{experiment}-{client}-round-{round}")
-
-
-def as_table(doc: dict[str, Any]) -> list[dict[str, str]]:
-    """The manifest as (field, JSON value) rows: readable in the Prefect UI, exact when read back."""
-    return [{"field": k, "value": json.dumps(v, sort_keys=True)} for k, v in doc.items()]
-
-
-def from_table(rows: list[dict[str, str]]) -> dict[str, Any]:
-    return {row["field"]: json.loads(row["value"]) for row in rows}
-
-
-def dvc_repo(org: Path) -> str | None:
-    """The organisation's DVC repository (FEDSE_DVC_REPO, else its directory when it holds `.dvc/`): where its
-    buffer versions are cached; none, and buffers are not versioned."""
-    named = os.environ.get("FEDSE_DVC_REPO")
-    if named:
-        return named
-    return str(org) if (org / ".dvc").is_dir() else None
-
-
 @flow(name=FLOW, log_prints=True)
-def client_round(experiment: str, round: int, client: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Client `client`'s round `round` of experiment `experiment` (the exchange's name), under the server's
-    `settings`; returns the manifest."""
+def client_round(org: str, request: dict[str, Any], answering: str) -> dict[str, Any]:
+    """The organisation's round as its own Prefect flow: the request's round under the organisation's own
+    settings (`org`: its org.yaml); returns the manifest."""
     from flows.round_loop import submit_chain
 
-    me = os.environ.get(ORG)
-    if me != client:
-        raise OrgError(f"this process is organisation {me!r} (env {ORG}), asked to run client {client!r}: "
-                       f"start one `python -m flows.client serve` per organisation with {ORG} set")
-    org = Path.cwd()
-    cfg = own_config(settings, org)
+    settings = load(Path(org))
+    asked = RoundRequest.model_validate(request)
+    cfg = settings.config(asked)
     choose_kernels(cfg.model.kernels)  # before this run's first tensor (the broadcast's download)
     how = method(cfg.federation.method)
-    if not how.federated:
-        raise OrgError(f"method {how.name} has no server: nothing for an organisation's worker to do")
-    folder = org / "runs" / experiment
-    exchange = Transport(cfg.transport, experiment, folder)
-    start = fresh_adapter(cfg) if round == 0 else None  # later rounds download the broadcast
-    chain = submit_chain(cfg, how, exchange, folder, ClientJob(client, [env_of(client)], start), round, dvc_repo(org))
-    doc = manifest(client, round, experiment, chain.outcome())
-    create_table_artifact(as_table(doc), key=artifact_key(experiment, client, round),
-                          description=f"{client} round {round}: what crossed to the server (besides the adapter)")
-    print(f"{client} round {round}: uploaded {doc['upload']['key'] if doc['upload'] else 'nothing'}; "
+    folder = settings.path(settings.runs) / asked.experiment
+    exchange = Transport(cfg.transport, asked.experiment, folder)
+    exchange.answering = answering
+    start = fresh_adapter(cfg) if asked.round == 0 else None  # later rounds download the broadcast
+    chain = submit_chain(cfg, how, exchange, folder, ClientJob(settings.client, [env_of(settings.client)], start),
+                         asked.round, str(settings.path(settings.dvc_repo)) if settings.dvc_repo else _dvc(settings))
+    doc = manifest(chain.outcome())
+    print(f"{settings.client} round {asked.round}: uploaded {doc['upload']['key'] if doc['upload'] else 'nothing'}; "
           f"buffer {doc['stats']['buffer']} records (version {doc['buffer_version']})")
     return doc
 
 
-def serve() -> None:
-    """Serve this organisation's deployment `fedse-client/<FEDSE_ORG>` from its own directory (the cwd)."""
-    from prefect.deployments.runner import EntrypointType
+def _dvc(settings: OrgSettings) -> str | None:
+    """The organisation's own DVC repository (its folder, when it holds `.dvc/`): its buffer versions' cache."""
+    return str(settings.home) if (settings.home / ".dvc").is_dir() else None
 
-    me = os.environ.get(ORG)
-    if not me:
-        raise OrgError(f"set {ORG} to the client this organisation is (e.g. {ORG}=maze)")
-    client_round.serve(name=me, entrypoint_type=EntrypointType.MODULE_PATH,
-                       description=f"Fed-SE client organisation {me}: one round of its client")
+
+class Worker:
+    """The organisation's loop: poll the inbox, check the request, run the round, answer with a status."""
+
+    def __init__(self, settings: OrgSettings) -> None:
+        self.settings = settings
+        self.runs = settings.path(settings.runs)
+        if settings.ca_bundle is not None:  # the store's CA, for every S3 client of this process (boto3 reads it)
+            os.environ["AWS_CA_BUNDLE"] = str(settings.path(settings.ca_bundle))
+        self.state_file = self.runs / ".worker.json"  # (experiment: last round answered): refuses replays
+        self.last_seen: str | None = None
+
+    def inbox(self) -> Transport:
+        """An exchange on the organisation's own store and keys, for its inbox and its answers."""
+        from fedse.transport import TransportSpec
+
+        s = self.settings
+        spec = TransportSpec(backend="s3" if s.store else "local", keyring=s.path(s.keys),
+                             dir=s.path(s.exchange_dir) if s.exchange_dir else None)
+        if s.store is not None:
+            spec.s3 = s.store.model_copy(update={"credentials": s.path(s.store.credentials)
+                                                 if s.store.credentials else None})
+        return Transport(spec, INBOX, self.runs)
+
+    def answered(self) -> dict[str, int]:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def step(self, inbox: Transport) -> str | None:
+        """Look at the inbox once; returns what was done (None: nothing new)."""
+        try:
+            doc = inbox.read_inbox(self.settings.client)
+        except TransportError as exc:  # unsigned, forged, oversize: never acted on
+            return self.refuse(None, f"request not verified: {exc}", None)
+        if doc is None:
+            return None
+        seen = digest(doc)
+        if seen == self.last_seen:
+            return None
+        self.last_seen = seen
+        signed = dict(doc)
+        signed.pop(SIGNATURE_FIELD, None)
+        try:
+            request = RoundRequest.model_validate(signed)
+        except ValueError as exc:
+            return self.refuse(signed, f"request refused: {_first_error(exc)}", None)
+        why = self.check(request)
+        if why:
+            return self.refuse(signed, why, request)
+        return self.run(request, inbox, seen)
+
+    def check(self, request: RoundRequest) -> str | None:
+        """Why this request must be refused, or None."""
+        if request.client != self.settings.client:
+            return f"request for client {request.client}, this organisation is {self.settings.client}"
+        done = self.answered().get(request.experiment)
+        if done is not None and request.round <= done:
+            return f"replay: round {request.round} of {request.experiment} was already answered (last {done})"
+        try:
+            cfg = self.settings.config(request)
+        except (ConfigError, RequestError, ValueError) as exc:
+            return f"request refused: {_first_error(exc)}"
+        if not method(cfg.federation.method).federated:
+            return f"method {cfg.federation.method} has no server: nothing to upload"
+        return None
+
+    def run(self, request: RoundRequest, inbox: Transport, seen: str) -> str:
+        settings = self.settings
+        exchange = Transport(settings.config(request).transport, request.experiment,
+                             self.runs / request.experiment)
+        status: dict[str, Any] = {"request": seen, "agreement": agreement(settings.config(request))}
+        try:
+            doc = client_round(str(settings.home / "org.yaml"), request.model_dump(), seen)
+            status |= {"state": "done"} | doc
+        except Exception as exc:  # the round failed: the server hears why, the worker keeps serving
+            status |= {"state": "failed", "reason": _first_error(exc)[:500]}
+        self._remember(request)
+        exchange.put_status(request.round, settings.client, status)
+        return f"{status['state']} {request.experiment} round {request.round}"
+
+    def refuse(self, asked: dict[str, Any] | None, why: str, request: RoundRequest | None) -> str:
+        """Record the refusal in the organisation's egress log and, when the request names this client's
+        round, answer it (so the server does not wait for the deadline)."""
+        experiment = request.experiment if request else INBOX
+        round = request.round if request else -1
+        audit.record_refusal(self.runs / experiment / "egress", experiment, f"client_{self.settings.client}",
+                             round, why, asked)
+        if request is not None and request.client == self.settings.client and not why.startswith("replay"):
+            Transport(self.inbox().spec, request.experiment, self.runs / request.experiment).put_status(
+                request.round, self.settings.client, {"state": "refused", "reason": why})
+        print(f"{self.settings.client}: refused: {why}", file=sys.stderr, flush=True)
+        return f"refused: {why}"
+
+    def _remember(self, request: RoundRequest) -> None:
+        done = self.answered() | {request.experiment: request.round}
+        write_text(self.state_file, json.dumps(done, sort_keys=True))
+
+    def serve(self, once: bool = False) -> None:
+        inbox = self.inbox()
+        print(f"organisation {self.settings.client}: serving; inbox {inbox.where(f'client_{self.settings.client}')}",
+              flush=True)
+        while True:
+            done = self.step(inbox)
+            if done:
+                print(f"{self.settings.client}: {done}", flush=True)
+            if once:
+                return
+            time.sleep(self.settings.poll)
+
+
+def _first_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(text[:3])[:300] if text else type(exc).__name__
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] != ["serve"]:
-        print("usage: python -m flows.client serve   (in the organisation's directory, FEDSE_ORG set)",
-              file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m flows.client",
+                                     description="An organisation's worker: serve round requests from its inbox.")
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("--org", type=Path, default=Path("org.yaml"), help="its org.yaml (or its folder)")
+    parser.add_argument("--once", action="store_true", help="look at the inbox once and exit")
+    args = parser.parse_args(argv)
     try:
-        serve()
-    except OrgError as exc:
+        settings = load(args.org)
+        Worker(settings).serve(once=args.once)
+    except (ConfigError, OrgError, TransportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 

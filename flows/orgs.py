@@ -1,12 +1,15 @@
 """Client organisations on one machine: a directory and a process each, holding only what is theirs.
 
 `prepare(root, client, ...)` makes `<root>/<client>/` (under the repository, `.orgs/<client>/`): its expert
-seed files (`data/seed/s<seed>/<env>.jsonl`, copied from the project's; on its own machine an organisation brings its
-own), its S3 keys (`s3-credentials.json`, its role only), a DVC repository of its own (`.dvc/`, its buffer
-versions' cache) and the environment its process starts with (`environment()`): the Prefect API, the object
-store, its keys, `FEDSE_ORG`, and nothing of the server's (no MLflow, no other role's keys). `start()` runs
-`python -m flows.client serve` there in its own process group; `flows/stack.py` (`make serve`) and the tests
-call these, and a user on another machine runs the same command by hand (README, "Scale-out").
+seed files (`data/seed/s<seed>/<env>.jsonl`, copied from the project's; on its own machine an organisation
+brings its own), its S3 keys (`s3-credentials.json`, its role only), its keyring (`keys/`: its own Ed25519
+key; the server's public key, trusted as `server`; the server's keyring trusts the organisation's public key
+in return), a DVC repository of its own (`.dvc/`, its buffer versions' cache) and `org.yaml`, the settings its
+worker obeys (fedse/organisation.py). `environment()` is what its process starts with: nothing of the
+server's (no Prefect API or auth, no MLflow, no other role's keys; its own Prefect is ephemeral, inside its
+directory). `start()` runs `python -m flows.client serve` there in its own process group; `flows/stack.py`
+(`make serve`) and the tests call these, and a user on another machine runs the same command by hand
+(docs/scale-out.md).
 """
 
 import json
@@ -16,9 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from fedse.federation import env_of
-from fedse.transport import client_role
-from flows.client import ORG
+from fedse.signing import Keyring
+from fedse.transport import SERVER, client_role
 
 SERVER_ONLY = ("AWS_", "MLFLOW_", "FEDSE_", "PREFECT_")  # variables an organisation's process never inherits
 
@@ -27,9 +32,11 @@ def folder(root: Path, client: str) -> Path:
     return Path(root) / client
 
 
-def prepare(root: Path, client: str, seeds: Path, credentials: Path | None) -> Path:
-    """The organisation's directory with its own seed file, keys (none: a shared local exchange folder) and DVC
-    repository (idempotent)."""
+def prepare(root: Path, client: str, seeds: Path, credentials: Path | None, *, server_keys: Path | None = None,
+            endpoint: str | None = None, bucket: str = "fedse", ca_bundle: Path | None = None,
+            params: Path | None = None, exchange_dir: Path | None = None) -> Path:
+    """The organisation's directory with its own seed files, S3 keys (none: a shared local exchange folder,
+    `exchange_dir`), keyring, DVC repository and org.yaml (idempotent: keys that exist are kept)."""
     from dvc.repo import Repo
 
     home = folder(root, client)
@@ -41,34 +48,64 @@ def prepare(root: Path, client: str, seeds: Path, credentials: Path | None) -> P
     for source in sources:  # every run seed's draw, each in its own s<seed>/ folder
         (home / "data" / "seed" / source.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, home / "data" / "seed" / source.parent.name / f"{env}.jsonl")
+    role = client_role(client)
+    store = None
     if credentials is not None:
         keys = json.loads(Path(credentials).read_text())
-        role = client_role(client)
         own = {"endpoint": keys.get("endpoint"), "roles": {role: keys["roles"][role]}}
-        path = home / "s3-credentials.json"
-        path.write_text(json.dumps(own, indent=1))
-        path.chmod(0o600)
+        _private(home / "s3-credentials.json", json.dumps(own, indent=1))
+        store = {"endpoint": endpoint or keys.get("endpoint"), "bucket": bucket,
+                 "credentials": "s3-credentials.json"}
+    if server_keys is not None:
+        exchange_keys(Keyring(Path(server_keys)), Keyring(home / "keys"), role)
+    settings = {"client": client, "params": str(Path(params or Path(__file__).resolve().parents[1] / "params.yaml")
+                                                 .resolve()),
+                "store": store, "keys": "keys", "seed_dir": "data/seed", "runs": "runs",
+                "cache_dir": ".cache/fedse", "ca_bundle": str(ca_bundle) if ca_bundle else None,
+                "exchange_dir": str(exchange_dir) if exchange_dir else None}
+    (home / "org.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     if not (home / ".dvc").is_dir():
         Repo.init(str(home), no_scm=True).close()
     return home
 
 
-def environment(root: Path, client: str, prefect_api: str, s3_endpoint: str, bucket: str,
-                base: dict[str, str] | None = None) -> dict[str, str]:
-    """What the organisation's process starts with: the shared services' addresses and its own identity."""
+def exchange_keys(server: Keyring, org: Keyring, role: str) -> None:
+    """Each side's own key (created if absent) and the other's public key: the server trusts the
+    organisation's role, the organisation trusts the server. What two parties on different machines do by
+    hand with `fedse keys init` and `fedse keys trust`."""
+    server.init(SERVER)
+    org.init(role)
+    org.trust(SERVER, server.public_hex(SERVER), replace=True)
+    server.trust(role, org.public_hex(role), replace=True)
+
+
+def environment(root: Path, client: str, prefect_api: str | None = None, s3_endpoint: str | None = None,
+                bucket: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """What the organisation's process starts with: its own Prefect home (an ephemeral API inside its
+    directory) and nothing of the server's. The store's address and keys are in its org.yaml, not here;
+    `prefect_api`, `s3_endpoint` and `bucket` are accepted for the callers' sake and ignored."""
     home = folder(root, client)
     inherited = {k: v for k, v in (base if base is not None else os.environ).items()
                  if not k.startswith(SERVER_ONLY)}
-    return inherited | {
-        ORG: client, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(home / ".prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FEDSE_S3_ENDPOINT": s3_endpoint, "FEDSE_S3_BUCKET": bucket,
-        "FEDSE_S3_CREDENTIALS": str(home / "s3-credentials.json"), "OMP_NUM_THREADS": "1",
-    }
+    return inherited | {"PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "OMP_NUM_THREADS": "1"}
 
 
 def start(root: Path, client: str, env: dict[str, str], log: Path) -> int:
     """`python -m flows.client serve` in the organisation's directory, its own process group; returns the pid."""
     out = Path(log).open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.client", "serve"], cwd=folder(root, client), env=env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    code = str(Path(__file__).resolve().parents[1])
+    env = env | {"PYTHONPATH": os.pathsep.join(p for p in (code, env.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.client", "serve", "--org", "org.yaml"],
+                            cwd=folder(root, client), env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     return proc.pid
+
+
+def _private(path: Path, text: str) -> None:
+    """A secret file created readable by its owner only (never world-readable for an instant)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)

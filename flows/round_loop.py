@@ -169,7 +169,7 @@ class Tasks:
                     yield chain.name, exc
 
     def server(self, fed: Federation, round: int, updates: list[tuple[str, AdapterState, int]],
-               delivered: list[str], global_state: AdapterState, momentum: AdapterState | None,
+               delivered: dict[str, Upload | None], global_state: AdapterState, momentum: AdapterState | None,
                missing: dict[str, str]) -> tuple[AdapterState, dict[str, Any] | None, AdapterState | None,
                                                  dict[str, Any]]:
         with showing(phase(round, "aggregate"), None):

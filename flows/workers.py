@@ -1,35 +1,39 @@
-"""The round loop's runner in `orchestration.mode: workers`: each client's round is a run of its
-organisation's own deployment (`fedse-client/<client>`, flows/client.py) on the organisation's own process.
+"""The round loop's runner in `orchestration.mode: workers`: each client's round runs on its organisation's
+own worker (flows/client.py), inside the organisation's boundary.
 
-Every client of a round is launched at once (`run_deployment`, not waiting), then the server waits for each
-child run until `federation.client_timeout` (a finite default when null: a worker that died mid-run leaves its
-run RUNNING forever), checks its final state, and reads the client's manifest from the run's artifact. A run
-that failed, crashed or was late is that client missing from the round, with the reason; a late run is
-cancelled. The server step (download, screen, aggregate, register) and the evaluation stay tasks of the
-server's flow, exactly as in `inprocess` mode (`Tasks`).
+The server and the organisations share nothing but the object store. Each round the server posts a signed
+round request to every participating client (`Transport.put_request`: the experiment, the round, the
+client, the profile and the hyperparameter terms of fedse/request.py, nothing that says where data goes),
+then waits until `federation.client_timeout` (a finite default when null: a worker that died never answers)
+for each client's signed status next to its upload. A status that is refused or failed, that answers another
+request, that reports other terms than the server's (`agreement`), or that never comes is that client missing
+from the round, with the reason. The server step (download and verify each upload against the status,
+screen, aggregate, register) and the evaluation stay tasks of the server's flow, exactly as in `inprocess`
+mode (`Tasks`).
 """
 
-import json
+import os
 import time
 from collections.abc import Iterator
-from typing import Any
-from uuid import UUID
 
 from fedse.config import Config
 from fedse.federation import ClientJob, ClientOutcome, Federation
-from flows.client import artifact_key, from_table, outcome_of
+from fedse.request import RoundRequest, agreement, terms_of
+from fedse.transport import TransportError
+from flows.client import outcome_of
 from flows.round_loop import Tasks
 
 DEFAULT_TIMEOUT = 3600.0  # seconds a round waits for an organisation when federation.client_timeout is null
 
 
 class WorkersError(RuntimeError):
-    """A client's run that did not deliver: one line naming the client, the run and why."""
+    """A client's round that did not deliver: one line naming the client and why."""
 
 
 def check(cfg: Config) -> None:
-    """What workers mode needs, refused in one line: a server (federated method) and an exchange every
-    organisation can reach (S3, or a local folder named by transport.dir that they share)."""
+    """What workers mode needs, refused in one line: a server (federated method), an exchange every
+    organisation can reach (S3, or a local folder named by transport.dir that they share) and the server's own
+    keyring (organisations verify its signature with the public key they were given)."""
     from fedse.methods import method
 
     how = method(cfg.federation.method)
@@ -38,6 +42,9 @@ def check(cfg: Config) -> None:
     if cfg.transport.backend == "local" and cfg.transport.dir is None:
         raise ValueError("orchestration.mode workers: the organisations cannot reach the run folder's exchange; "
                          "use transport.backend s3 (make serve) or a shared folder in transport.dir")
+    if cfg.transport.keyring is None and not os.environ.get("FEDSE_KEYS"):
+        raise ValueError("orchestration.mode workers: the server signs its round requests and global adapters "
+                         "with its own key; set transport.keyring (or env FEDSE_KEYS; make serve: .serve/keys)")
 
 
 class Workers(Tasks):
@@ -50,58 +57,44 @@ class Workers(Tasks):
 
     def clients(self, fed: Federation, round: int, jobs: list[ClientJob],
                 ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
-        from prefect.client.orchestration import get_client
-
         assert fed.exchange is not None  # check(): workers mode is federated
-        launched = {job.name: self.launch(fed, round, job) for job in jobs}
+        terms, agreed = terms_of(self.cfg), agreement(self.cfg)
+        sent = {}
+        for job in jobs:
+            request = RoundRequest(experiment=fed.exchange.experiment, round=round, client=job.name,
+                                   profile=self.cfg.profile, terms=terms, issued=time.time())
+            sent[job.name] = fed.exchange.put_request(round, job.name, request.model_dump())
         timeout = self.cfg.federation.client_timeout or DEFAULT_TIMEOUT
         deadline = time.monotonic() + timeout
-        with get_client(sync_client=True) as api:
-            for name, run_id in launched.items():
+        pending = list(sent)
+        while pending:
+            for name in list(pending):
                 try:
-                    yield name, self.collect(api, fed, round, name, run_id, deadline, timeout)
-                except Exception as exc:
+                    got = self.collect(fed, round, name, sent[name], agreed)
+                except (WorkersError, TransportError) as exc:
+                    pending.remove(name)
                     yield name, exc
+                    continue
+                if got is not None:
+                    pending.remove(name)
+                    yield name, got
+            if pending and time.monotonic() > deadline:
+                for name in pending:
+                    yield name, TimeoutError(f"no answer within federation.client_timeout = {timeout:g} s")
+                return
+            if pending:
+                time.sleep(self.poll)
 
-    def launch(self, fed: Federation, round: int, job: ClientJob) -> UUID:
-        """Start the client's run on its organisation's deployment; returns the run's id at once."""
-        from prefect.deployments import run_deployment
-
-        settings = json.loads(self.cfg.model_dump_json())
-        name = self.cfg.orchestration.client_deployment.format(client=job.name)
-        run = run_deployment(name=name, timeout=0, as_subflow=True,
-                             parameters={"experiment": fed.exchange.experiment, "round": round, "client": job.name,
-                                         "settings": settings},
-                             flow_run_name=f"{job.name}-round-{round}")
-        return run.id
-
-    def collect(self, api: Any, fed: Federation, round: int, name: str, run_id: UUID, deadline: float,
-                timeout: float) -> ClientOutcome:
-        """Wait for the client's run to end (or the deadline), then its manifest; raises why it did not
+    def collect(self, fed: Federation, round: int, name: str, request: str, agreed: str) -> ClientOutcome | None:
+        """The client's answer to this round's request, None while there is none; raises why it did not
         deliver."""
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-        from prefect.states import Cancelling
-
-        while True:
-            run = api.read_flow_run(run_id)
-            if run.state is not None and run.state.is_final():
-                break
-            if time.monotonic() > deadline:
-                api.set_flow_run_state(run_id, Cancelling(message="late for the round's deadline"), force=True)
-                raise TimeoutError(f"no upload within federation.client_timeout = {timeout:g} s "
-                                   f"(run {run.name} still {run.state.type.value if run.state else 'unknown'})")
-            time.sleep(self.poll)
-        if not run.state.is_completed():
-            why = (run.state.message or "").strip().splitlines()
-            raise WorkersError(f"run {run.name} of {name} ended {run.state.type.value}"
-                               + (f": {why[0][:300]}" if why else ""))
-        key = artifact_key(fed.exchange.experiment, name, round)
-        found = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-        mine = [a for a in found if a.flow_run_id == run_id]
-        if not mine:
-            raise WorkersError(f"run {run.name} of {name} completed without its manifest (artifact {key})")
-        data = mine[0].data
-        doc = from_table(json.loads(data) if isinstance(data, str) else data)
-        if (doc.get("client"), doc.get("round"), doc.get("experiment")) != (name, round, fed.exchange.experiment):
-            raise WorkersError(f"run {run.name}: its manifest describes {doc.get('client')} round {doc.get('round')}")
-        return outcome_of(doc)
+        assert fed.exchange is not None
+        status = fed.exchange.get_status(round, name)
+        if status is None or status.get("request") != request:  # nothing yet, or an answer to an older request
+            return None
+        if status.get("state") != "done":
+            raise WorkersError(f"{name} {status.get('state', 'answered')}: {status.get('reason', '')}"[:400])
+        if status.get("agreement") != agreed:
+            raise WorkersError(f"{name} trained under other terms than the server's (agreement digest "
+                               f"{str(status.get('agreement'))[:12]} against {agreed[:12]})")
+        return outcome_of(status, name)

@@ -172,13 +172,15 @@ def test_the_server_averages_exactly_what_went_through_the_exchange(micro_spec, 
     from fedse.model import state_hash
 
     doc = run(smoke(micro_spec, seeds, "fedse", rounds=1), tmp_path)
-    exchange = tmp_path / "exchange" / doc["exchange"]["experiment"] / "round_0"
-    uploads = {env: read_adapter(exchange / f"client_{env}" / "adapter.safetensors") for env in ENVS}
+    experiment = doc["exchange"]["experiment"]
+    exchange = tmp_path / "exchange"
+    uploads = {env: read_adapter(exchange / f"client_{env}" / experiment / "round_0" / "adapter.safetensors")
+               for env in ENVS}
     for env, state in uploads.items():  # fp32: the upload is the client's trained adapter, bit for bit
         assert state_hash(state) == doc["rounds"][0]["clients"][env]["adapter_sha256"]
     mean = average((env, state, 1.0) for env, state in uploads.items())
     saved = read_adapter(tmp_path / "adapters" / "round_0")
-    broadcast = read_adapter(exchange / "global" / "adapter.safetensors")
+    broadcast = read_adapter(exchange / "server" / experiment / "round_0" / "global" / "adapter.safetensors")
     assert all(torch.equal(saved[k], mean[k]) and torch.equal(broadcast[k], mean[k]) for k in mean)
     assert (tmp_path / "egress" / doc["exchange"]["experiment"] / "client_maze.jsonl").exists()
 
@@ -452,3 +454,33 @@ def test_personal_needs_the_factor_rule_and_one_client_per_env_on_the_server() -
         load_config("params.yaml", overrides=["aggregation.personal=b", "aggregation.rule=exact"])
     with pytest.raises(ValueError, match="inprocess and dask modes with one client per environment"):
         load_config("params.yaml", overrides=["aggregation.personal=b", "orchestration.mode=workers"])
+
+
+@pytest.mark.parametrize("attack", ["altered", "weight"])
+def test_a_bad_upload_costs_only_its_client_the_round(attack: str, micro_spec, seeds, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client's altered tensors, or a declared weight beyond what it can have earned, rejects that client
+    with its reason; the quorum (1 here) lets the round aggregate the other."""
+    from fedse.transport import Transport
+
+    sent = Transport.upload
+
+    def upload(self, round, client, state, metadata, request=None):  # wordle's organisation misbehaves
+        if client == "wordle" and attack == "weight":
+            metadata = {"successes": 10_000}
+        done = sent(self, round, client, state, metadata, request)
+        if client == "wordle" and attack == "altered":
+            path = self.local_dir / done.key
+            blob = bytearray(path.read_bytes())
+            blob[-1] ^= 1
+            path.write_bytes(bytes(blob))
+        return done
+
+    monkeypatch.setattr(Transport, "upload", upload)
+    doc = run(smoke(micro_spec, seeds, "weighted", rounds=1, quorum=1), tmp_path)
+    record = doc["rounds"][0]
+    why = record["aggregation"]["missing"]["wordle"]
+    assert why.startswith("upload refused:") and ("altered" in why if attack == "altered" else "declares weight "
+                                                  "10000; at most 9 successes" in why)
+    assert record["clients"]["wordle"]["refused"] == why and "refused" not in record["clients"]["maze"]
+    assert doc["complete"] and record["global"]["sha256"]
