@@ -563,10 +563,14 @@ def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="t
               logs: Path = typer.Option(None, "--dir", help="where egress logs are [params: transport.audit_dir, "
                                         "else the run folders under federation.out]"),
               tensors: bool = typer.Option(False, "--tensors", help="also list every tensor's name and shape"),
-              as_json: bool = typer.Option(False, "--json", help="print the log entries as one JSON list")) -> None:
-    """What left each client per round: tensors, shapes, dtype, bytes, sha256 and the metadata sent.
+              as_json: bool = typer.Option(False, "--json", help="print the log entries as one JSON list"),
+              verify: bool = typer.Option(False, "--verify", help="check each log's hash chain; exit 1 where a "
+                                          "line was removed, inserted, reordered or edited")) -> None:
+    """What left each client per round: tensors, shapes, dtype, bytes, sha256, the metadata sent and where it
+    went; and the round requests an organisation refused.
 
-    Read from the clients' own egress logs (one JSON line per upload, written before the upload returns).
+    Read from the clients' own egress logs (one JSON line per upload, written before the upload returns, each
+    chained to the line before by its hash).
     """
     from fedse import audit
 
@@ -578,7 +582,16 @@ def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="t
             table.add_row(name, str(folder / name))
         out.print(table)
         return
-    entries = audit.read(audit.find(root, experiment), experiment)
+    folders = audit.find(root, experiment)
+    if verify:
+        logs = sorted(p for f in folders for p in (Path(f) / experiment).glob("*.jsonl"))
+        problems = [line for path in logs for line in audit.verify(path)]
+        for line in problems:
+            err.print(line, markup=False, highlight=False)
+        out.print(f"{len(logs)} egress log(s) of {experiment}: " + ("chain intact" if not problems else
+                                                                     f"{len(problems)} break(s)"))
+        raise typer.Exit(1 if problems else 0)
+    entries = audit.read(folders, experiment)
     if as_json:
         print(json.dumps(entries))
         return
@@ -586,11 +599,14 @@ def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="t
                   title=f"egress of {experiment}: every object that left a client (and the server's broadcasts)")
     for entry in entries:
         row = audit.summary(entry)
+        if "refused" in row:
+            table.add_row(str(row["round"]), row["sender"], "-", "-", "-", "-", "-", f"refused: {row['refused']}", "-")
+            continue
         table.add_row(str(row["round"]), row["sender"], str(row["tensors"]), f"{row['values']:,}", row["dtype"],
                       f"{row['bytes']:,}", row["sha256"][:16], json.dumps(row["metadata"]), row["destination"])
     out.print(table)
     if tensors:
-        for entry in entries:
+        for entry in (e for e in entries if e.get("kind", "upload") == "upload"):
             show(f"round {entry['round']} {entry['sender']} ({entry['key']}):")
             for name, shape in entry["tensors"].items():
                 show(f"  {name} {tuple(shape)} {entry['dtype']}")

@@ -56,8 +56,7 @@ def test_every_upload_is_logged_per_client_and_fedse_audit_prints_it(object_stor
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     experiment = doc["exchange"]["experiment"]
-    assert doc["exchange"] == {"backend": "s3", "dtype": "fp32", "experiment": experiment,
-                               "uri": f"s3://fedse/{experiment}"}
+    assert doc["exchange"] == {"backend": "s3", "dtype": "fp32", "experiment": experiment, "uri": "s3://fedse/"}
     assert sorted(p.name for p in (audit_dir / experiment).iterdir()) == ["client_maze.jsonl", "client_wordle.jsonl"]
 
     listing = CliRunner().invoke(app, ["--params", str(micro_params), "audit", "--dir", str(audit_dir)])
@@ -68,22 +67,34 @@ def test_every_upload_is_logged_per_client_and_fedse_audit_prints_it(object_stor
     entries = json.loads(shown.stdout)
     assert [(e["round"], e["sender"]) for e in entries] == [(0, "client_maze"), (0, "client_wordle"),
                                                              (1, "client_maze"), (1, "client_wordle")]
-    objects = stored(object_store, "fedse", f"{experiment}/")
+    objects = {k: v for k, v in stored(object_store, "fedse").items() if k.split("/")[1] == experiment}
     for e in entries:
         client = e["sender"].removeprefix("client_")
         stats = doc["rounds"][e["round"]]["clients"][client]
         # the log says what the store holds, and what the server weighed by is what the client sent
-        assert json.loads(objects[e["key"].replace(".safetensors", ".json")]) == {
-            k: v for k, v in e.items() if k not in ("destination", "time")}
+        manifest = json.loads(objects[e["key"].replace(".safetensors", ".json")])
+        assert manifest.pop("signature")["signer"] == e["sender"]
+        assert manifest == {k: v for k, v in e.items() if k not in ("destination", "time", "kind", "prev")}
         assert e["bytes"] == len(objects[e["key"]]) == stats["bytes_sent"] and e["sha256"] == stats["upload_sha256"]
         assert e["metadata"] == {"successes": stats["successes_trained_on"]} and e["dtype"] == "fp32"
-        assert e["destination"] == f"s3://fedse/{experiment}" and all(len(s) == 2 for s in e["tensors"].values())
+        assert e["destination"] == f"{object_store.endpoint} s3://fedse/"  # the endpoint: a redirect would show
+        assert all(len(s) == 2 for s in e["tensors"].values())
     table = CliRunner().invoke(app, ["--params", str(micro_params), "audit", "--dir", str(audit_dir), "-e",
                                      experiment, "--tensors"])
     assert table.exit_code == 0 and "client_wordle" in table.output and "lora_A" in table.output
     # the bucket holds adapters and their manifests only
     assert {k.rsplit("/", 1)[1] for k in objects} == {"adapter.safetensors", "adapter.json"}
-    assert {k.split("/")[2] for k in objects} == {"client_maze", "client_wordle", "global"}
+    assert {k.split("/")[0] for k in objects} == {"client_maze", "client_wordle", "server"}
+    # the log's hash chain: intact, and a deleted line shows
+    verified = CliRunner().invoke(app, ["--params", str(micro_params), "audit", "--dir", str(audit_dir), "-e",
+                                        experiment, "--verify"])
+    assert verified.exit_code == 0 and "chain intact" in verified.output
+    log = audit_dir / experiment / "client_maze.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[1:]) + "\n")
+    broken = CliRunner().invoke(app, ["--params", str(micro_params), "audit", "--dir", str(audit_dir), "-e",
+                                      experiment, "--verify"])
+    assert broken.exit_code == 1 and "does not follow line 0" in broken.output
 
 
 def test_a_plain_mean_sends_no_metadata(object_store, seeds: Path, micro_params: Path, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ size caps, replay and path checks."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def local(tmp_path: Path, **spec: object) -> Transport:
 
 def s3(store, experiment: str, **spec: object) -> Transport:
     s3spec = S3Spec(endpoint=store.endpoint, bucket="fedse", credentials=store.credentials)
-    return Transport(TransportSpec(backend="s3", s3=s3spec, **spec), experiment, Path("unused"))
+    run = Path(tempfile.gettempdir()) / f"fedse-test-{os.getpid()}" / experiment  # its simulated keys
+    return Transport(TransportSpec(backend="s3", s3=s3spec, **spec), experiment, run)
 
 
 # ------------------------------------------------------------------ local folder
