@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run results serve stop check audit test lint browser bench clean
+.PHONY: setup run results serve stop rotate check audit test lint browser bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -57,6 +57,12 @@ serve: setup
 ## stop: stop exactly the processes `make serve` started
 stop:
 	$(BIN)/python -m flows.stack down
+
+## rotate: new secrets for the served stack (.serve/: S3 keys of every role, the local CA and its certificates,
+## SeaweedFS's JWT keys, Prefect's auth string, the MLflow admin's password); refused while it is up. `make serve`
+## otherwise reuses them, so keys and the CA handed to organisations stay valid across restarts
+rotate:
+	$(BIN)/python -m flows.stack rotate
 
 ## check: the five environments (expert vs random success, steps/s)
 check: setup
