@@ -330,8 +330,14 @@ class Stack:
 
 
 def _reap(pid: int, timeout: float = 15) -> None:
+    """Until the process group is gone (SIGKILL after `timeout`); a leader that is this process's own child is
+    waited for, else it would linger as a zombie and the group would seem alive until the timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (another process started it), or already reaped
+            pass
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:

@@ -43,14 +43,54 @@ def micro_params(tmp_path: Path, micro_spec) -> Path:
 
 @pytest.fixture(scope="session")
 def object_store(tmp_path_factory: pytest.TempPathFactory):
-    """A real SeaweedFS S3 server on free 127.0.0.1 ports with one identity per role (flows/seaweed.py),
-    stopped at the end of the session."""
+    """A real SeaweedFS S3 server on free 127.0.0.1 ports with one identity per role (flows/seaweed.py), its
+    gateway on https with a local CA (AWS_CA_BUNDLE names it while it runs), stopped at the end of the session."""
     from flows.seaweed import on_free_ports, serving
 
     root = tmp_path_factory.mktemp("seaweedfs")
     clients = ["babyai", "webshop", "textcraft", "maze", "wordle"]
     with serving(on_free_ports(root / "data", root / "state", clients)) as store:
         yield store
+
+
+def _digests(paths: list[Path]) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """ONE served stack for the session (flows/stack.py: SeaweedFS over https, Prefect with its auth string,
+    MLflow with basic auth, the served deployment) on free 127.0.0.1 ports, shared by tests/test_stack.py and
+    tests/test_control_plane.py; yields it with the digests of its secret files as `prepare` minted them before
+    `up` (so a test can see that `up` reused them), stopped at the end of the session."""
+    from dvc.repo import Repo
+
+    from flows.stack import Stack
+
+    root = tmp_path_factory.mktemp("stack")
+    Repo.init(str(root), no_scm=True).close()  # the served deployment versions buffers in its folder's DVC repo
+    # served as `make serve` serves the repository's params: the quick profile's process pool, so every task
+    # argument (the S3 exchange among them) crosses into worker processes
+    serving = root / "serve-params.yaml"
+    serving.write_text("orchestration: {task_runner: process, workers: 2}\n")
+    running = Stack.on_free_ports(root, extra_env={"FEDSE_PARAMS": str(serving)})
+    running.prepare()
+    minted = _digests(running.secret_files())
+    running.up()
+    try:
+        yield running, minted
+    finally:
+        stopped = running.down()
+        assert set(stopped) == {"seaweedfs", "prefect", "mlflow", "deployment"}
+        assert not (root / ".serve" / "pids.json").exists()
+
+
+@pytest.fixture(scope="session")
+def served_stack(served):
+    """The session's served stack (fixture `served`)."""
+    return served[0]
 
 
 RUN_SEEDS = range(7)
