@@ -1,8 +1,10 @@
-"""Integration: the served stack (real SeaweedFS S3 server, real Prefect server, real MLflow server storing
-artifacts in S3, the served deployment) on 127.0.0.1 with free ports; a 2-round smoke run through
-`fedse/round-loop` with the S3 transport, then `fedse compare` and `fedse audit`; the bucket holds adapters
-only, a client cannot overwrite another's adapter or the global one, a canary planted in a client's buffer is
-found nowhere in the store or MLflow, buffer versions go to the DVC remote and back; stopped afterwards."""
+"""Integration: the served stack (real SeaweedFS S3 server over https, real Prefect server behind its auth
+string, real MLflow server with basic auth storing artifacts in S3, the served deployment) on 127.0.0.1 with
+free ports, shared with tests/test_control_plane.py (fixture `served_stack`, conftest); a 2-round smoke run
+through `fedse/round-loop` with the S3 transport, then `fedse compare` and `fedse audit`; the bucket holds
+adapters only, a client cannot overwrite another's adapter or the global one, a canary planted in a client's
+buffer is found nowhere in the store or MLflow, buffer versions go to the DVC remote and back. The tests are
+clients like the operator's shell: the credentials come from the stack (`prefect_settings`, `mlflow_env`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,23 +24,14 @@ from flows.stack import Stack
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from dvc.repo import Repo
+def stack(served_stack: Stack) -> Stack:
+    return served_stack
 
-    root = tmp_path_factory.mktemp("stack")
-    Repo.init(str(root), no_scm=True).close()  # the served deployment versions buffers in its folder's DVC repo
-    # served as `make serve` serves the repository's params: the quick profile's process pool, so every task
-    # argument (the S3 exchange among them) crosses into worker processes
-    serving = root / "serve-params.yaml"
-    serving.write_text("orchestration: {task_runner: process, workers: 2}\n")
-    running = Stack.on_free_ports(root, extra_env={"FEDSE_PARAMS": str(serving)})
-    running.up()
-    try:
-        yield running
-    finally:
-        stopped = running.down()
-        assert set(stopped) == {"seaweedfs", "prefect", "mlflow", "deployment"}
-        assert not (root / ".serve" / "pids.json").exists()
+
+def as_operator(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process becomes an MLflow client of the stack (its URI and the admin's credentials)."""
+    for name, value in stack.mlflow_env().items():
+        monkeypatch.setenv(name, value)
 
 
 def plant_canary(seeds: Path, env: str) -> str:
@@ -65,9 +57,9 @@ def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack
                                                                     tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    as_operator(stack, monkeypatch)
     seeds = tmp_path / "seeds"
     runner = CliRunner()
     for env in ("maze", "wordle"):  # run seed 2's draw: the run below is seed 2
@@ -76,8 +68,8 @@ def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack
     canary = plant_canary(seeds / "s2", "maze")
     egress = tmp_path / "egress"
 
-    # Prefect reads its settings into a context once per process: set the API there, not only in os.environ
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+    # Prefect reads its settings into a context once per process: set the API and its auth string there
+    with temporary_settings(updates=stack.prefect_settings()):
         flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={  # transport: the deployment's s3
             "method": "fedse", "profile": "smoke", "seed": 2, "params": str(micro_params),
             "out": str(tmp_path / "run"),
@@ -88,16 +80,18 @@ def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack
     assert doc["complete"] and len(doc["rounds"]) == 2
     experiment = doc["exchange"]["experiment"]
     assert doc["exchange"] == {"backend": "s3", "dtype": "fp32", "experiment": experiment,
-                               "uri": f"s3://fedse/{experiment}"}
+                               "uri": "s3://fedse/"}
     assert all(c["bytes_sent"] > 0 for r in doc["rounds"] for c in r["clients"].values())
 
     # the exchange bucket holds adapters (tensors + manifest) only, laid out per round and sender
     exchange = objects(stack, "fedse")
-    layout = re.compile(rf"{experiment}/round_[01]/(client_maze|client_wordle|global)/adapter\.(json|safetensors)")
+    # writer first (fedse/transport.py): each client's uploads under its own folder, the server's under server/
+    layout = re.compile(rf"(client_maze|client_wordle|server)/{experiment}/round_[01]/(global/)?"
+                        r"adapter\.(json|safetensors)")
     assert len(exchange) == 12 and all(layout.fullmatch(k) for k in exchange)
     for r, record in enumerate(doc["rounds"]):
         for client, stats in record["clients"].items():
-            manifest = json.loads(exchange[f"{experiment}/round_{r}/client_{client}/adapter.json"])
+            manifest = json.loads(exchange[f"client_{client}/{experiment}/round_{r}/adapter.json"])
             assert manifest["sha256"] == stats["upload_sha256"] and manifest["metadata"] == {}
     # MLflow keeps its artifacts in bucket mlflow (through the server), the registered adapters among them
     artifacts = objects(stack, "mlflow")
@@ -115,7 +109,8 @@ def test_deployment_run_exchanges_through_s3_and_registers_versions(stack: Stack
 
     # isolation on the served store: client maze cannot overwrite wordle's adapter or the global one
     maze = stack.seaweed.client("client_maze")
-    for key in (f"{experiment}/round_1/client_wordle/adapter.safetensors", f"{experiment}/round_1/global/adapter.json"):
+    for key in (f"client_wordle/{experiment}/round_1/adapter.safetensors",
+                f"server/{experiment}/round_1/global/adapter.json"):
         with pytest.raises(Exception, match="AccessDenied"):
             maze.put_object(Bucket="fedse", Key=key, Body=b"overwrite")
         assert objects(stack, "fedse")[key] == exchange[key]
@@ -159,9 +154,9 @@ def test_two_experiments_on_one_stack_keep_to_their_own_keys_runs_and_buffers(st
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    as_operator(stack, monkeypatch)
     seeds = tmp_path / "seeds"
     for env in ("maze", "wordle"):  # run seed 5's draw
         assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--seed", "5", "--env", env, "--count", "4"]
@@ -169,7 +164,7 @@ def test_two_experiments_on_one_stack_keep_to_their_own_keys_runs_and_buffers(st
     before = set(objects(stack, "fedse"))
     sets = ["federation.clients=[maze, wordle]", f"seed_data.dir={seeds}", "federation.seeds_per_client=4",
             "federation.explore_episodes=2", "federation.eval_episodes=2", f"transport.audit_dir={tmp_path / 'egress'}"]
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+    with temporary_settings(updates=stack.prefect_settings()):
         started = [run_deployment("fedse/round-loop", timeout=0, parameters={
             "method": "fedse", "profile": "smoke", "seed": 5, "params": str(micro_params), "sets": sets,
             "out": str(tmp_path / name), "experiment": "fedse-two-at-once"}) for name in ("a", "b")]
@@ -186,13 +181,13 @@ def test_two_experiments_on_one_stack_keep_to_their_own_keys_runs_and_buffers(st
 
     # keys: each run's 12 objects under its own prefix, their manifests naming its own uploads
     exchange = {k: v for k, v in objects(stack, "fedse").items() if k not in before}
-    assert sorted({k.split("/", 1)[0] for k in exchange}) == sorted(prefixes)
+    assert sorted({k.split("/")[1] for k in exchange}) == sorted(prefixes)
     for doc, prefix in zip(docs, prefixes, strict=True):
-        mine = {k: v for k, v in exchange.items() if k.startswith(f"{prefix}/")}
+        mine = {k: v for k, v in exchange.items() if k.split("/")[1] == prefix}
         assert len(mine) == 12
         for r, record in enumerate(doc["rounds"]):
             for name, stats in record["clients"].items():
-                manifest = json.loads(mine[f"{prefix}/round_{r}/client_{name}/adapter.json"])
+                manifest = json.loads(mine[f"client_{name}/{prefix}/round_{r}/adapter.json"])
                 assert manifest["sha256"] == stats["upload_sha256"]
 
     # buffers: in each run's own folder, the same records; and the same global adapters as each other
@@ -223,19 +218,19 @@ def test_prefect_and_mlflow_uis_show_the_served_run(stack: Stack, micro_params: 
     version's page names the round run it came from."""
     from mlflow import MlflowClient
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     browser_path = os.environ.get("FEDSE_BROWSER", "/usr/bin/chromium")
     if not Path(browser_path).exists():
         if os.environ.get("FEDSE_BROWSER"):  # make test installs it and names it: missing there is a failure
             pytest.fail(f"FEDSE_BROWSER={browser_path}: no such browser (make browser installs Debian's chromium)")
         pytest.skip(f"no browser at {browser_path}; `make browser` installs one (make test does)")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    as_operator(stack, monkeypatch)
     seeds = tmp_path / "seeds"
     for env in ("maze", "wordle"):  # run seed 7's draw
         assert CliRunner().invoke(app, ["seed", "--out", str(seeds), "--seed", "7", "--env", env, "--count", "4"]
                                   ).exit_code == 0
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+    with temporary_settings(updates=stack.prefect_settings()):
         flow_run = run_deployment("fedse/round-loop", timeout=600, parameters={
             "method": "fedse", "profile": "smoke", "seed": 7, "params": str(micro_params),
             "out": str(tmp_path / "run"), "experiment": "fedse-ui",
@@ -255,17 +250,27 @@ def test_prefect_and_mlflow_uis_show_the_served_run(stack: Stack, micro_params: 
     pages = [(f"{ui}/runs/flow-run/{flow_run.id}", [flow_run.name, "fedse", "Completed", "round 1 of 2  macro"]),
              (model, ["fedse-global", *(f"Version {v.version}" for v in versions)]),
              (f"{model}/versions/{newest.version}", [f"Version {newest.version}", round_name])]
-    shown = page_texts(browser_path, pages)
+    shown = page_texts(browser_path, pages, stack)
     for (url, expected), text in zip(pages, shown, strict=True):
         missing = [e for e in expected if e not in text]
         assert not missing, f"{url} does not show {missing}; it shows: {text[:1500]}"
 
 
-def page_texts(browser: str, pages: list[tuple[str, list[str]]], timeout_ms: int = 90_000) -> list[str]:
+def page_texts(browser: str, pages: list[tuple[str, list[str]]], stack: Stack, timeout_ms: int = 90_000) -> list[str]:
     """Each page's visible text once the browser has rendered every expected string (or the timeout passed);
-    the flags keep chromium off the network this machine does not have (background services, QUIC)."""
+    the flags keep chromium off the network this machine does not have (background services, QUIC). The browser
+    logs in as the operator does: Prefect's UI keeps the auth string (base64) in its origin's localStorage,
+    MLflow answers 401 with a Basic challenge that the context's credentials (for its origin only) meet."""
+    import base64
+
     from playwright.sync_api import TimeoutError as PageTimeout
     from playwright.sync_api import sync_playwright
+
+    prefect_origin = stack.prefect_api.removesuffix("/api")
+    auth = base64.b64encode(stack.secrets()["prefect_auth_string"].encode()).decode()
+    login = (f"if (window.location.origin === {json.dumps(prefect_origin)}) "
+             f"window.localStorage.setItem('prefect-password', {json.dumps(auth)});")
+    mlflow = stack.mlflow_env()
 
     flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -273,7 +278,11 @@ def page_texts(browser: str, pages: list[tuple[str, list[str]]], timeout_ms: int
     with sync_playwright() as driver:
         chromium = driver.chromium.launch(executable_path=browser, args=flags, headless=True)
         try:
-            page = chromium.new_page(viewport={"width": 1600, "height": 1200})
+            context = chromium.new_context(viewport={"width": 1600, "height": 1200}, http_credentials={
+                "username": mlflow["MLFLOW_TRACKING_USERNAME"], "password": mlflow["MLFLOW_TRACKING_PASSWORD"],
+                "origin": stack.mlflow_uri})
+            context.add_init_script(login)
+            page = context.new_page()
             for url, expected in pages:
                 page.goto(url, wait_until="domcontentloaded")
                 try:
