@@ -1,16 +1,18 @@
 """Orchestration overhead: the same rounds as plain function calls and through the Prefect flow `fedse` in each
 `orchestration.mode` — inprocess (tasks on a thread pool), dask (tasks on a local Dask cluster) and workers
-(each client a run of its organisation's `fedse-client` deployment on its own worker process).
+(each client's round run by its organisation's own worker process on a signed request through the store).
 
 Every mode runs the same profile, method, seed and clients with the same model, in the order plain,
 inprocess, dask, workers, repeated (machine noise hits all of them); ratio = best time of the mode / best
 time of plain calls (1.0 = no overhead). Each mode gets the same one torch thread per model (`--threads`).
 Before timing, a stack is started on free 127.0.0.1 ports in a scratch folder (flows/stack.py: a Prefect
 server, SeaweedFS, MLflow, and one organisation's worker per client under `.orgs/`); every flow run uses that
-Prefect server, MLflow tracking is off, and the adapters travel through one local exchange folder in every
-mode, so the figures are the orchestration's own cost: task and flow-run submission, state transitions,
-process start-up and model loading per client run (workers), the Dask cluster's per-task cost (dask). The
-final global adapter's sha256 of every mode is compared with plain calls' (`same_adapter`).
+Prefect server, MLflow tracking is off; plain calls exchange adapters through a local folder, every flow mode
+through the stack's S3 store over https (where the organisations are), so the figures are the orchestration's
+own cost and the store's: task and flow-run submission, state transitions, signing and verifying, S3 over TLS,
+request polling, and the organisation's own Prefect flow and model loading per round (workers), the Dask
+cluster's per-task cost (dask). The final global adapter's sha256 of every mode is compared with plain calls'
+(`same_adapter`).
 
     python bench/orchestration.py [--profile quick] [--clients textcraft,maze,wordle] [--rounds 1]
                                   [--repeats 2] [--modes inprocess,dask,workers] [--json]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,25 +78,29 @@ def main() -> None:
     parser.add_argument("--modes", default="inprocess,dask,workers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     clients = args.clients.split(",")
     modes = args.modes.split(",")
     scratch = Path(tempfile.mkdtemp(prefix="fedse-bench-"))
     exchange = scratch / "exchange"
     sets = [f"federation.clients=[{args.clients}]", f"federation.rounds={args.rounds}",
-            f"policy.threads={args.threads}", f"learner.threads={args.threads}", f"transport.dir={exchange}",
+            f"policy.threads={args.threads}", f"learner.threads={args.threads}",
             f"seed_data.dir={scratch / 'stack' / 'data' / 'seed'}"]
+    plain_sets = [*sets, f"transport.dir={exchange}"]  # the plain driver: a local exchange folder
+    sets.append("transport.backend=s3")  # the flow: the stack's store, where the organisations' workers are
     by_mode = {"inprocess": ["orchestration.mode=inprocess", "orchestration.task_runner=thread"],
                "dask": ["orchestration.mode=dask", "orchestration.workers=2"],
                "workers": ["orchestration.mode=workers", "federation.client_timeout=3600"]}
-    cfg = load_config(ROOT / "params.yaml", profile=args.profile, overrides=sets)
+    cfg = load_config(ROOT / "params.yaml", profile=args.profile, overrides=plain_sets)
     seconds: dict[str, list[float]] = {m: [] for m in ["plain", *modes]}
     shas: dict[str, str] = {}
     stack = stack_for(scratch, clients)
     try:
         stack.up()
-        with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        served = stack.env()  # the server's identity on the stack, as the served deployment has it
+        os.environ.update({k: v for k, v in served.items() if k.startswith(("FEDSE_", "AWS_CA_BUNDLE"))})
+        with temporary_settings(updates=stack.prefect_settings()):
             with borrowed(cfg) as agent:  # build/load once before timing
                 name = agent.name
             for i in range(args.repeats):

@@ -15,6 +15,7 @@ deployment; default: params.yaml's `transport.backend`, a local folder).
 No `from __future__ import annotations` here: Prefect validates flow parameters from the annotations.
 """
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -63,7 +64,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     """One experiment: `federation.rounds` rounds of `method` under `profile`; returns metrics.json.
     `resume`: the folder of a killed run of the same settings, to continue (its completed rounds are kept)."""
     chosen = [f"transport.backend={transport}"] if transport else []  # before `sets`: an explicit override wins
-    cfg = run_config(params, profile, method, seed, [*chosen, *(sets or [])])
+    cfg = served_identity(run_config(params, profile, method, seed, [*chosen, *(sets or [])]))
     choose_kernels(cfg.model.kernels)  # before any tensor of this run, here and in the workers it starts
     flow_run = str(get_run_context().flow_run.id)
     folder = Path(resume) if resume else run_folder(cfg, out, flow_run)
@@ -100,6 +101,22 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
         raise
     print(f"metrics: {folder / 'metrics.json'}")
     return doc | {"out": str(folder)}
+
+
+def served_identity(cfg: Config) -> Config:
+    """On the served stack (flows/stack.py), who the server is in the store: in workers mode its own S3 role
+    and Ed25519 keyring only (the organisations hold theirs); when the round loop runs the clients itself
+    (inprocess, dask: a simulation, one trust domain) every client's role too, with the run folder's keys.
+    Settings given explicitly in params win."""
+    transport, env = cfg.transport, os.environ.get
+    if transport.backend != "s3" or transport.s3.credentials is not None:
+        return cfg
+    if cfg.orchestration.mode == "workers":
+        update = {"keyring": transport.keyring or env("FEDSE_SERVER_KEYS") or None}
+    else:
+        simulation = env("FEDSE_S3_SIMULATION_CREDENTIALS")
+        update = {"s3": transport.s3.model_copy(update={"credentials": Path(simulation)})} if simulation else {}
+    return cfg.model_copy(update={"transport": transport.model_copy(update=update)})
 
 
 def track(cfg: Config, uri: str, experiment: str, flow_run: str, folder: Path, resume: bool) -> Tracking:

@@ -34,9 +34,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedse.signing import Keyring
+from fedse.transport import SERVER
 from flows import orgs
 from flows.private import private_dir, token, write_private, write_private_json
-from flows.seaweed import DEFAULT_PORTS, DVC, EXCHANGE, MLFLOW, SeaweedFS, free_ports
+from flows.seaweed import DEFAULT_PORTS, DVC, MLFLOW, SeaweedFS, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_REMOTE = "store"
@@ -52,13 +54,15 @@ class Stack:
     s3_port: int = 8333
     seaweed_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     orgs: list[str] = field(default_factory=list)  # client organisations given a directory and a worker process
+    org_params: Path | None = None  # the params file the organisations' org.yaml names; null: the repository's
 
     @classmethod
     def on_free_ports(cls, root: Path, orgs: list[str] | None = None, extra_env: dict[str, str] | None = None,
-                      ) -> "Stack":
+                      org_params: Path | None = None) -> "Stack":
         """A stack in `root` whose every server listens on a port free now (tests and benchmarks)."""
         prefect, mlflow, s3, master, volume, filer, admin = free_ports(7)
         return cls(root=root, prefect_port=prefect, mlflow_port=mlflow, s3_port=s3, orgs=list(orgs or []),
+                   org_params=org_params,
                    extra_env={"OMP_NUM_THREADS": "1", **(extra_env or {})},
                    seaweed_ports={"master": master, "volume": volume, "filer": filer, "admin": admin})
 
@@ -117,7 +121,33 @@ class Stack:
         if not self.control.exists():
             self._mint_control()
         self._write_derived()
+        self._server_identity()
         return self.secrets()
+
+    @property
+    def server_keys(self) -> Path:
+        """The server's Ed25519 keyring: its own key and the organisations' public keys (fedse keys)."""
+        return self.state / "keys"
+
+    @property
+    def server_credentials(self) -> Path:
+        """The server's S3 keys: its own role only (least privilege; workers mode)."""
+        return self.state / "server-credentials.json"
+
+    @property
+    def simulation_credentials(self) -> Path:
+        """The server's role and every client's: for runs that simulate the clients themselves (inprocess, dask
+        modes: one machine, one trust domain), never handed to an organisation."""
+        return self.state / "simulation-credentials.json"
+
+    def _server_identity(self) -> None:
+        """The server's keyring and its credentials files, derived from the store's keys."""
+        Keyring(self.server_keys).init(SERVER)
+        keys = json.loads(self.seaweed.credentials.read_text())
+        roles = keys["roles"]
+        write_private_json(self.server_credentials, keys | {"roles": {SERVER: roles[SERVER]}})
+        write_private_json(self.simulation_credentials, keys | {"roles": {
+            r: k for r, k in roles.items() if r == SERVER or r.startswith("client_")}})
 
     def rotate(self) -> None:
         """New secrets everywhere: S3 keys of every role, the local CA and its certificates, SeaweedFS's JWT
@@ -162,8 +192,11 @@ class Stack:
         """The environment of the served deployment: the caller's, without a Prefect Cloud key (it would
         take precedence over the auth string), plus the stack's client variables."""
         inherited = {k: v for k, v in os.environ.items() if k != "PREFECT_API_KEY"}
+        served = {"FEDSE_S3_CREDENTIALS": str(self.server_credentials), "FEDSE_SERVER_KEYS": str(self.server_keys),
+                  "FEDSE_S3_SIMULATION_CREDENTIALS": str(self.simulation_credentials)}
         return inherited | {"PREFECT_HOME": str(self.root / ".prefect"),
-                            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"} | self.client_env() | (self.extra_env or {})
+                            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"} | self.client_env() | served | (
+                                self.extra_env or {})
 
     def up(self, timeout: float = 180) -> dict[str, int]:
         if (self.state / "pids.json").exists():
@@ -228,18 +261,17 @@ class Stack:
         return stopped
 
     def _start_org(self, client: str, store: SeaweedFS) -> int:
-        """The organisation's directory (its seeds, its keys only, its DVC repository) and its worker process,
-        with none of the server's variables: no Prefect auth string, no MLflow credentials. It reaches the
+        """The organisation's directory (its seeds, its S3 keys only, its Ed25519 key and the server's public
+        key, its DVC repository, its org.yaml naming the store and its own params) and its worker process, with
+        none of the server's variables: no Prefect API or auth string, no MLflow credentials. It reaches the
         object store over https and verifies it with its own copy of the CA's certificate (what a remote
-        organisation is handed, with its keys), named in its org.yaml and its AWS_CA_BUNDLE."""
+        organisation is handed, with its keys), named in its org.yaml."""
         ca = orgs.folder(self.orgs_root, client) / "ca.crt"
         ca.parent.mkdir(parents=True, exist_ok=True)
         ca.write_bytes(store.ca_bundle.read_bytes())
         orgs.prepare(self.orgs_root, client, self.root / "data" / "seed", store.credentials,
-                     endpoint=store.endpoint, ca_bundle=ca)
-        env = orgs.environment(self.orgs_root, client, self.prefect_api, store.endpoint, EXCHANGE,
-                               base=os.environ | (self.extra_env or {}))
-        env["AWS_CA_BUNDLE"] = str(ca)
+                     endpoint=store.endpoint, ca_bundle=ca, server_keys=self.server_keys, params=self.org_params)
+        env = orgs.environment(self.orgs_root, client, base=os.environ | (self.extra_env or {}))
         return orgs.start(self.orgs_root, client, env, self.state / f"org-{client}.log")
 
     def _dvc_remote(self, store: SeaweedFS) -> None:

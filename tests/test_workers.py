@@ -1,12 +1,15 @@
-"""Integration: `orchestration.mode: workers` through real processes on 127.0.0.1 — SeaweedFS, a Prefect server,
-an MLflow server, the served round loop, and three client organisations, each a worker process in its own
-directory (`.orgs/<client>/`) with its own seeds, keys and DVC repository (flows/orgs.py, flows/client.py).
+"""Integration: `orchestration.mode: workers` through real processes on 127.0.0.1 — SeaweedFS over https, a
+Prefect server and an MLflow server behind their credentials, the served round loop, and three client
+organisations, each a worker process in its own directory (`.orgs/<client>/`) with its own org.yaml, seeds,
+S3 keys, Ed25519 key, DVC repository and its own ephemeral Prefect (flows/orgs.py, flows/client.py).
 
-The server's run folder holds no buffer or trajectory; each organisation holds only its own client's data; a
-canary planted in one organisation's seeds is found nowhere outside it (store, MLflow, the Prefect database,
-the server's run folder, the other organisations); the registry names each client's buffer version as its
-manifest reported it, and that version is in the organisation's own DVC cache. Killing one organisation's
-worker mid-round is survived by the quorum: the round aggregates the other two, and names the missing one.
+The server and the organisations share nothing but the store: signed round requests go in, signed uploads and
+statuses come back. The server's run folder holds no buffer or trajectory; each organisation holds only its own
+client's data; a canary planted in one organisation's seeds is found nowhere outside it (store, MLflow, the
+server's Prefect database, the server's run folder, the other organisations); the registry names each client's
+buffer version as its status reported it, and that version is in the organisation's own DVC cache; the global
+adapters are bit for bit those of the same run in-process. Killing one organisation's worker mid-round is
+survived by the quorum: the round aggregates the other two, and names the missing one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from fedse.cli import app
@@ -36,7 +40,17 @@ def canary() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, canary: str) -> Iterator[Stack]:
+def params(tmp_path_factory: pytest.TempPathFactory, micro_spec) -> Path:
+    """The repository's params on the session's micro model: the server's and every organisation's own."""
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    data = yaml.safe_load(Path("params.yaml").read_text())
+    data["model"] = json.loads(micro_spec.model_dump_json())
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, canary: str, params: Path) -> Iterator[Stack]:
     from dvc.repo import Repo
 
     root = tmp_path_factory.mktemp("orgs-stack")
@@ -54,7 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, canary: str) -> Iterator[Sta
         write_jsonl(path, [Trajectory.model_validate(first | {"content_hash": ""}), *records[1:]])
     serving = root / "serve-params.yaml"
     serving.write_text("orchestration: {task_runner: thread, workers: 2}\n")
-    running = Stack.on_free_ports(root, orgs=CLIENTS, extra_env={"FEDSE_PARAMS": str(serving)})
+    running = Stack.on_free_ports(root, orgs=CLIENTS, extra_env={"FEDSE_PARAMS": str(serving)}, org_params=params)
     running.up()
     try:
         yield running
@@ -63,21 +77,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, canary: str) -> Iterator[Sta
         assert not (root / ".serve" / "pids.json").exists()
 
 
-def sets(timeout: int, extra: list[str]) -> list[str]:
+def sets(timeout: int, extra: list[str], mode: str = "workers") -> list[str]:
     return [*extra, f"federation.clients=[{', '.join(CLIENTS)}]", "federation.seeds_per_client=4",
-            "federation.explore_episodes=2", "federation.eval_episodes=2", "orchestration.mode=workers",
+            "federation.explore_episodes=2", "federation.eval_episodes=2", f"orchestration.mode={mode}",
             f"federation.client_timeout={timeout}"]
 
 
 def serve_run(stack: Stack, params: Path, out: Path, seed: int, timeout: int, wait: bool = True,
-              extra: list[str] | None = None):
+              extra: list[str] | None = None, mode: str = "workers"):
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+    with temporary_settings(updates=stack.prefect_settings()):
         return run_deployment("fedse/round-loop", timeout=900 if wait else 0, parameters={
             "method": "fedse", "profile": "smoke", "seed": seed, "params": str(params), "out": str(out),
-            "sets": sets(timeout, extra or [])})
+            "sets": sets(timeout, extra or [], mode)})
 
 
 def files_with(root: Path, needle: bytes, skip: Path | None = None) -> list[Path]:
@@ -85,15 +99,16 @@ def files_with(root: Path, needle: bytes, skip: Path | None = None) -> list[Path
             and needle in p.read_bytes()]
 
 
-def test_clients_run_on_their_own_workers_and_only_adapters_and_manifests_cross(
-        stack: Stack, micro_params: Path, tmp_path: Path, canary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clients_run_on_their_own_workers_and_only_adapters_and_statuses_cross(
+        stack: Stack, params: Path, tmp_path: Path, canary: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     from tasks.version_buffer import in_cache
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    for key, value in stack.mlflow_env().items():
+        monkeypatch.setenv(key, value)
     out = tmp_path / "server"
-    run = serve_run(stack, micro_params, out, seed=3, timeout=600)
+    run = serve_run(stack, params, out, seed=3, timeout=600)
     assert run.state is not None and run.state.is_completed(), run.state
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["complete"] and len(doc["rounds"]) == 2
@@ -131,13 +146,18 @@ def test_clients_run_on_their_own_workers_and_only_adapters_and_manifests_cross(
     needle = canary.encode()
     assert files_with(stack.orgs_root / "maze", needle)
     assert files_with(out, needle) == []
-    assert files_with(stack.root / ".prefect", needle) == []  # the Prefect database: runs, params, artifacts
+    assert files_with(stack.root / ".prefect", needle) == []  # the server's Prefect: runs, params, artifacts
     assert files_with(stack.root / "mlflow", needle) == []
     assert files_with(stack.root / ".seaweedfs", needle) == []  # every bucket's data
     for other in ("textcraft", "wordle"):
         assert files_with(stack.orgs_root / other, needle) == []
 
-    # provenance: each registered global adapter names the buffer versions its clients' manifests reported
+    # the server held its own role only; every organisation's egress log chain is intact
+    assert list(json.loads(stack.server_credentials.read_text())["roles"]) == ["server"]
+    verified = CliRunner().invoke(app, ["audit", "--dir", str(stack.orgs_root), "-e", experiment, "--verify"])
+    assert verified.exit_code == 0 and "chain intact" in verified.output
+
+    # provenance: each registered global adapter names the buffer versions its clients' statuses reported
     client = MlflowClient(stack.mlflow_uri)
     versions = [v for v in client.search_model_versions("name='fedse-global'") if v.tags.get("seed") == "3"]
     assert len(versions) == 2
@@ -145,36 +165,44 @@ def test_clients_run_on_their_own_workers_and_only_adapters_and_manifests_cross(
         record = doc["rounds"][int(v.tags["round"])]
         assert {c: v.tags[f"buffer.{c}"] for c in CLIENTS} == record["buffers_dvc"]
 
+    # then the same run in-process (the round loop runs every client itself) publishes the same global adapters
+    inproc = tmp_path / "inprocess"
+    done = serve_run(stack, params, inproc, seed=3, timeout=600, mode="inprocess")
+    assert done.state is not None and done.state.is_completed(), done.state
+    same = json.loads((inproc / "metrics.json").read_text())
+    assert [r["global"]["sha256"] for r in same["rounds"]] == [r["global"]["sha256"] for r in doc["rounds"]]
+
 
 def test_a_worker_killed_mid_round_is_missing_and_the_quorum_carries_the_round(
-        stack: Stack, micro_params: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+        stack: Stack, params: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in stack.mlflow_env().items():
+        monkeypatch.setenv(key, value)
     out = tmp_path / "server"
-    started = serve_run(stack, micro_params, out, seed=4, timeout=90, wait=False, extra=["federation.rounds=1"])
+    runs = stack.orgs_root / "wordle" / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    started = serve_run(stack, params, out, seed=4, timeout=90, wait=False, extra=["federation.rounds=1"])
     pids = json.loads((stack.state / "pids.json").read_text())
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as api:
-        deadline = time.monotonic() + 600
-        killed = False
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wordle's worker took the request: its round's folder appears
+        fresh = [p for p in runs.iterdir() if p not in before and p.name != "inbox"] if runs.exists() else []
+        if fresh:
+            os.killpg(pids["org-wordle"], signal.SIGKILL)  # the worker and the round it executes
+            break
+        time.sleep(0.5)
+    assert fresh, "wordle's worker never started its round"
+    from prefect.client.orchestration import get_client
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates=stack.prefect_settings()), get_client(sync_client=True) as api:
         while time.monotonic() < deadline:
             parent = api.read_flow_run(started.id)
-            if not killed:
-                children = api.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    name=FlowRunFilterName(any_=["wordle-round-0"])))
-                if any(c.state is not None and c.state.is_running() for c in children):
-                    os.killpg(pids["org-wordle"], signal.SIGKILL)  # the worker and the run it executes
-                    killed = True
             if parent.state is not None and parent.state.is_final():
                 break
             time.sleep(1)
-    assert killed, "wordle's round-0 run never started"
     assert parent.state.is_completed(), parent.state
     doc = json.loads((out / "metrics.json").read_text())
     first = doc["rounds"][0]
     assert sorted(k for k, c in first["clients"].items() if "failed" not in c) == ["maze", "textcraft"]
-    assert first["clients"]["wordle"]["failed"].startswith("TimeoutError: no upload within")
+    assert first["clients"]["wordle"]["failed"].startswith("TimeoutError: no answer within")
     assert first["aggregation"]["missing"]["wordle"].startswith("TimeoutError")
     assert doc["complete"] and "global" in first
