@@ -63,8 +63,8 @@ def _digests(paths: list[Path]) -> dict[str, str]:
 def served(tmp_path_factory: pytest.TempPathFactory):
     """ONE served stack for the session (flows/stack.py: SeaweedFS over https, Prefect with its auth string,
     MLflow with basic auth, the served deployment) on free 127.0.0.1 ports, shared by tests/test_stack.py and
-    tests/test_control_plane.py; yields it with the digests of its secret files as `prepare` minted them before
-    `up` (so a test can see that `up` reused them), stopped at the end of the session."""
+    tests/test_control_plane.py through `served_stack`; yields it, the digests of its secret files as `prepare`
+    minted them before `up` (so a test can see that `up` reused them), and the function that stops it."""
     from dvc.repo import Repo
 
     from flows.stack import Stack
@@ -78,19 +78,36 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     running = Stack.on_free_ports(root, extra_env={"FEDSE_PARAMS": str(serving)})
     running.prepare()
     minted = _digests(running.secret_files())
+    stopped: list[str] = []
+
+    def stop() -> None:
+        if not stopped:
+            stopped.extend(running.down() or ["nothing"])
+            assert set(stopped) == {"seaweedfs", "prefect", "mlflow", "deployment"}
+            assert not (root / ".serve" / "pids.json").exists()
+
     running.up()
     try:
-        yield running, minted
+        yield running, minted, stop
     finally:
-        stopped = running.down()
-        assert set(stopped) == {"seaweedfs", "prefect", "mlflow", "deployment"}
-        assert not (root / ".serve" / "pids.json").exists()
+        stop()
 
 
-@pytest.fixture(scope="session")
-def served_stack(served):
-    """The session's served stack (fixture `served`)."""
-    return served[0]
+@pytest.fixture()
+def served_stack(served, request: pytest.FixtureRequest):
+    """The session's served stack (fixture `served`), stopped right after the last test of the session that
+    uses it rather than at the session's end, so the tests after it get its cores and memory."""
+    running, _, stop = served
+    users = [item for item in request.session.items if "served_stack" in getattr(item, "fixturenames", ())]
+    if users and request.node is users[-1]:
+        request.addfinalizer(stop)
+    return running
+
+
+@pytest.fixture()
+def served_minted(served, served_stack) -> dict[str, str]:
+    """Digests of the served stack's secret files as `prepare` minted them, before `up`."""
+    return served[1]
 
 
 RUN_SEEDS = range(7)

@@ -137,8 +137,8 @@ def test_seaweedfs_internal_ports_refuse_writes_without_jwt_and_grpc_without_a_c
                     tls.recv(1)  # TLS 1.3: the server's "certificate required" alert arrives here
 
 
-def test_secret_files_are_private_and_up_reused_what_prepare_minted(served) -> None:
-    stack, minted = served
+def test_secret_files_are_private_and_up_reused_what_prepare_minted(served_stack: Stack, served_minted) -> None:
+    stack, minted = served_stack, served_minted
     assert stat.S_IMODE(os.stat(stack.state).st_mode) == 0o700
     for folder in (stack.seaweed.tls.folder, stack.seaweed.config_dir):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
@@ -152,8 +152,8 @@ def test_secret_files_are_private_and_up_reused_what_prepare_minted(served) -> N
     assert digests(stack.secret_files()) == minted  # `up` minted nothing: it used what was there
 
 
-def test_rotate_is_refused_while_the_stack_is_up(served) -> None:
-    stack, minted = served
+def test_rotate_is_refused_while_the_stack_is_up(served_stack: Stack, served_minted) -> None:
+    stack, minted = served_stack, served_minted
     with pytest.raises(RuntimeError, match="make stop first"):
         stack.rotate()
     assert digests(stack.secret_files()) == minted

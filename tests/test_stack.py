@@ -23,7 +23,7 @@ from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
 from flows.stack import Stack
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def stack(served_stack: Stack) -> Stack:
     return served_stack
 
@@ -262,6 +262,7 @@ def page_texts(browser: str, pages: list[tuple[str, list[str]]], stack: Stack, t
     logs in as the operator does: Prefect's UI keeps the auth string (base64) in its origin's localStorage,
     MLflow answers 401 with a Basic challenge that the context's credentials (for its origin only) meet."""
     import base64
+    import time
 
     from playwright.sync_api import TimeoutError as PageTimeout
     from playwright.sync_api import sync_playwright
@@ -285,12 +286,16 @@ def page_texts(browser: str, pages: list[tuple[str, list[str]]], stack: Stack, t
             page = context.new_page()
             for url, expected in pages:
                 page.goto(url, wait_until="domcontentloaded")
-                try:
-                    for text in expected:
-                        page.get_by_text(text, exact=False).first.wait_for(state="attached", timeout=timeout_ms)
-                except PageTimeout:
-                    pass  # the assertion names what is missing, with what the page shows instead
-                texts.append(page.inner_text("body"))
+                page.mouse.move(1000, 800)  # over the page's main column, where a wheel scrolls the list
+                deadline = time.monotonic() + timeout_ms / 1000
+                for text in expected:
+                    while time.monotonic() < deadline:
+                        try:
+                            page.get_by_text(text, exact=False).first.wait_for(state="attached", timeout=2000)
+                            break
+                        except PageTimeout:  # a long list (a flow run's logs) loads further rows as it scrolls
+                            page.mouse.wheel(0, 3000)
+                texts.append(page.inner_text("body"))  # the assertion names what is missing, with what it shows
         finally:
             chromium.close()
     return texts
