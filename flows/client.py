@@ -198,6 +198,13 @@ class Worker:
 
 
 def _first_error(exc: BaseException) -> str:
+    """One line: a validation error's first field and message, else the exception's first lines."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"[:300]
     text = str(exc).strip().splitlines()
     return " ".join(text[:3])[:300] if text else type(exc).__name__
 

@@ -206,3 +206,19 @@ def test_a_worker_killed_mid_round_is_missing_and_the_quorum_carries_the_round(
     assert first["clients"]["wordle"]["failed"].startswith("TimeoutError: no answer within")
     assert first["aggregation"]["missing"]["wordle"].startswith("TimeoutError")
     assert doc["complete"] and "global" in first
+
+
+def test_every_attack_from_an_organisations_position_is_blocked(stack: Stack,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/attacks.py's table against this module's stack (last: it leaves requests in the inboxes)."""
+    import importlib.util
+
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(stack.seaweed.ca_bundle))  # restored afterwards
+
+    spec = importlib.util.spec_from_file_location("attacks", Path(__file__).parents[1] / "bench" / "attacks.py")
+    attacks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attacks)
+    rows = attacks.run_all(stack)
+    assert len(rows) == len(attacks.ATTACKS) >= 12
+    assert [r["attack"] for r in rows if not r["blocked"]] == [], rows
+    assert all(r["evidence"] and "\n" not in r["evidence"] for r in rows)
