@@ -161,6 +161,7 @@ class Stack:
         if self.mlflow_auth_db.exists():
             self._set_mlflow_admin_password()
         self._write_derived()
+        self._server_identity()  # the server's credentials files follow the new S3 keys
 
     def client_env(self) -> dict[str, str]:
         """What a client of the stack needs, secrets included (the operator's shell: `.serve/env.sh`; the
@@ -186,7 +187,7 @@ class Stack:
         """Every file of `.serve/` that holds a secret (each must be mode 0600)."""
         store = self.seaweed
         return [self.control, self.mlflow_auth_config, self.env_file, store.config, store.credentials,
-                store.security, *store.tls.files()]
+                self.server_credentials, self.simulation_credentials, store.security, *store.tls.files()]
 
     def env(self) -> dict[str, str]:
         """The environment of the served deployment: the caller's, without a Prefect Cloud key (it would
