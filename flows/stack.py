@@ -151,8 +151,9 @@ class Stack:
 
     def rotate(self) -> None:
         """New secrets everywhere: S3 keys of every role, the local CA and its certificates, SeaweedFS's JWT
-        keys, Prefect's auth string, the MLflow admin's password (also in its auth database). Refused while
-        the stack is up (its servers hold the old ones). Organisations need their new keys and CA afterwards."""
+        keys, Prefect's auth string, the MLflow admin's password (also in its auth database), the server's
+        Ed25519 signing key. Refused while the stack is up (its servers hold the old ones). Organisations need
+        their new S3 keys, the CA and the server's public key afterwards (the local ones get them at `up`)."""
         if (self.state / "pids.json").exists():
             raise RuntimeError(f"the stack is up ({self.state / 'pids.json'}): make stop first, then rotate")
         private_dir(self.state)
@@ -161,6 +162,9 @@ class Stack:
         if self.mlflow_auth_db.exists():
             self._set_mlflow_admin_password()
         self._write_derived()
+        keyring = Keyring(self.server_keys)
+        if keyring.has(SERVER):  # the server's Ed25519 signing key (the old one retired in keys/retired/)
+            keyring.rotate(SERVER)
         self._server_identity()  # the server's credentials files follow the new S3 keys
 
     def client_env(self) -> dict[str, str]:
@@ -422,7 +426,8 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"rotated: S3 keys of every role, the local CA and its certificates (SHA-256 "
               f"{stack.seaweed.tls.fingerprint()}), SeaweedFS's JWT keys, the Prefect auth string, the MLflow "
-              f"admin's password; hand each organisation its new s3-credentials.json and ca.crt after `make serve`")
+              f"admin's password, the server's signing key; a remote organisation needs its new "
+              f"s3-credentials.json, ca.crt and the server's public key (local ones get them at `make serve`)")
         return 0
     print("usage: python -m flows.stack up|down|rotate", file=sys.stderr)
     return 2

@@ -185,7 +185,11 @@ def test_secrets_are_minted_private_under_any_umask_reused_and_rotated(tmp_path:
     stack.prepare()  # what every `up` does: after a `down`, the same secrets
     assert digests(stack.secret_files()) == first
 
+    from fedse.signing import Keyring
+
+    signing = Keyring(stack.server_keys).fingerprint("server")
     stack.rotate()
+    assert Keyring(stack.server_keys).fingerprint("server") != signing
     rotated = digests(stack.secret_files())
     assert all(rotated[p] != first[p] for p in first), [p for p in first if rotated[p] == first[p]]
     new = json.loads(stack.seaweed.credentials.read_text())["roles"]
