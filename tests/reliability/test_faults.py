@@ -66,7 +66,7 @@ def test_the_object_store_going_down_mid_round_is_one_line_and_resume_finishes_i
     row = store_down(bench)
     clean_row(row, identical=True)
     did = row["what_the_run_did"]  # the line names the endpoint, the bucket and the key it could not write
-    assert "object store http://127.0.0.1:" in did and "bucket fedse" in did and "store-down/round_1/" in did
+    assert "object store https://127.0.0.1:" in did and "bucket fedse" in did and "store-down/round_1/" in did
 
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "scale", "flip"])
