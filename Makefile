@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run results serve stop rotate check audit test lint browser bench clean
+.PHONY: setup run results serve stop rotate check audit test test-fast lint browser bench clean
 
 ## setup: create .venv, upgrade pip, install torch (CPU wheel) and the pinned stack, fedse in editable mode
 setup: $(STAMP)
@@ -83,9 +83,14 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends chromium >/dev/null; }
 
-## test: lint, the contamination audit, then the whole test suite (the UI test must find a browser: FEDSE_BROWSER)
+## test: lint, the contamination audit, then the whole test suite on both cores (pytest-xdist; the served stack's
+## tests share one worker), the 15 slowest listed (the UI test must find a browser: FEDSE_BROWSER)
 test: setup lint audit browser
-	FEDSE_BROWSER=$(CHROMIUM) $(BIN)/pytest -q
+	FEDSE_BROWSER=$(CHROMIUM) $(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
+
+## test-fast: the inner loop: lint and every test that starts no server (the unit and property tests)
+test-fast: setup lint
+	$(BIN)/pytest -q -n 2 -m "not integration"
 
 lint: setup
 	$(BIN)/ruff check .

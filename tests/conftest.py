@@ -127,3 +127,15 @@ def seeds(tmp_path: Path) -> Path:
                                           "--env", "wordle", "--count", "6"])
         assert result.exit_code == 0, result.output
     return folder
+
+
+# the fixtures that start real servers or whole runs of the pipeline: a test using one is `integration`
+SERVERS = {"object_store", "served", "served_stack", "stack", "bench", "prefect_api"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that starts servers (SeaweedFS, Prefect, MLflow, the served stack, organisations' workers)
+    or fault-injected runs as `integration`, so `make test-fast` (`-m "not integration"`) is the inner loop."""
+    for item in items:
+        if SERVERS & set(getattr(item, "fixturenames", ())) or "reliability" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

@@ -45,8 +45,10 @@ def test_flow_completes_writes_metrics_and_registers_each_round(micro_params: Pa
     # adapters went through the (default, local) exchange, and each client logged what it sent
     exchange = doc["exchange"]
     assert exchange["backend"] == "local" and exchange["uri"].startswith((tmp_path / "run" / "exchange").as_uri())
-    sent = tmp_path / "run" / "exchange" / exchange["experiment"] / "round_1"
-    assert sorted(p.name for p in sent.iterdir()) == ["client_maze", "client_wordle", "global"]
+    root, experiment = tmp_path / "run" / "exchange", exchange["experiment"]
+    sent = [root / "client_maze" / experiment / "round_1", root / "client_wordle" / experiment / "round_1",
+            root / "server" / experiment / "round_1" / "global"]
+    assert all(sorted(p.name for p in f.iterdir()) == ["adapter.json", "adapter.safetensors"] for f in sent)
     log = tmp_path / "run" / "egress" / exchange["experiment"] / "client_wordle.jsonl"
     assert [json.loads(line)["round"] for line in log.read_text().splitlines()] == [0, 1]
 

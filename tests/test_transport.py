@@ -347,9 +347,13 @@ def test_s3_settings_come_from_the_environment_when_params_leave_them_null(objec
     monkeypatch.setenv("FEDSE_S3_BUCKET", "fedse")
     monkeypatch.setenv("FEDSE_S3_PREFIX", "team-a")
     monkeypatch.setenv("FEDSE_S3_CREDENTIALS", str(object_store.credentials))
+    assert Transport(TransportSpec(backend="s3"), "from-env", tmp_path).uri() == "s3://fedse/team-a/"
+    # the store's identities are scoped to its own prefix (none here): its rules refuse another team's prefix
+    with pytest.raises(TransportError, match="access denied"):
+        Transport(TransportSpec(backend="s3"), "from-env", tmp_path).upload(0, "maze", adapter(), {})
+    monkeypatch.delenv("FEDSE_S3_PREFIX")
     t = Transport(TransportSpec(backend="s3"), "from-env", tmp_path)
-    assert t.uri() == "s3://fedse/team-a/"
     upload = t.upload(0, "maze", adapter(), {})
-    head = object_store.client().head_object(Bucket="fedse", Key=f"team-a/{upload.key}")
+    head = object_store.client().head_object(Bucket="fedse", Key=upload.key)
     assert head["ContentLength"] == upload.bytes
     assert t.fetch_client(0, "maze")[1] == upload

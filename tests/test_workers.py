@@ -178,18 +178,18 @@ def test_a_worker_killed_mid_round_is_missing_and_the_quorum_carries_the_round(
     for key, value in stack.mlflow_env().items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "server"
-    runs = stack.orgs_root / "wordle" / "runs"
+    runs = stack.orgs_root / "textcraft" / "runs"  # (wordle's worker stays up for the attacks below)
     before = set(runs.iterdir()) if runs.exists() else set()
     started = serve_run(stack, params, out, seed=4, timeout=90, wait=False, extra=["federation.rounds=1"])
     pids = json.loads((stack.state / "pids.json").read_text())
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # wordle's worker took the request: its round's folder appears
+    while time.monotonic() < deadline:  # textcraft's worker took the request: its round's folder appears
         fresh = [p for p in runs.iterdir() if p not in before and p.name != "inbox"] if runs.exists() else []
         if fresh:
-            os.killpg(pids["org-wordle"], signal.SIGKILL)  # the worker and the round it executes
+            os.killpg(pids["org-textcraft"], signal.SIGKILL)  # the worker and the round it executes
             break
         time.sleep(0.5)
-    assert fresh, "wordle's worker never started its round"
+    assert fresh, "textcraft's worker never started its round"
     from prefect.client.orchestration import get_client
     from prefect.settings import temporary_settings
 
@@ -202,9 +202,9 @@ def test_a_worker_killed_mid_round_is_missing_and_the_quorum_carries_the_round(
     assert parent.state.is_completed(), parent.state
     doc = json.loads((out / "metrics.json").read_text())
     first = doc["rounds"][0]
-    assert sorted(k for k, c in first["clients"].items() if "failed" not in c) == ["maze", "textcraft"]
-    assert first["clients"]["wordle"]["failed"].startswith("TimeoutError: no answer within")
-    assert first["aggregation"]["missing"]["wordle"].startswith("TimeoutError")
+    assert sorted(k for k, c in first["clients"].items() if "failed" not in c) == ["maze", "wordle"]
+    assert first["clients"]["textcraft"]["failed"].startswith("TimeoutError: no answer within")
+    assert first["aggregation"]["missing"]["textcraft"].startswith("TimeoutError")
     assert doc["complete"] and "global" in first
 
 
