@@ -16,6 +16,7 @@ from fedse.aggregate import AggregationSpec
 from fedse.learner import LearnerSpec
 from fedse.model import LoraSpec, ModelSpec
 from fedse.policy import PolicySpec
+from fedse.privacy import PrivacySpec
 from fedse.transport import TransportSpec
 
 PAPER_SEED_COUNTS = {"babyai": 810, "webshop": 3930, "textcraft": 374, "maze": 215, "wordle": 955}
@@ -133,8 +134,8 @@ class OrchestrationConfig(Strict):
 
     mode: Literal["inprocess", "workers", "dask"] = Field(
         default="inprocess", description="where each client's round runs: as tasks of the server's flow run on "
-        "`task_runner` (inprocess), as a run of the organisation's own `fedse-client` deployment on its own "
-        "worker (workers), or as tasks on a Dask cluster (dask: a local cluster of `workers` processes, or "
+        "`task_runner` (inprocess), on the organisation's own worker, on a signed request through the store "
+        "(workers), or as tasks on a Dask cluster (dask: a local cluster of `workers` processes, or "
         "`dask_address`)")
     task_runner: Literal["thread", "process"] = Field(
         default="thread", description="inprocess mode: a thread pool (one model in memory) or a process pool (a "
@@ -142,9 +143,6 @@ class OrchestrationConfig(Strict):
     workers: int = Field(default=4, ge=1)
     dask_address: str | None = Field(default=None, description="scheduler of an existing Dask cluster, e.g. "
                                      "tcp://10.0.0.5:8786 (mode dask; default: a local cluster)")
-    client_deployment: str = Field(
-        default="fedse-client/{client}", description="workers mode: the deployment that runs a client's round, "
-        "`{client}` standing for the client's name")
     gpu_slots: int = Field(default=1, ge=1, description="train tasks (tag gpu) running at once")
     retries: int = Field(default=0, ge=0, description="retries of a client's rollout, train and transfer tasks")
     retry_delay: float = Field(default=2.0, ge=0, description="backoff factor (s): retry i waits delay·2^i")
@@ -166,6 +164,7 @@ class Config(Strict):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     transport: TransportSpec = Field(default_factory=TransportSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
 
     @model_validator(mode="after")
     def _clients_are_envs(self) -> Config:
@@ -179,7 +178,20 @@ class Config(Strict):
                                                     or self.federation.orgs_per_env > 1):
             raise ValueError("aggregation.personal: each environment is evaluated with its one client's own part, "
                              "which the server holds in inprocess and dask modes with one client per environment")
+        if self.privacy.client.enabled:
+            self._client_dp_fits()
         return self
+
+    def _client_dp_fits(self) -> None:
+        """Client-level DP sums clipped updates with weight 1: the factor mean's own arithmetic, nothing else."""
+        from fedse.methods import method
+
+        how, spec = method(self.federation.method), self.aggregation
+        if not how.federated:
+            raise ValueError(f"privacy.client: method {how.name} has no server step to make private")
+        if how.aggregation == "weighted" or self.rule() != "factors" or spec.momentum or spec.personal != "none":
+            raise ValueError("privacy.client: DP-FedAvg needs the plain factor mean (rule factors, no weights, no "
+                             "momentum, no personal part)")
 
     def client_envs(self) -> list[str]:
         """The environments of this federation, in envs.names order (one client each)."""

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedse import audit, checkpoint
+from fedse import audit, checkpoint, privacy
 from fedse.aggregate import Aggregate, aggregate, orthonormal_init, personalised, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, Keep, shortest_per_task, success_filter
@@ -454,7 +454,10 @@ def next_global(cfg: Config, how: Method, updates: Iterable[tuple[str, AdapterSt
         uploads = [(name, state, float(weight) if weighted else 1.0) for name, state, weight in updates]
         kept, rejected = screen(uploads, global_state, cfg.aggregation.max_norm_ratio)
         with_quorum(kept, rejected, missing or {}, cfg.quorum(len(uploads) + len(missing or {})), round)
-        step = aggregate(kept, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
+        if cfg.privacy.client.enabled:
+            step = private_step(cfg, kept, global_state, round)
+        else:
+            step = aggregate(kept, global_state, cfg.aggregation, lora_scale(cfg), momentum, rule=cfg.rule())
         step.info |= {"rejected": [{"client": r.client, "reason": r.reason} for r in rejected]} if rejected else {}
         step.info |= {"missing": dict(missing)} if missing else {}
         return step
@@ -462,6 +465,25 @@ def next_global(cfg: Config, how: Method, updates: Iterable[tuple[str, AdapterSt
     for _, state, _ in updates:
         last = state
     return Aggregate(dict(last if how.pooled else global_state))
+
+
+def client_dp_plan(cfg: Config) -> dict[str, float]:
+    """The run's client-level DP plan (fedse/privacy.py), fixed by the config: refused in one line before any
+    round when its target ε cannot be met."""
+    return privacy.client_plan(cfg.privacy.client, cfg.federation.rounds, len(cfg.client_names()),
+                               cfg.federation.clients_per_round)
+
+
+def private_step(cfg: Config, kept: list[tuple[str, AdapterState, float]], global_state: AdapterState,
+                 round: int) -> Aggregate:
+    """The server step under client-level DP (DP-FedAvg), with the (ε, δ) spent after this round, which follows
+    from the round's index alone, so a resumed run goes on counting."""
+    plan = client_dp_plan(cfg)
+    state, info = privacy.dp_fedavg(kept, global_state, plan, cfg.aggregation.server_lr,
+                                    privacy.noise_generator(cfg.seed, round))
+    spent = privacy.client_epsilon(plan, round + 1)
+    return Aggregate(state, None, {"rule": "dp_fedavg", "clients": len(kept), "server_lr": cfg.aggregation.server_lr,
+                                   "privacy": {"client": spent | {"sample_rate": plan["sample_rate"]} | info}})
 
 
 def eval_state(how: Method, env: str, own: dict[str, AdapterState], global_state: AdapterState,
@@ -642,6 +664,8 @@ class Federation:
         """`resume`: continue the run in `out` instead of refusing a used folder. `on_round(round, record,
         adapter, egress)` is called after each round is committed (the flow tracks it in MLflow there)."""
         choose_kernels(cfg.model.kernels)  # the server's averaging computes on the CPU too
+        if cfg.privacy.client.enabled:
+            client_dp_plan(cfg)  # a target ε out of reach is refused before anything is written
         if runner is None:
             if agent is None:
                 raise ValueError("Federation needs an agent or a runner")
@@ -754,6 +778,8 @@ class Federation:
                                                                self.momentum, self.missing)
         record["clients"] = {c.name: outcomes[c.name].stats if c.name in outcomes else {"failed": self.missing[c.name]}
                              for c in clients}
+        if info and "privacy" in info:  # (ε, δ) spent so far: a top-level part of the round's record
+            record["privacy"] = info.pop("privacy")
         for name, why in (info or {}).get("missing", {}).items():
             if name in outcomes:  # delivered, but its upload was refused by the server
                 record["clients"][name]["refused"] = why
