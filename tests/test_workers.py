@@ -33,6 +33,10 @@ from flows.stack import Stack
 CLIENTS = ["textcraft", "maze", "wordle"]
 RUN_SEEDS = (3, 4)
 
+# one worker runs this whole module, so its module-scoped fixture starts once (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("workers")
+
+
 
 @pytest.fixture(scope="module")
 def canary() -> str:

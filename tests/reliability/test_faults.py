@@ -27,6 +27,10 @@ from faults import (  # noqa: E402
 
 from fedse.cli import app  # noqa: E402
 
+# one worker runs this whole module, so its module-scoped fixture starts once (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("faults")
+
+
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory, micro_spec) -> Bench:
