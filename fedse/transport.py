@@ -474,13 +474,11 @@ class Transport:
             return None
         try:
             doc = json.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError("not an object")
-            return self._verify(doc, signer, key)
-        except (ValueError, UnicodeDecodeError) as exc:
-            if isinstance(exc, TransportError):
-                raise
-            raise TransportError(f"{self.where(role)}: {key} is not a JSON object") from None
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise TransportError(f"{self.where(role)}: {key} is not a JSON object")
+        return self._verify(doc, signer, key)
 
     def _verify(self, doc: dict[str, Any], signer: str, where: str) -> dict[str, Any]:
         try:

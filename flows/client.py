@@ -30,7 +30,7 @@ from prefect import flow
 
 from fedse import audit
 from fedse.atomic import write_text
-from fedse.config import ConfigError
+from fedse.config import Config, ConfigError
 from fedse.federation import ClientJob, ClientOutcome, env_of
 from fedse.kernels import choose as choose_kernels
 from fedse.methods import method
@@ -133,13 +133,13 @@ class Worker:
             request = RoundRequest.model_validate(signed)
         except ValueError as exc:
             return self.refuse(signed, f"request refused: {_first_error(exc)}", None)
-        why = self.check(request)
-        if why:
-            return self.refuse(signed, why, request)
-        return self.run(request, inbox, seen)
+        cfg = self.check(request)
+        if isinstance(cfg, str):
+            return self.refuse(signed, cfg, request)
+        return self.run(request, cfg, seen)
 
-    def check(self, request: RoundRequest) -> str | None:
-        """Why this request must be refused, or None."""
+    def check(self, request: RoundRequest) -> Config | str:
+        """The round's config under the organisation's own settings, or why this request must be refused."""
         if request.client != self.settings.client:
             return f"request for client {request.client}, this organisation is {self.settings.client}"
         done = self.answered().get(request.experiment)
@@ -151,13 +151,12 @@ class Worker:
             return f"request refused: {_first_error(exc)}"
         if not method(cfg.federation.method).federated:
             return f"method {cfg.federation.method} has no server: nothing to upload"
-        return None
+        return cfg
 
-    def run(self, request: RoundRequest, inbox: Transport, seen: str) -> str:
+    def run(self, request: RoundRequest, cfg: Config, seen: str) -> str:
         settings = self.settings
-        exchange = Transport(settings.config(request).transport, request.experiment,
-                             self.runs / request.experiment)
-        status: dict[str, Any] = {"request": seen, "agreement": agreement(settings.config(request))}
+        exchange = Transport(cfg.transport, request.experiment, self.runs / request.experiment)
+        status: dict[str, Any] = {"request": seen, "agreement": agreement(cfg)}
         try:
             doc = client_round(str(settings.home / "org.yaml"), request.model_dump(), seen)
             status |= {"state": "done"} | doc

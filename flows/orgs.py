@@ -24,6 +24,7 @@ import yaml
 from fedse.federation import env_of
 from fedse.signing import Keyring
 from fedse.transport import SERVER, client_role
+from flows.private import write_private
 
 SERVER_ONLY = ("AWS_", "MLFLOW_", "FEDSE_", "PREFECT_")  # variables an organisation's process never inherits
 
@@ -53,7 +54,7 @@ def prepare(root: Path, client: str, seeds: Path, credentials: Path | None, *, s
     if credentials is not None:
         keys = json.loads(Path(credentials).read_text())
         own = {"endpoint": keys.get("endpoint"), "roles": {role: keys["roles"][role]}}
-        _private(home / "s3-credentials.json", json.dumps(own, indent=1))
+        write_private(home / "s3-credentials.json", json.dumps(own, indent=1))
         store = {"endpoint": endpoint or keys.get("endpoint"), "bucket": bucket,
                  "credentials": "s3-credentials.json"}
     if server_keys is not None:
@@ -101,11 +102,3 @@ def start(root: Path, client: str, env: dict[str, str], log: Path) -> int:
                             start_new_session=True)
     return proc.pid
 
-
-def _private(path: Path, text: str) -> None:
-    """A secret file created readable by its owner only (never world-readable for an instant)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
