@@ -33,7 +33,7 @@ from flows.stack import Stack
 CLIENTS = ["textcraft", "maze", "wordle"]
 RUN_SEEDS = (3, 4)
 
-# one worker runs this whole module, so its module-scoped fixture starts once (pytest-xdist --dist loadgroup)
+# one xdist worker runs this whole module (--dist loadgroup); its module fixture may still be rebuilt there (issue 27)
 pytestmark = pytest.mark.xdist_group("workers")
 
 

@@ -27,7 +27,7 @@ from faults import (  # noqa: E402
 
 from fedse.cli import app  # noqa: E402
 
-# one worker runs this whole module, so its module-scoped fixture starts once (pytest-xdist --dist loadgroup)
+# one xdist worker runs this whole module (--dist loadgroup); its module fixture may still be rebuilt there (issue 27)
 pytestmark = pytest.mark.xdist_group("faults")
 
 
