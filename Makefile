@@ -83,10 +83,11 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends chromium >/dev/null; }
 
-## test: lint, the contamination audit, then the whole test suite on both cores (pytest-xdist; the served stack's
-## tests share one worker), the 15 slowest listed (the UI test must find a browser: FEDSE_BROWSER)
+## test: lint, the contamination audit, then the whole test suite on both cores (pytest-xdist; tests/conftest.py
+## groups the files that share a stack onto one worker and starts the longest first), one BLAS thread per worker
+## so the two workers do not fight over two cores, the 25 slowest listed (the UI test needs FEDSE_BROWSER)
 test: setup lint audit browser
-	FEDSE_BROWSER=$(CHROMIUM) $(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
+	OMP_NUM_THREADS=1 FEDSE_BROWSER=$(CHROMIUM) $(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
 
 ## test-fast: the inner loop: lint and every test that starts no server (the unit and property tests)
 test-fast: setup lint

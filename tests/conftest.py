@@ -139,3 +139,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SERVERS & set(getattr(item, "fixturenames", ())) or "reliability" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+
+
+# xdist: tests that share an expensive module- or session-scoped fixture (a served stack, organisations' workers,
+# a loaded SmolLM2) run in one worker, so the fixture starts once; every other test is scheduled on its own.
+# Keyed by file because the controller sees node ids only. (xdist 3.8's own `xdist_group` marker does nothing
+# under pytest 9.2: it renames `item._nodeid`, which pytest 9.2 no longer reads — measured, issue 27.)
+SHARED = {"tests/test_stack.py": "served", "tests/test_control_plane.py": "served",
+          "tests/test_workers.py": "workers", "tests/reliability/test_faults.py": "faults",
+          "tests/test_exchange.py": "exchange", "tests/test_smollm2.py": "smollm2", "tests/test_flow.py": "flow",
+          "tests/test_federation.py": "federation", "tests/test_tiny.py": "tiny"}
+FIRST = ["workers", "served", "faults", "flow"]  # the longest units start first, one per worker
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`make test`'s scheduler (pytest -n 2 --dist loadgroup): the groups above as units, longest first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Shared(LoadScopeScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED.get(nodeid.split("::", 1)[0], nodeid)
+
+        def _assign_work_unit(self, node: object) -> None:
+            if not self.ordered:  # the queue is built by now; put the long units at its head
+                for scope in reversed([s for s in FIRST if s in self.workqueue]):
+                    self.workqueue.move_to_end(scope, last=False)
+                self.ordered = True
+            super()._assign_work_unit(node)
+
+    return Shared(config, log) if config.getvalue("dist") == "loadgroup" else None

@@ -24,10 +24,6 @@ import yaml
 
 from flows.stack import Stack
 
-# the session's one served stack (conftest `served`): every test using it runs in the same xdist worker
-pytestmark = pytest.mark.xdist_group("served")
-
-
 
 def call(url: str, data: dict | None = None, auth: str | None = None,
          headers: dict[str, str] | None = None, method: str | None = None) -> tuple[int, bytes]:

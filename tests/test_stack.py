@@ -22,10 +22,6 @@ from fedse.cli import app
 from fedse.trajectory import Trajectory, read_jsonl, write_jsonl
 from flows.stack import Stack
 
-# the session's one served stack (conftest `served`): every test using it runs in the same xdist worker
-pytestmark = pytest.mark.xdist_group("served")
-
-
 
 @pytest.fixture()
 def stack(served_stack: Stack) -> Stack:

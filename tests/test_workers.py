@@ -33,9 +33,6 @@ from flows.stack import Stack
 CLIENTS = ["textcraft", "maze", "wordle"]
 RUN_SEEDS = (3, 4)
 
-# one xdist worker runs this whole module (--dist loadgroup); its module fixture may still be rebuilt there (issue 27)
-pytestmark = pytest.mark.xdist_group("workers")
-
 
 
 @pytest.fixture(scope="module")

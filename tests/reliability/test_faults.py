@@ -27,10 +27,6 @@ from faults import (  # noqa: E402
 
 from fedse.cli import app  # noqa: E402
 
-# one xdist worker runs this whole module (--dist loadgroup); its module fixture may still be rebuilt there (issue 27)
-pytestmark = pytest.mark.xdist_group("faults")
-
-
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory, micro_spec) -> Bench:
