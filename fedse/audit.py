@@ -59,11 +59,21 @@ def log_path(audit_dir: Path, experiment: str, sender: str) -> Path:
 GENESIS = "0" * 64
 
 
-def record(audit_dir: Path, upload: Upload, destination: str) -> dict[str, Any]:
+def record(audit_dir: Path, upload: Upload, destination: str, privacy: dict[str, Any] | None = None,
+           ) -> dict[str, Any]:
     """Append one upload to its sender's log, chained to the line before (the file is rewritten atomically:
-    never a torn line)."""
+    never a torn line); `privacy`: the (ε, δ) its records had spent when it left (DP on), else absent."""
     entry = upload.to_json() | {"kind": "upload", "destination": destination}
+    entry |= {"privacy": privacy} if privacy else {}
     return _append(log_path(audit_dir, upload.experiment, upload.sender), entry)
+
+
+def entries(path: Path) -> list[dict[str, Any]]:
+    """Every line of one sender's log, oldest first (none for a log not yet written)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def record_refusal(audit_dir: Path, experiment: str, sender: str, round: int, reason: str,
@@ -130,7 +140,8 @@ def summary(entry: dict[str, Any]) -> dict[str, Any]:
     shapes = entry["tensors"].values()
     return {"round": entry["round"], "sender": entry["sender"], "tensors": len(entry["tensors"]),
             "values": sum(_numel(s) for s in shapes), "dtype": entry["dtype"], "bytes": entry["bytes"],
-            "sha256": entry["sha256"], "metadata": entry["metadata"], "destination": entry["destination"]}
+            "sha256": entry["sha256"], "metadata": entry["metadata"], "destination": entry["destination"],
+            **({"epsilon": entry["privacy"]["record"]["epsilon"]} if entry.get("privacy") else {})}
 
 
 def _numel(shape: list[int]) -> int:

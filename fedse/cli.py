@@ -596,14 +596,17 @@ def audit_cmd(experiment: str = typer.Option(None, "--experiment", "-e", help="t
         print(json.dumps(entries))
         return
     table = Table("round", "sender", "tensors", "values", "dtype", "bytes", "sha256", "metadata", "destination",
-                  title=f"egress of {experiment}: every object that left a client (and the server's broadcasts)")
+                  "record ε", title=f"egress of {experiment}: every object that left a client (and the server's "
+                  "broadcasts); record ε: the (ε, δ) its trajectories had spent under DP-SGD, '-' without DP")
     for entry in entries:
         row = audit.summary(entry)
         if "refused" in row:
-            table.add_row(str(row["round"]), row["sender"], "-", "-", "-", "-", "-", f"refused: {row['refused']}", "-")
+            table.add_row(str(row["round"]), row["sender"], "-", "-", "-", "-", "-", f"refused: {row['refused']}", "-",
+                          "-")
             continue
         table.add_row(str(row["round"]), row["sender"], str(row["tensors"]), f"{row['values']:,}", row["dtype"],
-                      f"{row['bytes']:,}", row["sha256"][:16], json.dumps(row["metadata"]), row["destination"])
+                      f"{row['bytes']:,}", row["sha256"][:16], json.dumps(row["metadata"]), row["destination"],
+                      f"{row['epsilon']:.2f}" if "epsilon" in row else "-")
     out.print(table)
     if tensors:
         for entry in (e for e in entries if e.get("kind", "upload") == "upload"):

@@ -180,7 +180,18 @@ class Config(Strict):
                              "which the server holds in inprocess and dask modes with one client per environment")
         if self.privacy.client.enabled:
             self._client_dp_fits()
+        if self.privacy.record.enabled:
+            self._record_dp_fits()
         return self
+
+    def _record_dp_fits(self) -> None:
+        """DP-SGD is accounted per step of a known rate: a fixed step count, and no loss term outside it."""
+        if self.learner.steps is None:
+            raise ValueError("privacy.record: set learner.steps (optimizer steps per round): DP-SGD is accounted "
+                             "per step, so an epoch count that grows with the buffer has no fixed privacy cost")
+        if self.aggregation.fedprox_mu:
+            raise ValueError("privacy.record: aggregation.fedprox_mu is not supported with DP-SGD (its term "
+                             "would be added outside Opacus's clipped gradient)")
 
     def _client_dp_fits(self) -> None:
         """Client-level DP sums clipped updates with weight 1: the factor mean's own arithmetic, nothing else."""

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedse import audit, checkpoint, privacy
+from fedse import audit, checkpoint, dpsgd, privacy
 from fedse.aggregate import Aggregate, aggregate, orthonormal_init, personalised, state_bytes
 from fedse.atomic import write_json
 from fedse.buffer import Buffer, Keep, shortest_per_task, success_filter
@@ -238,10 +238,45 @@ def local_train(agent: Agent, cfg: Config, start: AdapterState, data: list[Traje
     """SFT from the broadcast adapter on the client's data; returns the new adapter (what it uploads)."""
     set_adapter_state(agent, start, origin="start adapter")
     limit = cfg.federation.max_buffer
-    mu = cfg.aggregation.fedprox_mu if method(cfg.federation.method).federated else 0.0
-    stats = train(agent, data[-limit:] if limit else data, cfg.learner, seed=seed, advance=advance, prox_mu=mu,
-                  window=acting_window(agent, cfg.policy))
+    data = data[-limit:] if limit else data
+    window = acting_window(agent, cfg.policy)
+    if cfg.privacy.record.enabled:  # DP-SGD: each trajectory clipped and noised (fedse/dpsgd.py)
+        stats = dpsgd.train(agent, data, cfg.learner, record_dp_plan(cfg), seed=seed, advance=advance, window=window)
+    else:
+        mu = cfg.aggregation.fedprox_mu if method(cfg.federation.method).federated else 0.0
+        stats = train(agent, data, cfg.learner, seed=seed, advance=advance, prox_mu=mu, window=window)
     return adapter_state(agent), stats
+
+
+def record_dp_plan(cfg: Config) -> dict[str, float]:
+    """The organisation's record-level DP plan (fedse/privacy.py), fixed by its config before its first round;
+    refused in one line when its target ε cannot be met."""
+    return privacy.record_plan(cfg.privacy.record, cfg.federation.rounds, cfg.learner.steps)
+
+
+def reported_dp(dp: Any) -> bool:
+    """Whether a client's reported DP-SGD round is well-formed (in workers mode it crosses the boundary in the
+    organisation's status): numbers in range, else it is not counted."""
+    try:
+        return (isinstance(dp, dict) and 0 <= float(dp["noise"]) and 0 < float(dp["sample_rate"]) <= 1
+                and isinstance(dp["steps"], int) and 0 <= dp["steps"] <= 10**7 and 0 < float(dp["delta"]) < 1)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def record_spent(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """(ε, δ) of each client's trajectories after the rounds recorded, from the DP-SGD steps each client
+    reported per round (in workers mode each organisation sets its own `privacy.record`), so a resumed run goes
+    on from its records rather than restarting the count; None when no client trained under DP-SGD."""
+    histories: dict[str, list[tuple[float, float, int]]] = {}
+    deltas: dict[str, float] = {}
+    for record in rounds:
+        for name, stats in record.get("clients", {}).items():
+            dp = stats.get("privacy") if isinstance(stats, dict) else None
+            if reported_dp(dp):
+                histories.setdefault(name, []).append((dp["noise"], dp["sample_rate"], dp["steps"]))
+                deltas[name] = max(deltas.get(name, 0.0), dp["delta"])
+    return privacy.record_epsilon(histories, deltas) if histories else None
 
 
 def eval_task_ids(cfg: Config, env: str, round: int) -> list[int]:
@@ -327,6 +362,7 @@ def update_stats(fresh: list[Trajectory], manifest: dict[str, Any], data: list[T
         "steps": stats.steps, "tokens": stats.tokens, "loss_first": stats.loss_first,
         "loss_last": stats.loss_last, "train_seconds": stats.seconds,
         "bytes_sent": upload.bytes if upload else 0, "adapter_sha256": state_hash(state),
+        **({"privacy": stats.privacy} if stats.privacy else {}),
         **({"upload_sha256": upload.sha256, "transfer_dtype": upload.dtype} if upload else {}),
     }
 
@@ -364,14 +400,33 @@ def exchange_info(transport: Transport | None) -> dict[str, Any] | None:
 
 
 def send_update(transport: Transport, cfg: Config, folder: Path, round: int, client: str, state: AdapterState,
-                weight: int, request: str | None = None) -> Upload:
+                weight: int, request: str | None = None, dp: dict[str, Any] | None = None) -> Upload:
     """Client side: upload the adapter, with the success count only when the server weighs by it (nothing
-    leaves a client that the server does not use), and log the upload, with where it went, in the client's
-    egress log."""
+    leaves a client that the server does not use), and log the upload, with where it went and (`dp`: this
+    round's DP-SGD, `TrainStats.privacy`) the (ε, δ) its trajectories have spent so far, in the client's egress
+    log."""
     metadata = {"successes": weight} if method(cfg.federation.method).aggregation == "weighted" else {}
     upload = transport.upload(round, client, state, metadata, request)
-    audit.record(audit.egress_dir(cfg.transport.audit_dir, folder), upload, transport.destination())
+    egress = audit.egress_dir(cfg.transport.audit_dir, folder)
+    spent = upload_privacy(audit.log_path(egress, upload.experiment, upload.sender), round, dp,
+                           cfg.privacy.record.delta) if dp else None
+    audit.record(egress, upload, transport.destination(), spent)
     return upload
+
+
+def upload_privacy(log: Path, round: int, dp: dict[str, Any], delta: float) -> dict[str, Any]:
+    """The record-level (ε, δ) an upload leaves with: this round's DP-SGD steps composed with those of the
+    organisation's earlier uploads of the experiment, read from its own egress log (its last line per round: a
+    retried upload is one round), so the organisation counts without trusting the server's records."""
+    earlier: dict[int, tuple[float, float, int]] = {}
+    for entry in audit.entries(log):
+        mine = (entry.get("privacy") or {}).get("record")
+        if entry.get("kind") == "upload" and mine and entry["round"] < round:
+            earlier[entry["round"]] = (mine["noise"], mine["sample_rate"], mine["steps"])
+    step = (dp["noise"], dp["sample_rate"], dp["steps"])
+    return {"record": {"noise": step[0], "sample_rate": step[1], "steps": step[2], "delta": delta,
+                       "round_epsilon": privacy.composed([step], delta),
+                       "epsilon": privacy.composed([*earlier.values(), step], delta)}}
 
 
 def weight_bound(cfg: Config, client: str, round: int) -> int:
@@ -625,7 +680,7 @@ class InProcess:
 
         state, stats = local_train(self.agent, cfg, start, data, cfg.seed * 1_000 + round, advance)
         self.progress.finish(bar)
-        sent = send_update(fed.exchange, cfg, fed.out, round, job.name, state, successes(data)) \
+        sent = send_update(fed.exchange, cfg, fed.out, round, job.name, state, successes(data), dp=stats.privacy) \
             if fed.exchange is not None else None
         return ClientOutcome(state, update_stats(fresh, manifest, data, stats, state, sent), successes(data), sent)
 
@@ -666,6 +721,8 @@ class Federation:
         choose_kernels(cfg.model.kernels)  # the server's averaging computes on the CPU too
         if cfg.privacy.client.enabled:
             client_dp_plan(cfg)  # a target ε out of reach is refused before anything is written
+        if cfg.privacy.record.enabled:
+            record_dp_plan(cfg)
         if runner is None:
             if agent is None:
                 raise ValueError("Federation needs an agent or a runner")
@@ -780,6 +837,9 @@ class Federation:
                              for c in clients}
         if info and "privacy" in info:  # (ε, δ) spent so far: a top-level part of the round's record
             record["privacy"] = info.pop("privacy")
+        spent = record_spent([*self.rounds, record])  # every round so far, this one included
+        if spent is not None:
+            record.setdefault("privacy", {})["record"] = spent
         for name, why in (info or {}).get("missing", {}).items():
             if name in outcomes:  # delivered, but its upload was refused by the server
                 record["clients"][name]["refused"] = why

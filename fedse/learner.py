@@ -63,6 +63,7 @@ class TrainStats:
     loss_first: float
     loss_last: float
     seconds: float
+    privacy: dict[str, Any] | None = None  # record-level DP: this call's (noise, sample rate, steps), clip stats
 
     @property
     def tokens_per_sec(self) -> float:
@@ -185,10 +186,23 @@ def lm_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Ten
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if decoder is None or head is None:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits, targets, _ = labelled_logits(model, ids, mask, labels)
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def labelled_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next-token logits at the labelled positions only (fp32), their targets, and the row each sits in:
+    `lm_loss` averages them; DP-SGD (fedse/dpsgd.py) weighs each row by its trajectory."""
     chosen = labels[:, 1:] != IGNORE
-    logits = head(hidden[:, :-1][chosen]).float()
-    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][chosen])
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if decoder is None or head is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][chosen].float()
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = head(hidden[:, :-1][chosen]).float()
+    return logits, labels[:, 1:][chosen], chosen.nonzero()[:, 0]
 
 
 def use_autocast(spec: LearnerSpec, device: torch.device) -> bool:

@@ -56,25 +56,55 @@ class ClientDP(BaseModel):
         return self
 
 
+class RecordDP(BaseModel):
+    """`privacy.record`: DP-SGD inside each organisation's training, one trajectory the unit protected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    clip: float = Field(1.0, gt=0, description="C: each trajectory's gradient is clipped to this L2 norm")
+    sample_rate: float = Field(0.25, gt=0, le=1, description="q: each step trains on a Poisson sample of the "
+                               "client's trajectories, each taken with probability q (expected batch q·N)")
+    noise: float | None = Field(None, ge=0, description="z: noise standard deviation in units of C; null = "
+                                "calibrated to reach `epsilon` after all rounds")
+    epsilon: float | None = Field(None, gt=0, description="target ε per organisation after all rounds (with "
+                                  "delta); used when noise is null")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RecordDP:
+        if self.enabled and (self.noise is None) == (self.epsilon is None):
+            raise ValueError("privacy.record: set exactly one of noise (z) and epsilon (a target)")
+        return self
+
+
 class PrivacySpec(BaseModel):
     """`privacy:` in params.yaml."""
 
     model_config = ConfigDict(extra="forbid")
 
     client: ClientDP = Field(default_factory=ClientDP)
+    record: RecordDP = Field(default_factory=RecordDP)
 
 
 # ------------------------------------------------------------------ accounting (Opacus RDP)
 def epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε after `steps` Gaussian steps of noise multiplier `noise` at sampling rate `sample_rate` (Opacus RDP)."""
+    return composed([(noise, sample_rate, steps)], delta)
+
+
+def composed(history: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """ε of a sequence of subsampled Gaussian mechanisms [(noise multiplier, sampling rate, steps), …]: Opacus's
+    RDP accountant over the whole history, so rounds of different rates compose (0 for no step, ∞ for no noise)."""
     from opacus.accountants import RDPAccountant
 
-    if steps <= 0:
+    entries = [(float(z), float(q), int(n)) for z, q, n in history if n > 0]
+    if not entries:
         return 0.0
-    if noise <= 0:
+    if any(z <= 0 for z, _, _ in entries):
         return math.inf
     accountant = RDPAccountant()
-    accountant.history = [(noise, sample_rate, steps)]
+    accountant.history = entries
     return float(accountant.get_epsilon(delta=delta))
 
 
@@ -96,6 +126,30 @@ def calibrate(target: float, delta: float, sample_rate: float, steps: int, what:
                            f"{steps} steps at sampling rate {sample_rate:.3g}, which leaves no signal; raise "
                            "epsilon, or take fewer rounds or a lower participation rate")
     return noise
+
+
+# ------------------------------------------------------------------ record level (DP-SGD, fedse/dpsgd.py)
+def record_plan(spec: RecordDP, rounds: int, steps: int | None) -> dict[str, float]:
+    """An organisation's record-level DP plan, fixed before its first round: clip C, noise z, sampling rate q,
+    steps per round. The rate is fixed (not the batch), so the plan's ε is exact whatever the buffer grows to;
+    refused in one line when the target cannot be met, or when training has no fixed number of steps."""
+    if steps is None:
+        raise PrivacyError("privacy.record: set learner.steps (optimizer steps per round): DP-SGD is accounted "
+                           "per step, so an epoch count that grows with the buffer has no fixed privacy cost")
+    noise = spec.noise if spec.noise is not None else calibrate(spec.epsilon or 0.0, spec.delta, spec.sample_rate,
+                                                                rounds * steps, "privacy.record")
+    return {"clip": spec.clip, "noise": noise, "sample_rate": spec.sample_rate, "steps": steps,
+            "delta": spec.delta}
+
+
+def record_epsilon(histories: Mapping[str, list[tuple[float, float, int]]], delta: float | Mapping[str, float],
+                   ) -> dict[str, Any]:
+    """(ε, δ) of each organisation's trajectories after the DP-SGD steps in its history (at its own δ: each
+    organisation sets its own), and the largest of each: what any one trajectory of any organisation is
+    protected by."""
+    deltas = {name: delta if isinstance(delta, float | int) else delta[name] for name in histories}
+    per = {name: composed(history, deltas[name]) for name, history in sorted(histories.items())}
+    return {"epsilon": max(per.values(), default=0.0), "delta": max(deltas.values(), default=0.0), "clients": per}
 
 
 # ------------------------------------------------------------------ client level (DP-FedAvg)

@@ -629,6 +629,10 @@ def round_line(record: Doc, rounds: int) -> str:
         added, held = sum(c.get("added", 0) for c in clients), sum(c.get("buffer", 0) for c in clients)
         parts.append(f"buffers +{added} → {held}")
     parts.append(f"{record['seconds']:.0f} s")
+    spent = [f"{kind} ε {dp['epsilon']:.2f}" for kind, dp in sorted(record.get("privacy", {}).items())]
+    if spent:  # DP on: what has been spent so far, at which δ
+        delta = min(dp["delta"] for dp in record["privacy"].values())
+        parts.append(f"{', '.join(spent)} (δ {delta:g})")
     absent = {**record.get("aggregation", {}).get("missing", {}),
               **{r["client"]: r["reason"] for r in record.get("aggregation", {}).get("rejected", [])}}
     if absent:

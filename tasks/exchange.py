@@ -22,7 +22,8 @@ from tasks.buffer import ClientData
       task_run_name="upload-{client}-round-{round}")
 def upload(exchange: Transport, cfg: Config, folder: str, trained: tuple[AdapterState, TrainStats],
            data: ClientData, round: int, client: str) -> Upload:
-    return send_update(exchange, cfg, Path(folder), round, client, trained[0], successes(data.records))
+    return send_update(exchange, cfg, Path(folder), round, client, trained[0], successes(data.records),
+                       dp=trained[1].privacy)
 
 
 @task(name="download_global", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,

@@ -45,6 +45,8 @@ def version_tags(tracking: Tracking, method: str, round: int, seed: int, adapter
             "micro": f"{record['micro']:.6f}", "macro": f"{record['macro']:.6f}", "parent_run_id": tracking.run_id}
     tags |= {f"success.{env}": f"{s['success']:.6f}" for env, s in record["envs"].items()}
     tags |= {f"buffer.{client}": digest for client, digest in buffers.items()}
+    for kind, dp in record.get("privacy", {}).items():  # what this version's training spent (DP on)
+        tags |= {f"privacy.{kind}.epsilon": f"{dp['epsilon']:.6g}", f"privacy.{kind}.delta": f"{dp['delta']:g}"}
     return tags
 
 

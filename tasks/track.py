@@ -131,10 +131,29 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
         value = record.get("aggregation", {}).get(key)
         if isinstance(value, int | float) and math.isfinite(value):
             metrics[f"aggregation.{key}"] = float(value)
+    metrics |= privacy_metrics(record)
     if "aggregation" in record:
         metrics["aggregation.rejected"] = float(len(record["aggregation"].get("rejected", [])))
         metrics["aggregation.unexpected_objects"] = float(len(record["aggregation"].get("unexpected_objects", [])))
     return metrics
+
+
+def privacy_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """(ε, δ) spent so far, per DP mode (`privacy.client.*`, `privacy.record.*`, and each client's record ε),
+    and each client's DP-SGD batch and clipped share: the privacy curve next to the success curve."""
+    metrics: dict[str, float] = {}
+    for kind, dp in record.get("privacy", {}).items():
+        for key in ("epsilon", "round_epsilon", "delta", "noise", "sample_rate"):
+            if isinstance(dp.get(key), int | float):
+                metrics[f"privacy.{kind}.{key}"] = float(dp[key])
+        for client, eps in (dp.get("clients") or {}).items() if kind == "record" else ():
+            metrics[f"privacy.record.{client}.epsilon"] = float(eps)
+    for client, stats in record.get("clients", {}).items():
+        for key in ("mean_batch", "clipped_share"):
+            value = (stats.get("privacy") or {}).get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                metrics[f"client.{client}.dp_{key}"] = float(value)
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def absence_tags(record: dict[str, Any]) -> dict[str, str]:
