@@ -216,11 +216,11 @@ def upload_fault(bench: Bench, kind: str, screening: bool = True) -> dict[str, A
         return start
 
     def wrap_send(real):
-        def send(*args):
+        def send(*args, **kw):
             args = list(args)
             if victim_of(tuple(args)) == VICTIM:
                 args[5] = corrupt(args[5], broadcast[args[3]])
-            return real(*args)
+            return real(*args, **kw)
         return send
 
     extra = () if screening else ("aggregation.max_norm_ratio=null",)
@@ -296,10 +296,10 @@ def store_down(bench: Bench) -> dict[str, Any]:
         running.enter_context(serving(store))
 
         def wrap(real):
-            def send(*args):
+            def send(*args, **kw):
                 if victim_of(args) == VICTIM and args[3] == 1:
                     running.close()  # the store goes away mid-round
-                return real(*args)
+                return real(*args, **kw)
             return send
 
         try:

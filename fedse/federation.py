@@ -408,13 +408,12 @@ def send_update(transport: Transport, cfg: Config, folder: Path, round: int, cli
     metadata = {"successes": weight} if method(cfg.federation.method).aggregation == "weighted" else {}
     upload = transport.upload(round, client, state, metadata, request)
     egress = audit.egress_dir(cfg.transport.audit_dir, folder)
-    spent = upload_privacy(audit.log_path(egress, upload.experiment, upload.sender), round, dp,
-                           cfg.privacy.record.delta) if dp else None
+    spent = upload_privacy(audit.log_path(egress, upload.experiment, upload.sender), round, dp) if dp else None
     audit.record(egress, upload, transport.destination(), spent)
     return upload
 
 
-def upload_privacy(log: Path, round: int, dp: dict[str, Any], delta: float) -> dict[str, Any]:
+def upload_privacy(log: Path, round: int, dp: dict[str, Any]) -> dict[str, Any]:
     """The record-level (ε, δ) an upload leaves with: this round's DP-SGD steps composed with those of the
     organisation's earlier uploads of the experiment, read from its own egress log (its last line per round: a
     retried upload is one round), so the organisation counts without trusting the server's records."""
@@ -423,7 +422,7 @@ def upload_privacy(log: Path, round: int, dp: dict[str, Any], delta: float) -> d
         mine = (entry.get("privacy") or {}).get("record")
         if entry.get("kind") == "upload" and mine and entry["round"] < round:
             earlier[entry["round"]] = (mine["noise"], mine["sample_rate"], mine["steps"])
-    step = (dp["noise"], dp["sample_rate"], dp["steps"])
+    step, delta = (dp["noise"], dp["sample_rate"], dp["steps"]), dp["delta"]
     return {"record": {"noise": step[0], "sample_rate": step[1], "steps": step[2], "delta": delta,
                        "round_epsilon": privacy.composed([step], delta),
                        "epsilon": privacy.composed([*earlier.values(), step], delta)}}

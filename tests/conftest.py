@@ -41,6 +41,26 @@ def micro_params(tmp_path: Path, micro_spec) -> Path:
     return path
 
 
+@pytest.fixture()
+def dp_config(micro_spec: ModelSpec, tmp_path: Path):
+    """A factory of two-organisation smoke configs (maze, wordle; 4 seeds each, written once) on the micro model,
+    with the given overrides: what the DP tests run, killed and resumed."""
+    from fedse.config import load_config
+    from fedse.seed import write_seed_file
+
+    for env in ("maze", "wordle"):
+        write_seed_file(env, 4, tmp_path / "seeds", seed=0)
+
+    def make(overrides: list[str]):
+        cfg = load_config("params.yaml", profile="smoke", overrides=[
+            "federation.method=fedse", "federation.seeds_per_client=4", "federation.explore_episodes=2",
+            "federation.eval_episodes=2", "envs.names=[maze, wordle]", f"seed_data.dir={tmp_path / 'seeds'}",
+            *overrides])
+        return cfg.model_copy(update={"model": micro_spec})
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def object_store(tmp_path_factory: pytest.TempPathFactory):
     """A real SeaweedFS S3 server on free 127.0.0.1 ports with one identity per role (flows/seaweed.py), its

@@ -147,20 +147,13 @@ def test_dp_sgd_trains_only_the_adapter_and_reports_what_the_accountant_needs(mi
 
 
 def test_a_record_dp_run_reports_epsilon_per_round_and_a_resumed_run_goes_on_counting(
-        micro_spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        dp_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedse import federation
     from fedse.federation import Federation
     from fedse.model import load_agent
-    from fedse.seed import write_seed_file
 
-    for env in ("maze", "wordle"):
-        write_seed_file(env, 4, tmp_path / "seeds", seed=0)
-    cfg = load_config("params.yaml", profile="smoke", overrides=[
-        "federation.method=fedse", "privacy.record.enabled=true", "privacy.record.epsilon=8",
-        "privacy.record.sample_rate=0.5", "learner.steps=3", "federation.seeds_per_client=4",
-        "federation.explore_episodes=2", "federation.eval_episodes=2", "envs.names=[maze, wordle]",
-        f"seed_data.dir={tmp_path / 'seeds'}"])
-    cfg = cfg.model_copy(update={"model": micro_spec})
+    cfg = dp_config(["privacy.record.enabled=true", "privacy.record.epsilon=8", "privacy.record.sample_rate=0.5",
+                     "learner.steps=3"])
     whole = Federation(load_agent(cfg.agent_spec(), seed=0), cfg, tmp_path / "whole").run()
     plan = federation.record_dp_plan(cfg)
     spent = [r["privacy"]["record"]["epsilon"] for r in whole["rounds"]]

@@ -235,10 +235,10 @@ def scaled_upload(monkeypatch: pytest.MonkeyPatch, fed: Federation) -> Federatio
 
     real = federation.send_update
 
-    def send(transport, cfg, folder, round, client, state, weight):
+    def send(transport, cfg, folder, round, client, state, weight, **kw):
         if client == "wordle":
             state = {k: fed.initial[k] + 100 * (v - fed.initial[k]) for k, v in state.items()}
-        return real(transport, cfg, folder, round, client, state, weight)
+        return real(transport, cfg, folder, round, client, state, weight, **kw)
 
     monkeypatch.setattr(federation, "send_update", send)
     return fed

@@ -86,19 +86,12 @@ def test_the_plan_is_fixed_before_round_zero_and_settings_that_cannot_work_are_r
 
 
 def test_a_dp_run_reports_epsilon_per_round_and_a_resumed_run_goes_on_counting(
-        micro_spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        dp_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedse import federation
     from fedse.federation import Federation
     from fedse.model import load_agent
-    from fedse.seed import write_seed_file
 
-    for env in ("maze", "wordle"):
-        write_seed_file(env, 4, tmp_path / "seeds", seed=0)
-    cfg = load_config("params.yaml", profile="smoke", overrides=[
-        "federation.method=fedse", "privacy.client.enabled=true", "privacy.client.epsilon=8",
-        "privacy.client.clip=0.05", "federation.seeds_per_client=4", "federation.explore_episodes=2",
-        "federation.eval_episodes=2", "envs.names=[maze, wordle]", f"seed_data.dir={tmp_path / 'seeds'}"])
-    cfg = cfg.model_copy(update={"model": micro_spec})
+    cfg = dp_config(["privacy.client.enabled=true", "privacy.client.epsilon=8", "privacy.client.clip=0.05"])
     whole = Federation(load_agent(cfg.agent_spec(), seed=0), cfg, tmp_path / "whole").run()
     spent = [r["privacy"]["client"]["epsilon"] for r in whole["rounds"]]
     plan = federation.client_dp_plan(cfg)
