@@ -129,6 +129,8 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, p
     sched = torch.optim.lr_scheduler.LambdaLR(opt.original_optimizer, cosine(steps, int(spec.warmup_ratio * steps)))
     sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=rate, steps=steps,
                                             generator=torch.Generator().manual_seed(seed * 2))
+    width = [sum(len(e.ids) for e in rows) for rows in data]  # per trajectory, once: every step adds its sample's
+    labelled = [sum(x != IGNORE for e in rows for x in e.labels) for rows in data]
     losses, sizes, clipped, tokens, agent_tokens = [], [], 0, 0, 0
     start = time.perf_counter()
     try:
@@ -143,8 +145,8 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, p
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 sizes.append(len(sample))
-                tokens += sum(len(e.ids) for rows in sample for e in rows)
-                agent_tokens += sum(x != IGNORE for rows in sample for e in rows for x in e.labels)
+                tokens += sum(width[i] for i in chosen)
+                agent_tokens += sum(labelled[i] for i in chosen)
                 if loss == loss:
                     losses.append(loss)
                 if advance:
