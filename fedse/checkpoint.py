@@ -39,14 +39,29 @@ class ResumeError(ValueError):
     """A run folder that cannot be resumed; the message is one line naming the folder and what is wrong."""
 
 
-def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dumps, with both values."""
+_ABSENT = object()
+
+
+def differences(old: Any, new: Any, prefix: str = "", defaults: Any = _ABSENT) -> list[str]:
+    """Dotted keys whose values differ between two config dumps, with both values.
+
+    A key the recorded run lacks is a setting added to fedse after the run started; the run behaved as its
+    default, so it is no difference when `new` holds that default (given by `defaults`, a dump of the default
+    config), and a run started before an upgrade can still be resumed after it.
+    """
+    if old is _ABSENT and defaults is not _ABSENT and new == defaults:
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
+        sub = defaults if isinstance(defaults, dict) else {}
         for key in sorted(set(old) | set(new), key=str):
-            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.",
+                               sub.get(key, _ABSENT))
         return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} in the run, {new!r} now"]
+    if old == new:
+        return []
+    shown = [None if value is _ABSENT else value for value in (old, new)]
+    return [f"{prefix.rstrip('.')}: {shown[0]!r} in the run, {shown[1]!r} now"]
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +76,11 @@ def begin(out: Path, config: dict[str, Any], experiment: str | None) -> None:
     write_json(out / RUN, {"experiment": experiment, "config": config})
 
 
-def identity(out: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The run's recorded identity, after checking that it is the same run as `config` describes."""
+def identity(out: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's recorded identity, after checking that it is the same run as `config` describes.
+
+    `defaults` (the default config's dump) lets a setting added since the run started pass at its default.
+    """
     path = out / RUN
     if not path.exists():
         raise ResumeError(f"--resume {out}: no {RUN} there (not a fedse run folder, or one from before resume "
@@ -72,7 +90,7 @@ def identity(out: Path, config: dict[str, Any]) -> dict[str, Any]:
         recorded = run["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ResumeError(f"--resume {out}: {RUN} is unreadable ({type(exc).__name__})") from None
-    changed = differences(comparable(recorded), comparable(config))
+    changed = differences(comparable(recorded), comparable(config), "", _ABSENT if defaults is None else defaults)
     if changed:
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         raise ResumeError(f"--resume {out}: the parameters differ from the run's: {changed[0]}{more}")

@@ -731,7 +731,8 @@ class Federation:
         used = self.out.exists() and any(self.out.iterdir())
         resume = resume and used  # killed before it wrote anything: nothing to resume, so it starts afresh
         if resume:
-            experiment = checkpoint.identity(self.out, config)["experiment"]
+            defaults = type(cfg)().model_dump(mode="json")
+            experiment = checkpoint.identity(self.out, config, defaults)["experiment"]
         elif used:
             raise ValueError(f"{self.out}: already holds a run (its buffers would be reused); choose another --out, "
                              "delete it, or continue it with --resume")

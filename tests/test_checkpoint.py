@@ -29,6 +29,20 @@ def test_differences_name_each_changed_key_with_both_values() -> None:
     assert differences(old, new) == ["extra: None in the run, 1 now", "federation.rounds: 4 in the run, 6 now"]
 
 
+def test_a_setting_added_since_the_run_started_passes_only_at_its_default() -> None:
+    """A run recorded before `privacy.record` existed behaved as its default (off), so it resumes after an
+    upgrade; turning the new setting on, or a changed old one, is still a difference."""
+    defaults = {"privacy": {"client": {"enabled": False}, "record": {"enabled": False, "clip": 1.0}}, "seed": 0}
+    old = {"privacy": {"client": {"enabled": False}}, "seed": 0}
+    assert differences(old, defaults, "", defaults) == []
+    on = {"privacy": {"client": {"enabled": False}, "record": {"enabled": True, "clip": 1.0}}, "seed": 0}
+    assert differences(old, on, "", defaults) == [
+        "privacy.record: None in the run, {'enabled': True, 'clip': 1.0} now"]
+    assert differences({**old, "seed": 1}, defaults, "", defaults) == ["seed: 1 in the run, 0 now"]
+    assert differences(old, defaults) == [
+        "privacy.record: None in the run, {'enabled': False, 'clip': 1.0} now"]  # no defaults given: strict
+
+
 def test_rewind_keeps_the_records_a_manifest_counts_and_drops_later_manifests(tmp_path: Path) -> None:
     buffer = Buffer(tmp_path)
     buffer.commit(0, buffer.add([traj(1), traj(2)]))
