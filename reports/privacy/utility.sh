@@ -5,6 +5,7 @@
 #                                           # learning rates, client-level DP; picks the lr of the record rows
 #   bash reports/privacy/utility.sh test    # the table on the test sets: {fedse, fedit} x {inf, record 8/1, client 8/1}
 #   JOBS=2 bash reports/privacy/utility.sh test
+#   .venv/bin/python reports/privacy/utility_table.py      # the tables (macro vs ε, a DP round's cost vs plain)
 # Each finished run's metrics.json is kept as reports/privacy/utility/<tag>.json; an unfinished one is continued with
 # --resume when the script runs again (a lock per run lets a second copy join).
 set -euo pipefail
