@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.atomic import atomic_dir
 from fedse.kernels import choose as choose_kernels
-from fedse.prompt import Renderer
+from fedse.prompt import CHATML_TEMPLATE, Renderer
 from fedse.tiny import TinySpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -186,6 +186,8 @@ def load_base(spec: ModelSpec, advance: Callable[[int, float], None] | None = No
         model.config.quantization_config = None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.preset == "tiny" and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE  # the embedded model's markup, as every model's: its template
     model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)

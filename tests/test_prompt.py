@@ -1,7 +1,16 @@
 from __future__ import annotations
 
+import copy
+
+import pytest
+
 from fedse.model import Agent
-from fedse.prompt import fit_window
+from fedse.prompt import ACTION_PREFIX, CHATML_TEMPLATE, SYSTEM, Markup, MarkupError, Renderer, fit_window
+
+# a Llama-3-style template: a BOS, headers instead of ChatML's markers, an end-of-turn token and nothing after it
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+          "+ m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
 
 def test_pieces_are_prefix_stable(micro_agent: Agent) -> None:
@@ -20,6 +29,42 @@ def test_only_agent_replies_carry_loss(micro_agent: Agent) -> None:
     text = micro_agent.tokenizer.decode(agent_tokens)
     assert text.startswith("Action: move left") and text.endswith("<|im_end|>")
     assert "obs" not in text
+
+
+def test_the_embedded_model_renders_through_its_own_chatml_template(micro_agent: Agent) -> None:
+    """The tiny model carries its markup as a chat template, cut into the very pieces written before templates."""
+    assert micro_agent.tokenizer.chat_template == CHATML_TEMPLATE
+    assert micro_agent.renderer.markup == Markup.chatml()
+
+
+def test_pieces_joined_are_the_templates_own_rendering(micro_agent: Agent) -> None:
+    """For any template the renderer can split, the episode's text is exactly what apply_chat_template writes for
+    the same chat, and the assistant's end-of-turn token is the last token the agent is trained on."""
+    tok = copy.deepcopy(micro_agent.tokenizer)  # the loaded tokenizer may be shared with other tests
+    tok.chat_template = LLAMA3
+    r = Renderer(tok)
+    assert r.markup.end == "<|eot_id|>" and r.markup.close == ""
+    obs, acts = ["first obs", "second obs"], ["move up"]
+    enc = r.episode(obs, acts)
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": obs[0]},
+            {"role": "assistant", "content": ACTION_PREFIX + acts[0]}, {"role": "user", "content": obs[1]}]
+    assert tok.decode(enc.ids) == tok.apply_chat_template(chat, tokenize=False)
+    agent_tokens = [i for i, a in zip(enc.ids, enc.agent, strict=True) if a]
+    assert tok.decode(agent_tokens) == "Action: move up<|eot_id|>"
+
+
+def test_no_template_falls_back_to_chatml_and_a_rewriting_template_is_one_line(micro_agent: Agent) -> None:
+    tok = copy.deepcopy(micro_agent.tokenizer)
+    tok.chat_template = None
+    assert Markup.of(tok) == Markup.chatml()
+    # keeps only the last message's content: earlier messages change as the chat grows
+    tok.chat_template = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}-{% endif %}{% endfor %}"
+    with pytest.raises(MarkupError, match=r"rewrites earlier messages") as err:
+        Markup.of(tok)
+    assert "\n" not in str(err.value)
+    tok.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(MarkupError, match=r"cannot render a system/user/assistant chat.*System role not supported"):
+        Markup.of(tok)
 
 
 def test_fit_window_keeps_head_and_newest_turns() -> None:
