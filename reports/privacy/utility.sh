@@ -13,6 +13,18 @@ cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
 OUT=${OUT:-.cache/fedse/privacy-utility}; KEEP=reports/privacy/utility; mkdir -p "$OUT" "$KEEP"
 COMMON="--set learner.steps=16"
+if [ "${1:-}" = test ] && [ -z "${RECORD_LR:-}" ] && [ -f "$KEEP/val-fedse-rec8-lr3e-4.json" ]; then
+  # the rule, fixed before the lr-3e-4 calibration run had finished: the record rows' lr is the one whose ε-8
+  # calibration run ends with the higher validation macro (a tie keeps the profile's lr)
+  RECORD_LR=$(python - "$KEEP" <<'PY'
+import json, sys
+from pathlib import Path
+macro = lambda tag: json.loads((Path(sys.argv[1]) / f"{tag}.json").read_text())["rounds"][-1]["macro"]
+print("0.0003" if macro("val-fedse-rec8-lr3e-4") > macro("val-fedse-rec8") else "")
+PY
+)
+  echo "record-level rows at lr ${RECORD_LR:-of the profile} (chosen on validation ids)"
+fi
 REC="${RECORD_LR:+--set learner.lr=$RECORD_LR }--set privacy.record.enabled=true --set privacy.record.sample_rate=0.25 --set privacy.record.clip=1.0"
 CLI="--set privacy.client.enabled=true --set privacy.client.clip=${CLIENT_CLIP:-1.0}"
 case "${1:-}" in
