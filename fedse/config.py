@@ -16,7 +16,7 @@ from fedse.aggregate import AggregationSpec
 from fedse.learner import LearnerSpec
 from fedse.model import LoraSpec, ModelSpec
 from fedse.policy import PolicySpec
-from fedse.privacy import PrivacySpec
+from fedse.privacy import NEEDS_STEPS, PrivacySpec
 from fedse.transport import TransportSpec
 
 PAPER_SEED_COUNTS = {"babyai": 810, "webshop": 3930, "textcraft": 374, "maze": 215, "wordle": 955}
@@ -187,8 +187,7 @@ class Config(Strict):
     def _record_dp_fits(self) -> None:
         """DP-SGD is accounted per step of a known rate: a fixed step count, and no loss term outside it."""
         if self.learner.steps is None:
-            raise ValueError("privacy.record: set learner.steps (optimizer steps per round): DP-SGD is accounted "
-                             "per step, so an epoch count that grows with the buffer has no fixed privacy cost")
+            raise ValueError(NEEDS_STEPS)
         if self.aggregation.fedprox_mu:
             raise ValueError("privacy.record: aggregation.fedprox_mu is not supported with DP-SGD (its term "
                              "would be added outside Opacus's clipped gradient)")

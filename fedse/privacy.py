@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 State = Mapping[str, torch.Tensor]
 Update = tuple[str, State, float]
+NEEDS_STEPS = ("privacy.record: set learner.steps (optimizer steps per round): DP-SGD is accounted per step, so an "
+               "epoch count that grows with the buffer has no fixed privacy cost")
 MAX_NOISE = 100.0  # a noise multiplier above this buries every update: refused as "cannot be met"
 
 
@@ -134,8 +136,7 @@ def record_plan(spec: RecordDP, rounds: int, steps: int | None) -> dict[str, flo
     steps per round. The rate is fixed (not the batch), so the plan's ε is exact whatever the buffer grows to;
     refused in one line when the target cannot be met, or when training has no fixed number of steps."""
     if steps is None:
-        raise PrivacyError("privacy.record: set learner.steps (optimizer steps per round): DP-SGD is accounted "
-                           "per step, so an epoch count that grows with the buffer has no fixed privacy cost")
+        raise PrivacyError(NEEDS_STEPS)
     noise = spec.noise if spec.noise is not None else calibrate(spec.epsilon or 0.0, spec.delta, spec.sample_rate,
                                                                 rounds * steps, "privacy.record")
     return {"clip": spec.clip, "noise": noise, "sample_rate": spec.sample_rate, "steps": steps,
