@@ -185,12 +185,17 @@ class Config(Strict):
         return self
 
     def _record_dp_fits(self) -> None:
-        """DP-SGD is accounted per step of a known rate: a fixed step count, and no loss term outside it."""
+        """DP-SGD is accounted per step of a known rate: a fixed step count, and no loss term outside it; its
+        per-row gradients come from Opacus's hooks, which recomputed (checkpointed) layers would confuse."""
         if self.learner.steps is None:
             raise ValueError(NEEDS_STEPS)
         if self.aggregation.fedprox_mu:
             raise ValueError("privacy.record: aggregation.fedprox_mu is not supported with DP-SGD (its term "
                              "would be added outside Opacus's clipped gradient)")
+        if self.learner.gradient_checkpointing:
+            raise ValueError("privacy.record: learner.gradient_checkpointing is not supported with DP-SGD (Opacus "
+                             "records each layer's input in its forward hooks, and a recomputed layer would record "
+                             "it twice); use learner.batch_tokens to bound its memory instead")
 
     def _client_dp_fits(self) -> None:
         """Client-level DP sums clipped updates with weight 1: the factor mean's own arithmetic, nothing else."""

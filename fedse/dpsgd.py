@@ -8,6 +8,10 @@ gradient to C, sums, adds N(0, z²C²) and divides by the expected batch. Each s
 of the trajectories at rate q (Opacus's `UniformWithReplacementSampler`), which is what the RDP accountant
 (fedse/privacy.py) assumes; the buffer is reused every round, so a run's privacy is every round's steps composed.
 
+Memory: the sample's rows go through in micro-batches of `learner.batch_size` rows or `learner.batch_tokens`
+padded tokens; `learner.gradient_checkpointing` is refused by the config (fedse/config.py), since a recomputed
+layer would fire Opacus's hooks a second time.
+
 Nothing here is a hand-written per-sample gradient, clip, noise or accountant: summing rows into trajectories is
 the one step Opacus does not take, since its unit is a row.
 """
@@ -30,6 +34,7 @@ from fedse.learner import (
     cosine,
     encode,
     labelled_logits,
+    spans,
     training,
     use_autocast,
 )
@@ -48,11 +53,12 @@ def trajectory_rows(agent: Agent, trajectories: Sequence[Trajectory], max_len: i
             for t in trajectories]
 
 
-def row_batches(rows: list[Row], size: int) -> list[list[Row]]:
-    """Micro-batches of at most `size` rows, by length so that padding stays small (memory, not privacy: every
-    row of the sample is used whatever the batching)."""
+def row_batches(rows: list[Row], size: int, tokens: int | None = None) -> list[list[Row]]:
+    """Micro-batches of at most `size` rows, or of at most `tokens` padded tokens (`fedse.learner.spans`), by
+    length so that padding stays small (memory, not privacy: every row of the sample is used whatever the
+    batching, and a trajectory's gradient is the sum over its rows in whichever micro-batches they fall)."""
     ordered = sorted(rows, key=lambda r: len(r[1].ids))
-    return [ordered[s:s + size] for s in range(0, len(ordered), size)]
+    return [ordered[a:b] for a, b in spans([len(r[1].ids) for r in ordered], size, tokens)]
 
 
 def trajectory_gradients(agent: Agent, params: list[torch.nn.Parameter], sample: list[list[Example]],
@@ -69,7 +75,7 @@ def trajectory_gradients(agent: Agent, params: list[torch.nn.Parameter], sample:
     tokens = [sum(x != IGNORE for e in rows for x in e.labels) for rows in sample]
     rows = [(i, e) for i, examples in enumerate(sample) for e in examples]
     losses: list[float] = []
-    for batch in row_batches(rows, spec.batch_size):
+    for batch in row_batches(rows, spec.batch_size, spec.batch_tokens):
         ids, labels, mask = (t.to(agent.device) for t in collate([e for _, e in batch], pad))
         owner = torch.tensor([i for i, _ in batch], device=agent.device)
         weight = torch.tensor([1.0 / tokens[i] for i, _ in batch], device=agent.device)

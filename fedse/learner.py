@@ -6,6 +6,11 @@ the policy acts in (`fedse.prompt.Window`: the head, then only as many recent tu
 every reply is learned in the context the agent will see when it acts. Examples are bucketed by length
 so that padding stays small, AdamW with a cosine schedule, gradient accumulation, and bf16 autocast where the
 hardware makes it faster (CUDA; CPUs with native bf16), fp32 otherwise.
+
+Memory (fedse/memory.py estimates it before a run): a batch is `batch_size` sequences, or with `batch_tokens`
+as many as keep its padded size (rows × longest row) within that budget, so a batch of long windows costs no
+more activation memory than one of short ones; `gradient_checkpointing` keeps only each decoder layer's input
+and recomputes the rest in the backward pass.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedse.model import Agent
 from fedse.prompt import Encoded, Renderer, Window, dropped_turns
@@ -38,7 +43,13 @@ class LearnerSpec(BaseModel):
     epochs: float = Field(2, gt=0)
     steps: int | None = Field(None, ge=1, description="optimizer steps per training call, whatever the data's size "
                               "(epochs then ignored): equal compute for every method and client; null = epochs")
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="sequences per batch (when batch_tokens is null)")
+    batch_tokens: int | None = Field(None, ge=32, description="padded tokens per batch (rows × its longest row): "
+                                     "length-bucketed batches filled up to this budget, replacing batch_size; "
+                                     "null = batch_size sequences")
+    gradient_checkpointing: bool = Field(False, description="keep only each decoder layer's input and recompute "
+                                         "its activations in the backward pass (≈ 1/3 more compute, activation "
+                                         "memory down by the layer count)")
     grad_accum: int = Field(1, ge=1)
     max_len: int = Field(1024, ge=32)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -46,6 +57,13 @@ class LearnerSpec(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     autocast: str = Field("auto", pattern="^(auto|bf16|off)$")
     threads: int | None = Field(None, ge=1, description="torch CPU threads while training; null = unchanged")
+
+    @model_validator(mode="after")
+    def _budget_holds_a_window(self) -> LearnerSpec:
+        if self.batch_tokens is not None and self.batch_tokens < self.max_len:
+            raise ValueError(f"batch_tokens {self.batch_tokens} is below max_len {self.max_len}: a full-length "
+                             "window would not fit in a batch (raise batch_tokens or lower max_len)")
+        return self
 
 
 @dataclass
@@ -154,12 +172,35 @@ def _example(enc: Encoded, max_len: int) -> Example:
     return Example(ids, [i if a else IGNORE for i, a in zip(ids, agent, strict=True)])
 
 
-def batches(examples: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
-    """Length-bucketed batches in random order: sort by length (with random tie-breaks), cut, shuffle."""
+def batches(examples: list[Example], size: int, rng: random.Random, tokens: int | None = None,
+            ) -> list[list[Example]]:
+    """Length-bucketed batches in random order: sort by length (with random tie-breaks), cut, shuffle.
+
+    Cut into `size` rows each, or with a token budget `tokens` into as many rows as keep rows × longest ≤ it
+    (`spans`)."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
-    groups = [[examples[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+    cuts = spans([len(examples[i].ids) for i in order], size, tokens)
+    groups = [[examples[i] for i in order[a:b]] for a, b in cuts]
     rng.shuffle(groups)
     return groups
+
+
+def spans(widths: Sequence[int], size: int, tokens: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of each batch over rows sorted by length (ascending): `size` rows each, or with a budget,
+    a batch grows while (rows + 1) × the next row's length (its longest, by the order) stays ≤ `tokens`.
+
+    Padded tokens, not real ones, are what a batch costs in activations: collate pads every row to the longest.
+    A row longer than the budget alone is a batch of its own (the learner's validator keeps max_len ≤ budget)."""
+    if tokens is None:
+        return [(s, min(s + size, len(widths))) for s in range(0, len(widths), size)]
+    cuts, start = [], 0
+    for i, width in enumerate(widths):
+        if i > start and (i - start + 1) * width > tokens:
+            cuts.append((start, i))
+            start = i
+    if widths:
+        cuts.append((start, len(widths)))
+    return cuts
 
 
 def collate(batch: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,9 +239,9 @@ def labelled_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: t
     decoder = getattr(model, "get_decoder", lambda: None)()
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if decoder is None or head is None:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][chosen].float()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][chosen].float()
     else:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][chosen]).float()
     return logits, labels[:, 1:][chosen], chosen.nonzero()[:, 0]
 
@@ -224,6 +265,29 @@ def cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 
 @contextlib.contextmanager
+def checkpointing(model: Any, on: bool) -> Iterator[None]:
+    """Gradient checkpointing of every decoder layer for the block when `on`, and off again after it.
+
+    Non-reentrant (`use_reentrant=False`): it recomputes a layer from its saved input even when that input needs
+    no gradient, which is the case under LoRA (the embeddings are frozen). transformers also hooks the input
+    embeddings so that their output requires grad, as the reentrant variant and PEFT need; both are undone on
+    exit, so acting and the next training call see the model as it was."""
+    if not on:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"learner.gradient_checkpointing: {type(base).__name__} does not support it; set it to "
+                         "false")
+    base.activation_checkpointing_enable({"use_reentrant": False})
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()
+
+
+@contextlib.contextmanager
 def training(model: Any) -> Iterator[None]:
     """The model in training mode (dropout on) for the block, and back in eval mode after it, even when a step
     raises: acting with a model left in training mode would sample through dropout."""
@@ -237,14 +301,15 @@ def training(model: Any) -> Iterator[None]:
 def schedule(examples: list[Example], spec: LearnerSpec, rng: random.Random) -> list[list[Example]]:
     """The batches of one training call, in order: `epochs` passes over shuffled length-bucketed batches (a
     fractional last epoch is a prefix of its batches), or with `steps`, as many passes as it takes to fill
-    exactly steps × grad_accum batches, so methods with more data do not also get more compute."""
+    exactly steps × grad_accum batches, so methods with more data do not also get more compute. Batches are
+    `batch_size` rows, or fill `batch_tokens` padded tokens."""
     if spec.steps is not None:
         flat: list[list[Example]] = []
         while len(flat) < spec.steps * spec.grad_accum:
-            flat.extend(batches(examples, spec.batch_size, rng))
+            flat.extend(batches(examples, spec.batch_size, rng, spec.batch_tokens))
         return flat[:spec.steps * spec.grad_accum]
     whole = int(spec.epochs)
-    plan = [batches(examples, spec.batch_size, rng) for _ in range(math.ceil(spec.epochs))]
+    plan = [batches(examples, spec.batch_size, rng, spec.batch_tokens) for _ in range(math.ceil(spec.epochs))]
     if spec.epochs != whole:  # a fractional last epoch: a prefix of its shuffled batches
         plan[-1] = plan[-1][: max(1, round((spec.epochs - whole) * len(plan[-1])))]
     return [b for epoch in plan for b in epoch]
@@ -260,9 +325,15 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, s
     `prox_mu` > 0 adds FedProx's μ/2·‖φ − φ_start‖² to the loss: it keeps a client near the broadcast adapter,
     which bounds how far heterogeneous clients drift apart before they are averaged.
     """
+    examples = [e for t in trajectories for e in encode(agent, t, spec.max_len, window)]
+    return fit(agent, examples, spec, seed, advance, prox_mu)
+
+
+def fit(agent: Agent, examples: list[Example], spec: LearnerSpec, seed: int = 0,
+        advance: Callable[[int, int, float], None] | None = None, prox_mu: float = 0.0) -> TrainStats:
+    """`train` on examples already cut (bench/memory.py trains on windows of chosen lengths this way)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    examples = [e for t in trajectories for e in encode(agent, t, spec.max_len, window)]
     if not examples:
         return TrainStats(0, 0, 0, 0, float("nan"), float("nan"), 0.0)
     flat = schedule(examples, spec, rng)
@@ -277,7 +348,7 @@ def train(agent: Agent, trajectories: Sequence[Trajectory], spec: LearnerSpec, s
     losses: list[float] = []
     start = time.perf_counter()
     step = 0
-    with torch_threads(spec.threads), training(agent.model):
+    with torch_threads(spec.threads), training(agent.model), checkpointing(agent.model, spec.gradient_checkpointing):
         for index, batch in enumerate(flat):
             ids, labels, mask = (t.to(agent.device) for t in collate(batch, pad))
             with torch.autocast(agent.device.type, dtype=torch.bfloat16, enabled=amp):

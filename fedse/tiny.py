@@ -79,17 +79,24 @@ def train_tokenizer(texts: list[str], vocab: int):  # -> PreTrainedTokenizerFast
                                    bos_token=None, unk_token=None)
 
 
-def architecture(spec: TinySpec, tokenizer):  # -> Qwen3ForCausalLM
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def config(spec: TinySpec, vocab: int, pad: int | None = None, eos: int | None = None):  # -> Qwen3Config
+    """The tiny model's transformers config (fedse/memory.py reads its shape from it before a base exists)."""
+    from transformers import Qwen3Config
 
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=spec.d_model, intermediate_size=int(spec.d_model * 2.75) // 8 * 8,
+    return Qwen3Config(
+        vocab_size=vocab, hidden_size=spec.d_model, intermediate_size=int(spec.d_model * 2.75) // 8 * 8,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         head_dim=spec.d_model // spec.heads, max_position_embeddings=spec.context, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        pad_token_id=pad, eos_token_id=eos, bos_token_id=None,
     )
+
+
+def architecture(spec: TinySpec, tokenizer):  # -> Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
+
+    built = config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     torch.manual_seed(spec.seed)
-    return Qwen3ForCausalLM(config)
+    return Qwen3ForCausalLM(built)
 
 
 def examples(renderer: Renderer, corpus: dict[str, list[Trajectory]], spec: TinySpec) -> list:
