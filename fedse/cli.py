@@ -444,12 +444,16 @@ def run_cmd(method: str = typer.Option(None, "--method", help="fedse, fedit, loc
                                         "parameters): finished rounds and clients are not redone")) -> None:
     """Run the federated round loop of one method with plain function calls; writes metrics.json, curves.png."""
     from fedse.federation import Federation
+    from fedse.memory import gate
     from fedse.report import round_line
 
     cfg = run_config(State.params, profile, method, seed, [*State.overrides, *(sets or [])])
     State._config = cfg
     if resume is not None and out_dir is not None and Path(out_dir) != Path(resume):
         raise ValueError(f"--out {out_dir} and --resume {resume} name different folders; give one")
+    memory_line = gate(cfg)  # refuses (one line) a run whose estimated peak memory cannot fit this device
+    if memory_line:
+        out.print(memory_line, highlight=False, soft_wrap=True)
     out_dir = resume or out_dir or cfg.federation.out / run_name(cfg)
     with _progress() as bar:
         agent = _agent(None, bar)

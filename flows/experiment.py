@@ -34,6 +34,7 @@ from fedse.atomic import write_json
 from fedse.cli import summarise_run
 from fedse.config import Config, ConfigError, run_config
 from fedse.kernels import choose as choose_kernels
+from fedse.memory import gate
 from flows.console import Phases, quiet, quiet_worker, shown_on
 from flows.round_loop import configured
 from tasks.track import REMEMBERED
@@ -63,6 +64,9 @@ def main(argv: list[str]) -> int:
         choose_kernels(cfg.model.kernels)  # before the task runner starts its workers: they inherit the choice
         log = log_file(cfg)
         print(opening(cfg, log), flush=True)
+        memory_line = gate(cfg)  # the estimate against this machine's memory; refuses a run that cannot fit
+        if memory_line:
+            print(memory_line, flush=True)
         if not args.verbose:
             quiet(log)
         workers = None if args.verbose else (quiet_worker, (str(log),))
