@@ -1,36 +1,40 @@
 """Peak memory of LoRA training and of acting, estimated from a model's config before a run, and the check that
 refuses a run that cannot fit (naming the setting that would make it fit).
 
-Why an estimate: a 7B model at the `paper` profile's batch (4 × 4096 tokens) needs ~150 GiB of activations
-without gradient checkpointing and dies out of memory hours into a run; the numbers below are known from the
-model's config.json alone (no weights downloaded), so the run can be refused in its first second instead.
+Why an estimate: a 7B model at the `paper` profile's batch (4 × 4096 tokens) needs ~130 GiB of activations
+without gradient checkpointing and dies out of memory hours into a run; the numbers below follow from the
+model's config.json alone (no weights downloaded), so the run is refused in its first second instead.
 
-Inputs (`Shape.from_config`, any Hugging Face causal LM's config): L layers, hidden size h, MLP size i, a query
-heads and kv key/value heads of size d, vocabulary V, tied or separate output head. Bytes: w per frozen weight
-(the model's dtype), b per activation (2 under bf16 autocast or bf16/fp16 weights, else 4). Per batch: T padded
-tokens (`learner.batch_tokens`, or batch_size × max_len), rows at most W = max_len long, n = s·T labelled tokens.
+Inputs (`Shape.from_config`, any Llama/Qwen/Mistral-style causal LM's config): L layers, hidden size h, MLP
+size i, a query heads and kv key/value heads of size d, vocabulary V, tied or separate output head. Bytes: w
+per frozen weight (the model's dtype) and b per activation, taken equal to w (fp32 weights under bf16
+autocast keep their norms and residual stream in fp32, so they count as fp32). Per batch: T padded tokens
+(`learner.batch_tokens`, or batch_size × max_len), rows at most W = max_len long, n = s·T labelled tokens.
 
 Training peak = weights + adapter + activations + logits (+ DP-SGD's per-row gradients):
 
-- weights: P·w, P counted from the shapes (embeddings, the untied head, every projection, the norms);
+- weights: P·w, P counted from the shapes (embeddings, the untied head, every projection, the norms, Qwen2's
+  q/k/v biases): exact for the tiny model and for Qwen2.5-7B's published 7.61 B (tests/test_memory.py);
 - adapter: LoRA's A and B are fp32 (PEFT keeps adapters in fp32 over bf16 weights): 4 bytes each, and each
   trainable one (B only with `freeze_a`) has an fp32 gradient and AdamW's two fp32 moments: 12 more;
-- activations without checkpointing: L·T·a_layer, where a_layer, per token and layer, is what autograd keeps
-  for the backward pass (the frozen projections keep nothing, their weights suffice):
+- activations without checkpointing, L·T·a_layer + 4h·T (the final norm), where a_layer is what autograd keeps
+  per token and layer for the backward pass (a frozen projection keeps nothing: its weight suffices):
   each RMSNorm's fp32 copy of its input, 4h twice; each LoRA-wrapped projection's dropout output and mask,
-  (b + 1)·n_in (n_in = h for q, k, v, gate, up; a·d for o; i for down), and its rank-r hidden state, b·r; the
-  attention's inputs and output, b·(2a + 2kv)·d, with k and v counted at a heads when kv < a (transformers
-  repeats them to every query head when a padding mask is passed, i.e. in every batch of rows of unequal
-  lengths; flash_attention_* never does) and its fp32 log-sum-exp, 4a; Qwen3's q/k norms, 4(a + kv)·d; the
-  SwiGLU MLP's gate output, its SiLU and the up projection, 3b·i. With `attn_implementation: eager` each head
-  also keeps its softmax row over the row's width in fp32 and in the activation dtype, (4 + b)·a·W per token
-  (4a·W when b = 4): sdpa and flash attention keep no T×T matrix;
+  (b + m)·n_in (n_in = h for q, k, v, gate, up; a·d for o; i for down; m = 1 on CUDA, whose fused dropout
+  keeps a bool mask, m = b on a CPU, whose dropout multiplies by a mask of the input's dtype) and its rank-r
+  hidden state, b·r; the attention's q, k, v and output, b·(2a + 2kv')·d with kv' = a (transformers repeats k
+  and v to every query head when a padding mask is passed, as in every batch of rows of unequal lengths;
+  flash_attention_* never does: kv' = kv), its fp32 log-sum-exp, 4a, and sdpa's additive padding mask, b·W;
+  Qwen3's q/k norms, 4(a + kv)·d; the SwiGLU MLP's gate output, its SiLU and the up projection, 3b·i. With
+  `attn_implementation: eager` each head keeps its softmax row over the row's width in fp32 and, below fp32,
+  cast back: (4 + b)·a·W per token (4a·W at fp32), and no mask. An unpadded batch (one row, or rows of one
+  length) keeps neither the mask nor the repeated k and v: the estimate is then ~10 % high;
 - activations with gradient checkpointing: each layer keeps only its input, L·T·b·h, plus one layer's full
   set, T·a_layer, while that layer is recomputed in the backward pass;
 - logits: only the n labelled positions go through the output head (fedse.learner.lm_loss): the head's output
-  in the activation dtype when that is not fp32 (b), its fp32 copy, the saved log-softmax, and in the backward
-  the fp32 gradients of both, 12 bytes: n·V·(12 + b) (n·V·12 at fp32). s = 0.4 before a run: the largest share
-  of labelled tokens in any one training window of the seed data (0.36, TextCraft; 0.05–0.20 on average);
+  cast to fp32 (b more when below fp32), the saved log-softmax, and in the backward the fp32 gradients of both:
+  n·V·(12 + b) (n·V·12 at fp32). s = 0.4 before a run: the largest share of labelled tokens in any one training
+  window of the seed data (0.36, TextCraft; 0.05–0.20 on average over an environment);
 - DP-SGD (privacy.record): Opacus's per-row gradient of every trainable LoRA tensor, rows × trainable × 4
   (rows = batch_size, or batch_tokens / 128 under a token budget: no window is shorter than its head, ≥ 190
   tokens in every environment). Not counted: the sum per sampled trajectory (the sample's size grows with
@@ -38,15 +42,20 @@ Training peak = weights + adapter + activations + logits (+ DP-SGD's per-row gra
 
 Acting peak = weights + merged copy + KV cache + prefill + logits: the constrained policy runs each
 LoRA-wrapped projection as one matmul with W + ΔW (fedse.policy.MergedLora), a second copy of those weights,
-Σ in·out·w per layer; the KV cache of batch_size episodes × their context, 2·L·kv·d·w per token; one layer's
-prefill intermediates, batch × context × (3i + 2h)·w (plus eager's a × context² fp32 scores per episode);
-the next-token distributions over a reply's worth of positions, batch × max_new_tokens × V × 4.
+Σ in·out·w per layer; the KV cache of batch_size episodes × their context (+ max_new_tokens for ReAct),
+2·L·kv·d·w per token; one layer's prefill intermediates, batch × context × (3i + 2h)·w (plus eager's
+a × context² fp32 scores per episode); the next-token distributions over a reply's worth of positions,
+batch × max_new_tokens × V × 4. Acting is not measured yet (bench/memory.py measures training).
 
-Not counted (hence `fits` asks for 10 % headroom): the process's own memory (Python, torch, the CUDA context,
-~0.5 GiB), the allocator's fragmentation, the biases (Qwen2's q/k/v biases are counted; they are < 0.01 % of
-its weights), transient copies inside a kernel. One process per model copy: the `process` task runner and a
-local Dask cluster hold `orchestration.workers` models on this machine, each with its own peak.
-Measured against this estimate: bench/memory.py (docs/benchmarks.md).
+The check (`gate`, before `fedse run` and `python -m flows.experiment`) asks for the larger of the two peaks,
+times the model copies this machine holds at once (one per worker process of the `process` task runner or a
+local Dask cluster), within 90 % of the free memory (CUDA's free memory; on a CPU the RAM available to the
+process, cgroup limit included). Not counted, hence the 10 %: the process's own memory (Python, torch, the CUDA
+context, ~0.5 GiB), transient copies inside a kernel, the allocator's slack. On a CPU that slack can be large:
+glibc's malloc keeps freed heap memory, and bench/memory.py measured the resident peak of a SmolLM2 step at
+1.4–1.5× the live tensors without checkpointing and ~9× with it (the estimate is 1 … 28 % above the live
+tensors); `MALLOC_MMAP_THRESHOLD_=65536` in the environment brings the resident peak down to the live tensors
+at 1.2–1.5× the step time (docs/benchmarks.md; `MALLOC_TRIM_THRESHOLD_=0` did the same in the one case tried).
 """
 
 from __future__ import annotations
