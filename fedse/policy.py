@@ -4,19 +4,23 @@
   probabilities: p(a) ∝ exp(log p(a | prompt) / T). All running episodes are scored in **one** forward pass
   per turn: each row holds only the tokens new since the last turn, followed by the candidate actions as a
   prefix tree (a shared prefix is scored once), with a 4-D attention mask that lets each candidate token see
-  the cached prompt and its own prefix only. The KV cache of the prompt is computed once and reused across
-  turns; the candidate block is cropped off after scoring. This is the default for the tiny model.
-* ``react`` — the paper's format for real LLMs: the model writes `Thought: … Action: …` (generation with the
-  KV cache), and the action is parsed from the text. Unparseable text goes to the environment as is; it
+  the cached prompt and its own prefix only. The candidate block is cropped off after scoring. This is the
+  default for the tiny model.
+* ``react`` — the paper's format for real LLMs: the model writes `Thought: … Action: …`, and the action is
+  parsed from the text. Each turn feeds only the observation and the reply header after the cached prompt,
+  and each episode stops decoding at its own end token. Unparseable text goes to the environment as is; it
   answers with feedback.
 
-Temperature 1.0 explores; temperature 0 is greedy. Sampling is by common random numbers: each episode carries
-a key (`Slot.key`, set by `fedse.rollout`), and the constrained policy draws by Gumbel-max with noise that is a
-hash of (key, turn, action text), so an episode plays the same whatever else shares its batch, and two
+Both keep one row of KV cache per running episode across turns (`fedse.kvcache`); an episode that ends frees
+its row for the next queued episode (`policy.batching: continuous`, `fedse.rollout`) without disturbing the
+others. Temperature 1.0 explores; temperature 0 is greedy. Sampling is by common random numbers: each episode
+carries a key (`Slot.key`, set by `fedse.rollout`); the constrained policy draws by Gumbel-max with noise that
+is a hash of (key, turn, action text), ReAct draws each token by Gumbel-max from a generator seeded by a hash
+of (key, turn). So an episode plays the same whatever else shares its batch or when it joined it, and two
 adapters evaluated on the same keys face the same draws (their difference is not drowned in sampling noise).
 When an episode outgrows the context window, the prompt keeps the system message and first observation
-(which states the task) and drops the oldest turns; in constrained mode it drops them down to half the
-window, so the rebuilt cache then lasts several turns, and the head's cached keys are kept across rebuilds.
+(which states the task) and drops the oldest turns; it drops them down to half the window, so the rebuilt
+cache then lasts several turns, and the head's cached keys are kept across rebuilds.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.envs.base import TextEnv
 from fedse.envs.pool import Slot
+from fedse.kvcache import EpisodeCache
 from fedse.model import Agent
-from fedse.prompt import IM_END, Window, fit_window, prompt_tail
+from fedse.prompt import IM_END, Rendered, Window, fit_window, prompt_tail
 
 _ACTION_RE = re.compile(r"Action:\s*(.*)", re.IGNORECASE)
 _THOUGHT_RE = re.compile(r"Thought:\s*(.*?)\s*(?:Action:|$)", re.IGNORECASE | re.DOTALL)
@@ -53,6 +58,9 @@ class PolicySpec(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     context: int = Field(1536, ge=128, description="prompt token budget (capped by the model's window)")
     batch_size: int = Field(16, ge=1, description="episodes per forward pass")
+    batching: str = Field("continuous", pattern="^(continuous|chunked)$",
+                          description="continuous: an episode that ends is replaced at once by the next one queued; "
+                          "chunked: episodes run in chunks of batch_size, each until its longest episode ends")
     threads: int | None = Field(1, ge=1, description="torch CPU threads while acting (rollouts); null = leave "
                                 "torch's setting. On a shared CPU, threads that wait for each other at every "
                                 "small operation cost far more than they bring")
@@ -69,14 +77,6 @@ class PolicySpec(BaseModel):
         if self.mode != "auto":
             return self.mode
         return "constrained" if agent.name.startswith("tiny") else "react"
-
-
-@dataclass
-class Rendered:
-    """Token ids of an episode's head and of each finished turn, extended as the episode goes on."""
-
-    head: list[int] | None = None
-    turns: list[list[int]] = field(default_factory=list)
 
 
 def episode_tokens(agent: Agent, slot: Slot, budget: int, constrained: bool, keep_turns: int | None = None,
@@ -245,10 +245,8 @@ def candidate_trie(cands: list[list[int]]) -> CandidateTrie:
 class ConstrainedPolicy:
     """Scores the admissible actions with a per-episode KV cache shared by all candidates, and picks one by
     Gumbel-max with episode-keyed noise (`gumbel_pick`): an episode's actions depend on the model and the
-    episode (its key, turn and candidates) only, never on the other episodes of its batch."""
-
-    compact_ratio = 2.0  # compact the cache once its columns exceed ratio x the longest row's real tokens + slack
-    compact_slack = 64
+    episode (its key, turn and candidates) only, never on the other episodes of its batch. The cache rows and
+    their bookkeeping are `fedse.kvcache.EpisodeCache`'s (shared with `ReactPolicy`)."""
 
     def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536,
                  score: str = "sum", keep_turns: int | None = None) -> None:
@@ -260,133 +258,32 @@ class ConstrainedPolicy:
         self.budget = min(context, agent.context)
         self.merged = MergedLora(agent.model)
         self.candidate_ids: dict[str, list[int]] = {}  # action text -> its tokens (the same actions recur)
-        self.last_scores: list[torch.Tensor] = []
-        self.slots: list[Slot] = []
-        self.rendered: list[Rendered] = []
-        self._reset_cache([])
+        self.last_scores: list[torch.Tensor] = []  # per slot of the last call, in its order
+        self.cache = EpisodeCache(agent, constrained=True)
 
-    # ------------------------------------------------------------------ cache bookkeeping
-    def _reset_cache(self, slots: list[Slot]) -> None:
-        # tokenised histories outlive the KV cache: a slot still running keeps its memo
-        memos = {id(s): m for s, m in zip(self.slots, self.rendered, strict=True)}
-        self.rendered = [memos.get(id(s), Rendered()) for s in slots]
-        self.slots = list(slots)
-        self.cache: Any = None
-        self.valid = torch.zeros(len(slots), 0, dtype=torch.bool)  # which cached positions are real tokens
-        self.length = [0] * len(slots)  # real tokens cached per row = next position id
-        self.absorbed = [0] * len(slots)  # history entries already in the cache (or pending)
-        self.pending: list[list[int]] = [[] for _ in slots]
-        self.dropped = [0] * len(slots)  # turns each cached row's window leaves out
-        self.restart = [True] * len(slots)  # rows whose next delta is their (re)fitted window, from `skip`
-        self.skip = [0] * len(slots)  # window tokens a restarting row still has cached (its head)
-        self.head = [False] * len(slots)  # whether a row's first cached tokens are its episode's head
-
-    def _align(self, slots: list[Slot]) -> None:
-        """Keep the cache rows of the slots still running; a different set of episodes starts afresh."""
-        index = {id(s): i for i, s in enumerate(self.slots)}
-        if not all(id(s) in index for s in slots):
-            self._reset_cache(slots)
-            return
-        keep = [index[id(s)] for s in slots]
-        if keep == list(range(len(self.slots))):
-            return
-        rows = torch.tensor(keep, dtype=torch.long)
-        if self.cache is not None:
-            self.cache.batch_select_indices(rows)
-        self.valid = self.valid[rows]
-        for name in ("length", "absorbed", "pending", "dropped", "restart", "skip", "head", "rendered"):
-            values = getattr(self, name)
-            setattr(self, name, [values[i] for i in keep])
-        self.slots = list(slots)
-
-    def _restart_row(self, i: int, window: list[int]) -> None:
-        """Row i's window dropped old turns: forget its cached tokens except the head (system message and
-        first observation), which sits at the same positions in every window and so keeps its keys and values;
-        the rest of the new window is fed after it."""
-        head = self.rendered[i].head or []
-        keep = len(head) if self.head[i] and window[:len(head)] == head else 0
-        if keep:
-            cols = self.valid[i].nonzero().squeeze(1)[:keep]
-            self.valid[i] = False
-            self.valid[i, cols] = True
-        else:
-            self.valid[i] = False
-        self.length[i] = keep
-        self.skip[i] = keep
-        self.pending[i] = []
-        self.restart[i] = True
-
-    def _compact(self) -> None:
-        """Drop the padding and forgotten columns from the cache once they outnumber the real ones: a gather of
-        the cached keys and values (positions live in `position_ids`, so moving columns changes nothing), far
-        cheaper than attending over the holes at every later step or re-encoding the windows."""
-        if self.cache is None or self.valid.numel() == 0:
-            return
-        width = int(self.valid.sum(1).max())
-        if self.valid.shape[1] <= self.compact_ratio * width + self.compact_slack:
-            return
-        order = torch.sort(~self.valid, dim=1, stable=True).indices[:, :width]  # real columns first, in order
-        self.valid = self.valid.gather(1, order)
-        for layer in self.cache.layers:
-            index = order.to(layer.keys.device)[:, None, :, None]
-            layer.keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-            layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
-
-    def _deltas(self, windows: list[tuple[list[int], int]]) -> list[list[int]]:
-        """Tokens each row needs appended before its next decision (everything since the last one)."""
-        r = self.agent.renderer
-        deltas = []
-        for i, slot in enumerate(self.slots):
-            if self.cache is None or self.restart[i]:
-                window, skip = windows[i][0], self.skip[i] if self.cache is not None else 0
-                head = self.rendered[i].head or []
-                deltas.append(window[skip:])
-                self.head[i] = skip > 0 or window[:len(head)] == head
-                self.dropped[i] = windows[i][1]
-                self.restart[i] = False
-                self.skip[i] = 0
-                continue
-            new = slot.history[self.absorbed[i]:]
-            ids = list(self.pending[i])
-            for j, (action, observation) in enumerate(new):
-                if j > 0:  # an action this policy did not choose (a resumed slot): render it in full
-                    content, close = r.reply(action)
-                    ids += r.assistant_open() + content + close
-                ids += r.user(observation)
-            deltas.append(ids + prompt_tail(r, True))
-        return deltas
-
-    # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def __call__(self, envs: Sequence[TextEnv], slots: list[Slot]) -> list[str]:
-        self._align(slots)
-        candidates = [list(s.info["admissible_actions"]) for s in slots]
+        cache = self.cache
+        order = cache.align(slots)  # slot j sits in row order[j]; the rows are what is computed on
+        candidates = [list(row.slot.info["admissible_actions"]) for row in cache.rows]
         cand_ids = [[self._candidate(a) for a in cands] for cands in candidates]
-        windows = [episode_window(self.agent, s, self.budget, True, self.keep_turns, memo)
-                   for s, memo in zip(slots, self.rendered, strict=True)]
-        if self.cache is not None:
-            for i, (window, dropped) in enumerate(windows):
-                if dropped != self.dropped[i]:
-                    self._restart_row(i, window)  # its window dropped old turns: re-encode after the head
-        deltas = self._deltas(windows)
-        longest = max(len(c) for cs in cand_ids for c in cs)
-        if self.cache is not None and any(self.length[i] + len(d) + longest > self.agent.context
-                                          for i, d in enumerate(deltas)):
-            self._reset_cache(slots)  # positions would run past the model's window: start afresh
-            deltas = self._deltas(windows)
-        self._compact()
-        scores = self._score(deltas, cand_ids)
-        self.last_scores = scores
+        windows = [episode_window(self.agent, row.slot, self.budget, True, self.keep_turns, row.rendered)
+                   for row in cache.rows]
+        cache.windows_changed(windows)  # a window that dropped old turns: re-encode that row after its head
+        deltas = cache.deltas(windows)
+        cache.compact()
+        with self.merged() if self.agent.device.type == "cpu" else contextlib.nullcontext():
+            scores = self._score(cache.prefill(deltas), cand_ids)
         chosen = []
-        for i, (slot, cands, s) in enumerate(zip(slots, candidates, scores, strict=True)):
+        for i, (row, cands, s) in enumerate(zip(cache.rows, candidates, scores, strict=True)):
             if self.score == "mean":
                 s = s / torch.tensor([len(c) for c in cand_ids[i]], dtype=s.dtype)
-            k = gumbel_pick(s, self.temperature, noise_key(slot, self.seed), len(slot.history), cands)
+            k = gumbel_pick(s, self.temperature, noise_key(row.slot, self.seed), len(row.slot.history), cands)
             chosen.append(cands[k])
-            self.pending[i] = cand_ids[i][k] + self.agent.renderer.const("\n")
-            self.absorbed[i] = len(slot.history)
-            slot.thoughts.append("")
-        return chosen
+            cache.decided(i, cand_ids[i][k] + self.agent.renderer.const("\n"))
+            row.slot.thoughts.append("")
+        self.last_scores = [scores[i] for i in order]
+        return [chosen[i] for i in order]
 
     def _candidate(self, action: str) -> list[int]:
         ids = self.candidate_ids.get(action)
@@ -403,7 +300,7 @@ class ConstrainedPolicy:
         tree's attention by pointer jumping along parent columns, so the Python work per decision is per row
         and per candidate token, not per (query, key) pair.
         """
-        model, device = self.agent.model, self.agent.device
+        kv = self.cache.kv
         tries = [candidate_trie(cs) for cs in cand_ids]
         rows = len(deltas)
         width_d = max(len(d) for d in deltas)
@@ -416,7 +313,7 @@ class ConstrainedPolicy:
         src_rows, src_cols, path_nodes, path_cands = [], [], [], []
         nodes = cands = 0
         for i, (delta, trie) in enumerate(zip(deltas, tries, strict=True)):
-            n, m, base = len(delta), len(trie.tokens), self.length[i]
+            n, m, base = len(delta), len(trie.tokens), kv.length[i]
             ids[i, :n] = torch.tensor(delta)
             pos[i, :n] = torch.arange(base, base + n)
             seg[i, :n] = 0
@@ -432,31 +329,23 @@ class ConstrainedPolicy:
                 path_cands.extend([cands + k] * len(path))
             nodes += m
             cands += len(trie.paths)
-        mask = self._mask(seg, parent, max(max(t.depth, default=0) for t in tries) + 1)
-        if self.cache is None:
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache(config=model.config)
-        with self.merged() if device.type == "cpu" else contextlib.nullcontext():
-            out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                        cache=self.cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        node_logp = self._token_logprobs(out.hidden_states[-1], torch.cat(src_rows), torch.cat(src_cols),
+        block = self._tree(seg, parent, max(max(t.depth, default=0) for t in tries) + 1)
+        hidden = kv.forward(self.agent, ids, pos, kv.mask(block, seg >= 0, self.cache.dtype))
+        node_logp = self._token_logprobs(hidden, torch.cat(src_rows), torch.cat(src_cols),
                                          torch.tensor([t for trie in tries for t in trie.tokens]))
         if self.score == "trie":
             node_logp = siblings_normalised(node_logp, torch.cat(src_rows) * width + torch.cat(src_cols))
-        self.cache.crop(-width_c)
+        kv.crop(width_c)
         lengths = torch.tensor([len(d) for d in deltas])
-        self.valid = torch.cat([self.valid, torch.arange(width_d)[None, :] < lengths[:, None]], dim=1)
-        self.length = [length + len(d) for length, d in zip(self.length, deltas, strict=True)]
+        kv.commit(torch.arange(width_d)[None, :] < lengths[:, None])
         along = node_logp[torch.tensor(path_nodes, dtype=torch.long)].double()
         flat = torch.zeros(cands, dtype=torch.float64).index_add_(0, torch.tensor(path_cands, dtype=torch.long), along)
         return list(flat.split([len(t.paths) for t in tries]))
 
-    def _mask(self, seg: torch.Tensor, parent: torch.Tensor, depth: int) -> torch.Tensor:
-        """The additive 4-D attention mask [rows, 1, new, cached + new]: real tokens see the row's valid cached
-        columns; the delta is causal; a tree node sees the whole delta and its ancestors (found by `depth`
-        pointer jumps); padding sees only itself (a query with no key at all would give NaN, which would leak
-        into the cache through V)."""
+    @staticmethod
+    def _tree(seg: torch.Tensor, parent: torch.Tensor, depth: int) -> torch.Tensor:
+        """Which new token sees which [rows, new, new]: the delta is causal; a tree node sees the whole delta
+        and its ancestors (found by `depth` pointer jumps); every token sees itself (padding only itself)."""
         rows, width = seg.shape
         sq, sk = seg[:, :, None], seg[:, None, :]
         new = torch.ones(width, width, dtype=torch.bool).tril() & (sk == 0) & (sq >= 0)
@@ -464,10 +353,7 @@ class ConstrainedPolicy:
         for _ in range(depth):
             new.scatter_(2, chain[:, :, None], True)
             chain = parent.gather(1, chain)
-        allow = torch.cat([self.valid[:, None, :] & (sq >= 0), new], dim=2)
-        dtype = next(p.dtype for p in self.agent.model.parameters())
-        mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)
-        return mask[:, None]
+        return new
 
     def _token_logprobs(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, tokens: torch.Tensor,
                         chunk: int = 2048) -> torch.Tensor:
@@ -507,12 +393,18 @@ def score_naive(agent: Agent, prompts: list[list[int]], cand_ids: list[list[list
 
 
 class ReactPolicy:
-    """Free generation of `Thought: … Action: …` with the KV cache; the action is parsed from the text.
+    """Free generation of `Thought: … Action: …`; the action is parsed from the text.
 
-    Not CRN-exact: free text has no candidate list to key noise by, and `generate` samples the whole batch
-    from one random stream. The stream is seeded from the batch's episode keys and turns (`batch_seed`), so a
-    rollout replays exactly, but an episode's draws depend on which episodes share its batch and in which
-    order (the batch size and chunking matter, unlike in `ConstrainedPolicy`).
+    Each episode keeps its row of the KV cache across turns (`fedse.kvcache.EpisodeCache`, as the constrained
+    policy does): a turn feeds only what is new since its last reply (the observation and the reply header),
+    decodes with the cache, and each row stops at its own end token and leaves the decoding batch. The reply
+    stays cached as far as it agrees, token for token, with its rendering from the parsed thought and action
+    (what the learner trains on and what a rebuilt window holds); the rest is replaced by that rendering, so
+    the cached prompt is always exactly `episode_window`'s.
+
+    Sampling is keyed per episode: each row draws by Gumbel-max from its own generator, seeded by blake2b of
+    the episode's key and turn (`reply_generator`), so a reply depends on the model and the episode only, never
+    on which episodes share its batch or when it joined it (continuous batching). Temperature 0 is greedy.
     """
 
     def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536,
@@ -524,38 +416,82 @@ class ReactPolicy:
         self.budget = min(context, agent.context) - max_new_tokens
         self.max_new_tokens = max_new_tokens
         self.end_id = agent.tokenizer.convert_tokens_to_ids(IM_END)
+        self.merged = MergedLora(agent.model)
+        self.cache = EpisodeCache(agent, constrained=False)
 
     @torch.no_grad()
     def __call__(self, envs: Sequence[TextEnv], slots: list[Slot]) -> list[str]:
-        tok = self.agent.tokenizer
-        prompts = [episode_tokens(self.agent, s, self.budget, False, self.keep_turns) for s in slots]
-        width = max(len(p) for p in prompts)
-        pad = tok.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's continuation starts at the same column
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        torch.manual_seed(batch_seed(slots, self.seed))
-        sample = self.temperature > 0
-        out = self.agent.model.generate(
-            input_ids=ids.to(self.agent.device), attention_mask=mask.to(self.agent.device),
-            max_new_tokens=self.max_new_tokens, do_sample=sample, temperature=self.temperature if sample else None,
-            top_k=0 if sample else None, top_p=1.0 if sample else None, eos_token_id=self.end_id, pad_token_id=pad)
-        actions = []
-        for slot, row in zip(slots, out[:, width:].cpu(), strict=True):
-            text = tok.decode(row, skip_special_tokens=True)
-            thought, action = parse_reply(text)
-            slot.thoughts.append(thought)
-            actions.append(action)
-        return actions
+        cache = self.cache
+        order = cache.align(slots)
+        windows = [episode_window(self.agent, row.slot, self.budget, False, self.keep_turns, row.rendered)
+                   for row in cache.rows]
+        cache.windows_changed(windows)
+        deltas = cache.deltas(windows)
+        cache.compact()
+        with self.merged() if self.agent.device.type == "cpu" else contextlib.nullcontext():
+            replies = self._generate(cache.prefill(deltas))
+        actions = [self._settle(i, reply) for i, reply in enumerate(replies)]
+        return [actions[i] for i in order]
+
+    def _generate(self, deltas: list[list[int]]) -> list[list[int]]:
+        """Each row's reply tokens (its end token included when it wrote one): one forward over the deltas, then
+        one per step over the rows still writing. The first row to end moves the others into a batch of their
+        own (a copy), the ended rows of that batch go back to the cache, and so on."""
+        kv = self.cache.kv
+        draws = [reply_generator(noise_key(row.slot, self.seed), len(row.slot.history))
+                 if self.temperature > 0 else None for row in self.cache.rows]
+        hidden = kv.feed(self.agent, deltas, self.cache.dtype)
+        last = hidden[torch.arange(kv.rows), torch.tensor([len(d) - 1 for d in deltas]).to(hidden.device)]
+        kv.reserve(kv.width + self.max_new_tokens)
+        replies: list[list[int]] = [[] for _ in range(kv.rows)]
+        work, members = kv, list(range(kv.rows))  # the decoding batch and the cache row of each of its rows
+        while True:
+            tokens = self._sample(last, [draws[m] for m in members])
+            going = []
+            for j, (m, token) in enumerate(zip(members, tokens, strict=True)):
+                replies[m].append(token)
+                if token != self.end_id and len(replies[m]) < self.max_new_tokens:
+                    going.append(j)
+            if len(going) < len(members):
+                ended = [j for j in range(len(members)) if j not in set(going)]
+                if work is not kv:
+                    kv.put([members[j] for j in ended], work, ended)
+                if not going:
+                    return replies
+                work = work.take(going, spare=self.max_new_tokens)
+                members, tokens = [members[j] for j in going], [tokens[j] for j in going]
+            last = work.feed(self.agent, [[t] for t in tokens], self.cache.dtype)[:, 0]
+
+    def _sample(self, hidden: torch.Tensor, draws: list[torch.Generator | None]) -> list[int]:
+        """The next token of each row: the argmax at temperature 0, else Gumbel-max with the row's own noise."""
+        logits = self.agent.model.get_output_embeddings()(hidden).float().cpu()
+        if self.temperature == 0:
+            return logits.argmax(-1).tolist()
+        tokens = []
+        for row, draw in zip(logits, draws, strict=True):
+            u = torch.rand(row.shape[0], generator=draw, dtype=torch.float64)
+            tokens.append(int(torch.argmax(row.double() / self.temperature - torch.log(-torch.log(u)))))
+        return tokens
+
+    def _settle(self, i: int, reply: list[int]) -> str:
+        """Row i's action from its reply; the cache keeps the reply as far as it matches its rendering."""
+        row, kv = self.cache.rows[i], self.cache.kv
+        thought, action = parse_reply(self.agent.tokenizer.decode(reply, skip_special_tokens=True))
+        content, close = self.agent.renderer.reply(action, thought)
+        fed = len(reply) - 1  # the last token drawn was never fed to the model
+        keep = min(fed, next((k for k, (a, b) in enumerate(zip(reply, content, strict=False)) if a != b),
+                             min(len(reply), len(content))))
+        kv.truncate(i, kv.length[i] - (fed - keep))
+        self.cache.decided(i, content[keep:] + close)
+        row.slot.thoughts.append(thought)
+        return action
 
 
-def batch_seed(slots: Sequence[Slot], seed: int) -> int:
-    """A seed that is a pure function of the batch's episode keys and turns (blake2b, stable across
-    processes)."""
-    text = "\x1e".join(f"{noise_key(s, seed)}\x1f{len(s.history)}" for s in slots)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+def reply_generator(key: str, turn: int) -> torch.Generator:
+    """The random stream of one episode's reply at one turn: seeded by blake2b of (key, turn), so it is the
+    same in every process and whatever else is decoded alongside."""
+    digest = hashlib.blake2b(f"{key}\x1f{turn}\x1freply".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
 def parse_reply(text: str) -> tuple[str, str]:

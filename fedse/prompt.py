@@ -171,6 +171,15 @@ class Renderer:
         return enc
 
 
+@dataclass
+class Rendered:
+    """Token ids of an episode's head and of each finished turn, extended as the episode goes on (histories only
+    grow, so acting tokenises each turn once)."""
+
+    head: list[int] | None = None
+    turns: list[list[int]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Window:
     """How an agent's prompt is framed when it acts: at most `budget` tokens before its reply (the head, then as

@@ -1,13 +1,17 @@
 """Episodes of one environment played by the agent, as trajectory records with provenance.
 
-Episodes run on an `EnvPool` in chunks of `batch_size`, so one forward pass serves every running episode of
-a chunk; the records say which adapter, temperature and seed produced them.
+Episodes run on an `EnvPool` at most `batch_size` at a time, so one forward pass serves every running
+episode. `policy.batching: continuous` (the default) starts the next queued episode as soon as one ends, so
+the batch stays full until the queue runs dry; `chunked` (as before issue 29) runs chunks of `batch_size`,
+each until its longest episode ends. The records come in the same order either way, and say which adapter,
+temperature and seed produced them.
 
 Every episode carries a key that fixes its sampling noise (common random numbers, see `fedse.policy`):
 evaluation episodes are keyed by (run seed, env, task, pass) only, never by the round or the method, so every
 round and every method is scored on the same draws; exploration episodes by (run seed, env, round, task). With
-the constrained policy an episode therefore plays the same whatever else shares its batch, and the batch
-size is a matter of speed alone.
+either policy an episode therefore plays the same whatever else shares its batch, and the batch size and
+the batching are a matter of speed alone (up to floating-point rounding, which differs with the batch's
+shapes and can tip a near-tie).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySp
             adapter_hash: str | None = None, round: int | None = None, env_options: dict[str, Any] | None = None,
             advance: Callable[[int], None] | None = None, passes: int = 1) -> Episodes:
     """Play each task `passes` times, each pass on its own draws (evaluation: `eval.passes`; exploration:
-    `federation.explore_attempts`); `advance(n)` is called as chunks of n episodes finish. The records come
+    `federation.explore_attempts`); `advance(n)` is called as n episodes finish. The records come
     task by task, passes of a task together."""
     if passes < 1:
         raise ValueError(f"passes={passes}: every task is played at least once")
@@ -75,15 +79,23 @@ def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySp
         records.pace.decisions += len(slots)
         return policy(envs, slots)
 
+    def make() -> TextEnv:
+        return make_env(env_name, **(env_options or {}))
+
+    provenance = {"policy": "agent", "adapter_hash": adapter_hash, "round": round, "seed": seed,
+                  "temperature": spec.temperature_for(evaluation)}
     with torch_threads(spec.threads):
-        for start in range(0, len(episodes), spec.batch_size):
-            chunk = slice(start, start + spec.batch_size)
-            pool = EnvPool(lambda: make_env(env_name, **(env_options or {})), [t for t, _ in episodes[chunk]],
-                           keys[chunk])
-            pool.run(act)
-            records.extend(pool.trajectories(env_name, policy="agent", adapter_hash=adapter_hash, round=round,
-                                             seed=seed, temperature=spec.temperature_for(evaluation)))
-            if advance:
-                advance(len(pool.slots))
+        if spec.batching == "continuous":
+            pool = EnvPool(make, [t for t, _ in episodes], keys, capacity=spec.batch_size)
+            pool.run(act, ended=advance)
+            records.extend(pool.trajectories(env_name, **provenance))
+        else:
+            for start in range(0, len(episodes), spec.batch_size):
+                chunk = slice(start, start + spec.batch_size)
+                pool = EnvPool(make, [t for t, _ in episodes[chunk]], keys[chunk])
+                pool.run(act)
+                records.extend(pool.trajectories(env_name, **provenance))
+                if advance:
+                    advance(len(pool.slots))
     records.pace.seconds = time.perf_counter() - started
     return records

@@ -9,8 +9,10 @@ from fedse.model import Agent
 from fedse.policy import ConstrainedPolicy, episode_tokens, gumbel, gumbel_pick, parse_reply, score_naive
 
 
-def worst_difference_from_naive(agent: Agent, policy: ConstrainedPolicy, env: str, tasks: list[int]) -> float:
-    """Play `tasks` with `policy` and return the largest gap between its cached scores and `score_naive`'s."""
+def worst_difference_from_naive(agent: Agent, policy: ConstrainedPolicy, env: str, tasks: list[int],
+                                capacity: int | None = None, turns: list[int] | None = None) -> float:
+    """Play `tasks` with `policy` (at most `capacity` at once, the next starting when one ends; episode i ends
+    after `turns[i]` turns at most) and return the largest gap between its cached scores and `score_naive`'s."""
     torch.manual_seed(0)
     for p in agent.model.parameters():  # make LoRA non-trivial so the adapter is in the numbers too
         if p.requires_grad:
@@ -28,7 +30,14 @@ def worst_difference_from_naive(agent: Agent, policy: ConstrainedPolicy, env: st
         decisions += len(slots)
         return actions
 
-    EnvPool(lambda: make_env(env), tasks).run(act)
+    limits = iter(turns or [])
+
+    def make():
+        game = make_env(env)
+        game.max_turns = next(limits, game.max_turns)
+        return game
+
+    EnvPool(make, tasks, capacity=capacity).run(act)
     assert decisions >= len(tasks)
     return worst
 
@@ -43,19 +52,43 @@ def test_cached_scores_equal_padded_naive_scores(micro_agent: Agent, env: str, k
     assert worst_difference_from_naive(micro_agent, policy, env, [0, 1, 2]) < 1e-4
 
 
+@pytest.mark.parametrize(("env", "keep"), [("maze", None), ("textcraft", 2)])
+def test_episodes_that_join_a_running_batch_are_scored_as_alone(micro_agent: Agent, env: str, keep: int | None,
+                                                                 ) -> None:
+    """Continuous batching: a new episode takes the row of one that ended, prefilled in a forward of its own,
+    while the other rows keep their cache (not reset, not re-encoded): still the naive scorer's numbers."""
+    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, keep_turns=keep)
+    joined = []
+    align = policy.cache.align
+
+    def spy(slots):
+        before = {id(row.slot) for row in policy.cache.rows}
+        places = align(slots)
+        new = [p for s, p in zip(slots, places, strict=True) if id(s) not in before]
+        if before and new:
+            joined.append((len(new), len(slots), policy.cache.kv.cache is not None))
+        return places
+
+    policy.cache.align = spy  # type: ignore[method-assign]
+    turns = [3, 6, 9, 4, 7, 5, 8]  # episodes of different lengths (the micro model solves nothing)
+    assert worst_difference_from_naive(micro_agent, policy, env, list(range(7)), capacity=3, turns=turns) < 1e-4
+    assert joined and all(kept for _, _, kept in joined)  # episodes joined a batch whose cache was kept
+    assert any(count < size for count, size, _ in joined)
+
+
 def test_compacting_the_cache_changes_no_score(micro_agent: Agent) -> None:
     """Dropping padding and forgotten columns (a gather of cached keys and values) at every step: same numbers."""
     policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, keep_turns=2)
-    policy.compact_ratio, policy.compact_slack = 1.0, 0  # compact whenever a single hole exists
+    policy.cache.compact_ratio, policy.cache.compact_slack = 1.0, 0  # compact whenever a single hole exists
     compactions = []
-    compact = policy._compact
+    compact = policy.cache.compact
 
     def spy() -> None:
-        before = policy.valid.shape[1]
+        before = policy.cache.kv.width
         compact()
-        compactions.append(policy.valid.shape[1] < before)
+        compactions.append(policy.cache.kv.width < before)
 
-    policy._compact = spy  # type: ignore[method-assign]
+    policy.cache.compact = spy  # type: ignore[method-assign]
     assert worst_difference_from_naive(micro_agent, policy, "maze", [0, 1, 2, 3]) < 1e-4
     assert sum(compactions) > 1
 
@@ -103,19 +136,20 @@ def test_long_episodes_are_refitted_to_the_window(micro_agent: Agent) -> None:
     policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, context=400)
     pool = EnvPool(lambda: make_env("webshop"), [0, 1])
     kept_heads = []
-    restart = policy._restart_row
+    restart = policy.cache.restart_row
 
     def spy(i: int, window: list[int]) -> None:
         restart(i, window)
-        kept_heads.append(policy.skip[i] == len(policy.rendered[i].head or []) > 0)
+        row = policy.cache.rows[i]
+        kept_heads.append(row.skip == len(row.rendered.head or []) > 0)
 
-    policy._restart_row = spy  # type: ignore[method-assign]
+    policy.cache.restart_row = spy  # type: ignore[method-assign]
 
     def act(envs, slots):
         prompts = [episode_tokens(micro_agent, s, policy.budget, True) for s in slots]
         choice = policy(envs, slots)
-        assert policy.length == [len(p) for p in prompts]  # cached real tokens = the fitted window
-        assert max(policy.length) <= 400
+        assert policy.cache.kv.length == [len(p) for p in prompts]  # cached real tokens = the fitted window
+        assert max(policy.cache.kv.length) <= 400
         return choice
 
     pool.run(act)
@@ -232,22 +266,77 @@ def test_merged_lora_leaves_the_base_untouched_and_follows_the_adapter(micro_age
     assert not any(m.disable_adapters for m in merged.layers)
 
 
-def test_react_sampling_is_seeded_by_the_batch_keys(micro_agent: Agent) -> None:
-    """Free generation is not keyed per candidate, but a batch replays exactly from its episodes' keys."""
-    from fedse.policy import PolicySpec, ReactPolicy, batch_seed, make_policy
+@pytest.fixture(scope="module")
+def tiny_agent() -> Agent:
+    """The committed tiny base (it writes `Action: …` replies and ends them), with a LoRA that has an effect."""
+    from fedse.model import ModelSpec, load_agent
 
-    spec = PolicySpec(mode="react", temperature=1.0, max_new_tokens=6)
-    assert isinstance(make_policy(micro_agent, spec, evaluation=False), ReactPolicy)
+    agent = load_agent(ModelSpec())
+    torch.manual_seed(3)
+    for p in agent.model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    return agent
 
-    def play(keys: list[str]) -> list[list[str]]:
-        pool = EnvPool(lambda: make_env("maze"), [0, 1], keys)
-        policy = make_policy(micro_agent, spec, evaluation=False)
-        for _ in range(2):
-            live = pool.running()
-            actions = policy([pool.envs[i] for i in live], [pool.slots[i] for i in live])
-            pool.step(dict(zip(live, actions, strict=True)))
-        return [[a for a, _ in s.history] for s in pool.slots]
 
-    assert play(["a", "b"]) == play(["a", "b"])
-    slots = EnvPool(lambda: make_env("maze"), [0, 1], ["a", "b"]).slots
-    assert batch_seed(slots, 0) == batch_seed(slots, 0) != batch_seed(slots[::-1], 0)
+def test_react_cached_replies_equal_uncached_generation(tiny_agent: Agent) -> None:
+    """ReAct feeds only what is new since its last reply, over a cache that outlives turns, window restarts
+    (2 kept turns) and episodes that join the batch as others end; greedy replies are exactly those of
+    `generate` on the whole prompt, one episode at a time, with nothing cached."""
+    from fedse.policy import ReactPolicy
+
+    policy = ReactPolicy(tiny_agent, temperature=0.0, max_new_tokens=24, keep_turns=2)
+    restarts = []
+    restart = policy.cache.restart_row
+
+    def spy(i: int, window: list[int]) -> None:
+        restarts.append(i)
+        restart(i, window)
+
+    policy.cache.restart_row = spy  # type: ignore[method-assign]
+    checked = 0
+
+    def act(envs, slots):
+        nonlocal checked
+        prompts = [episode_tokens(tiny_agent, s, policy.budget, False, policy.keep_turns) for s in slots]
+        actions = policy(envs, slots)
+        for prompt, action in zip(prompts, actions, strict=True):
+            with torch.no_grad():
+                out = tiny_agent.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                                eos_token_id=policy.end_id,
+                                                pad_token_id=tiny_agent.tokenizer.pad_token_id)
+            assert action == parse_reply(tiny_agent.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True))[1]
+            checked += 1
+        return actions
+
+    EnvPool(lambda: make_env("textcraft"), [0, 1, 2, 3, 4], capacity=3).run(act)
+    assert checked > 10 and restarts
+
+
+def test_react_rows_stop_at_their_own_end(tiny_agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row that wrote its end token leaves the decoding batch: the decoding steps feed exactly the rows still
+    writing, so each row costs its own reply's length, not the longest reply's."""
+    from fedse.kvcache import KVRows
+    from fedse.policy import ReactPolicy
+
+    policy = ReactPolicy(tiny_agent, temperature=1.0, max_new_tokens=40)
+    feeds: list[list[int]] = []  # the delta lengths of every forward, in order
+    feed = KVRows.feed
+
+    def recording(self, agent, deltas, dtype):
+        feeds.append([len(d) for d in deltas])
+        return feed(self, agent, deltas, dtype)
+
+    monkeypatch.setattr(KVRows, "feed", recording)
+    replies: list[list[int]] = []
+    generate = policy._generate
+    policy._generate = lambda deltas: replies.extend(generate(deltas)) or replies  # type: ignore[method-assign]
+    pool = EnvPool(lambda: make_env("textcraft"), [0, 1, 2, 3])
+    running = pool.running()
+    policy([pool.envs[i] for i in running], [pool.slots[i] for i in running])
+    assert len(replies) == 4 and all(r[-1] == policy.end_id for r in replies if len(r) < 40)
+    assert len({len(r) for r in replies}) > 1  # replies of different lengths, so stopping per row matters
+    prefill, *steps = feeds  # the first turn of a batch: one forward over every window, then one per step
+    assert len(prefill) == 4 and min(prefill) > 1 and all(set(step) == {1} for step in steps)
+    assert len(steps) == max(len(r) for r in replies) - 1
+    assert sum(len(step) for step in steps) == sum(len(r) - 1 for r in replies)

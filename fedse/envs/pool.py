@@ -1,8 +1,10 @@
 """Many episodes of one environment stepped together, so a batched policy makes one decision per batch.
 
 A rollout of N episodes asks the policy for actions only for the episodes still running; finished ones keep
-their final state and are never stepped again. Environments are pure Python and cheap, so the pool is
-sequential; the batching pays off on the policy side (one forward pass for all running episodes).
+their final state and are never stepped again. With a `capacity`, at most that many run at once and the
+others wait in order: each starts as soon as a running one ends (continuous batching), so the policy's batch
+stays full until the queue is empty. Environments are pure Python and cheap, so the pool is sequential; the
+batching pays off on the policy side (one forward pass for all running episodes).
 """
 
 from __future__ import annotations
@@ -31,26 +33,45 @@ class Slot:
 
 
 class EnvPool:
-    """Runs one episode per task id on its own environment instance.
+    """Runs one episode per task id, each on its own environment instance.
 
     `keys` (one per task id) name each episode's sampling noise, so that what an episode draws depends on the
-    episode alone and not on which others share its pool (see `fedse.policy.gumbel`).
+    episode alone and not on which others share its pool (see `fedse.policy.gumbel`). `capacity`: at most this
+    many episodes run at once, the next queued one starting when one ends (None: all from the start).
     """
 
     def __init__(self, make: Callable[[], TextEnv], task_ids: Sequence[int], keys: Sequence[str] | None = None,
-                 ) -> None:
-        self.envs = [make() for _ in task_ids]
-        self.slots: list[Slot] = []
-        for env, task_id, key in zip(self.envs, task_ids, keys or [""] * len(task_ids), strict=True):
+                 capacity: int | None = None) -> None:
+        keys = list(keys) if keys is not None else [""] * len(task_ids)
+        if len(keys) != len(task_ids):
+            raise ValueError(f"EnvPool: {len(keys)} keys for {len(task_ids)} task ids")
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"EnvPool: capacity {capacity}; at least one episode must run")
+        self.make, self.queue = make, list(zip(task_ids, keys, strict=True))
+        self.capacity = capacity or max(len(task_ids), 1)
+        self.envs: list[TextEnv] = []
+        self.slots: list[Slot] = []  # the episodes started so far, in task order
+        self.admit()
+
+    def admit(self) -> int:
+        """Start queued episodes while fewer than `capacity` run; returns how many started."""
+        started = 0
+        while len(self.slots) < len(self.queue) and len(self.running()) < self.capacity:
+            task_id, key = self.queue[len(self.slots)]
+            env = self.make()
             observation, info = env.reset(task_id)
+            self.envs.append(env)
             self.slots.append(Slot(task_id, observation, observation, info, key=key))
+            started += 1
+        return started
 
     def running(self) -> list[int]:
         """Indices of the episodes that still need an action."""
         return [i for i, slot in enumerate(self.slots) if not slot.done]
 
     def step(self, actions: dict[int, str]) -> list[int]:
-        """Apply one action to each named running episode; return the indices still running afterwards."""
+        """Apply one action to each named running episode, start queued ones in the places of those that ended;
+        return the indices running afterwards."""
         for i, action in actions.items():
             slot = self.slots[i]
             if slot.done:
@@ -59,18 +80,26 @@ class EnvPool:
             slot.history.append((action, observation))
             slot.observation, slot.reward, slot.info = observation, reward, info
             slot.done = terminated or truncated
+        self.admit()
         return self.running()
 
-    def run(self, act: Callable[[list[TextEnv], list[Slot]], list[str]]) -> list[Slot]:
-        """Step until every episode ends; `act` gets the running envs and slots and returns their actions."""
+    def run(self, act: Callable[[list[TextEnv], list[Slot]], list[str]],
+            ended: Callable[[int], None] | None = None) -> list[Slot]:
+        """Step until every episode ends; `act` gets the running envs and slots and returns their actions;
+        `ended(n)` is told after each step how many episodes it ended."""
         live = self.running()
         while live:
             actions = act([self.envs[i] for i in live], [self.slots[i] for i in live])
-            live = self.step(dict(zip(live, actions, strict=True)))
+            after = self.step(dict(zip(live, actions, strict=True)))
+            if ended is not None and (count := sum(self.slots[i].done for i in live)):
+                ended(count)
+            live = after
         return self.slots
 
     def trajectories(self, env_name: str, **provenance: Any) -> list[Trajectory]:
         """The finished episodes as trajectory records; `provenance` fills policy, round, seed, …"""
+        if len(self.slots) < len(self.queue):
+            raise ValueError(f"{len(self.queue) - len(self.slots)} episodes have not started")
         records = []
         for env, slot in zip(self.envs, self.slots, strict=True):
             if not slot.done:
