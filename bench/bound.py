@@ -13,15 +13,33 @@ hardware pays for; the useful share is below that.
 
 `--modes a,b` plays the same episodes in each policy mode in the same run (keys `act.<mode>.*`) and prints
 `act.ratio.b_over_a`, the decisions/s of b over a.
+
+`--before` also plays the same episodes (timed, not counted) with the acting code as it was before issue 29
+(`bench/act_before.py`: ReAct re-prefilling its whole prompt every turn, chunked scheduling), each env's
+before run right before its after runs so that machine noise hits both, and prints `act.<mode>.before.*` and
+`act.ratio.<mode>.after_over_before`. The two sample differently (ReAct: one stream per batch before, one per
+episode after), so ReAct plays other episodes of the same tasks: compare decisions/s, not decision counts.
+`--round PROFILE` times one round of that profile (its own model, in process, one thread) with the acting code
+before and after, and says whether the global adapter (sha256) and the evaluation (per-task success, decision
+count) came out identical.
+
+    python bench/bound.py --set model.preset=smollm2-135m --modes react,constrained --before --round quick
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from act_before import rollout_before
 from report import emit
 from torch.utils import flop_counter
 
@@ -73,12 +91,18 @@ def timed(fn) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def acting(agent, cfg, envs: list[str], episodes: int) -> dict[str, float]:
-    """Exploration rollouts (the policy's temperature, batch and window as configured)."""
+def acting(agent, cfg, envs: list[str], episodes: int, before: bool = False) -> dict[str, float]:
+    """Exploration rollouts (the policy's temperature, batch and window as configured); with `before`, each
+    env's episodes are first played by the acting code before issue 29, timed."""
     out: dict[str, float] = {}
-    flops = seconds = decisions = 0.0
+    flops = seconds = decisions = old_seconds = old_decisions = 0.0
     for name in envs:
         ids = env_class(name).explore_ids()[:episodes]
+        if before:
+            s, played = timed(lambda name=name, ids=ids: rollout_before(agent, name, ids, cfg.policy, False, cfg.seed,
+                                                                      round=0))
+            old_seconds, old_decisions = old_seconds + s, old_decisions + played.pace.decisions
+            out[f"act.{name}.before.decisions_per_sec"] = played.pace.decisions / s
 
         def play(name=name, ids=ids):
             return rollout(agent, name, ids, cfg.policy, False, cfg.seed, round=0)
@@ -90,7 +114,57 @@ def acting(agent, cfg, envs: list[str], episodes: int) -> dict[str, float]:
         out[f"act.{name}.gflops"] = f / s / 1e9
     out |= {"act.decisions_per_sec": decisions / seconds, "act.gflop_per_decision": flops / decisions / 1e9,
             "act.gflops": flops / seconds / 1e9}
+    if before:
+        out |= {"act.before.decisions_per_sec": old_decisions / old_seconds,
+                "act.ratio.after_over_before": (decisions / seconds) / (old_decisions / old_seconds)}
     return out
+
+
+@contextlib.contextmanager
+def acting_before() -> Iterator[None]:
+    """The round loop's rollouts played by the acting code before issue 29 (everything else as it is)."""
+    import fedse.federation as federation
+
+    current = federation.rollout
+    federation.rollout = rollout_before
+    try:
+        yield
+    finally:
+        federation.rollout = current
+
+
+def round_time(params: str, profile: str) -> dict[str, Any]:
+    """One round of `profile` in process (one torch thread), acting before and after issue 29, from the same
+    fresh adapter: seconds, and whether the global adapter and the evaluation came out identical."""
+    from fedse.federation import Federation
+
+    scratch = Path(tempfile.mkdtemp(prefix="fedse-bound-"))
+    cfg = load_config(params, profile=profile, overrides=[
+        "federation.rounds=1", "policy.threads=1", "learner.threads=1", f"transport.dir={scratch / 'exchange'}"])
+    agent = load_agent(cfg.model, seed=cfg.seed)
+    fresh = adapter_state(agent)
+    seconds, rounds = {}, {}
+    try:
+        for which in ("before", "after"):
+            set_adapter_state(agent, fresh)
+            with acting_before() if which == "before" else contextlib.nullcontext(), torch_threads(1):
+                start = time.perf_counter()
+                Federation(agent, cfg, scratch / which).run()
+                seconds[which] = time.perf_counter() - start
+            rounds[which] = json.loads((scratch / which / "metrics.json").read_text())["rounds"][-1]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def results(record: dict[str, Any]) -> dict[str, Any]:
+        return {"envs": {k: (v["task_success"], v["episodes"]) for k, v in record["envs"].items()},
+                "eval_decisions": record["eval_decisions"]}
+
+    return {f"round.{profile}.before_seconds": seconds["before"], f"round.{profile}.after_seconds": seconds["after"],
+            f"round.{profile}.before_over_after": seconds["before"] / seconds["after"],
+            f"round.{profile}.same_global_adapter": rounds["before"]["global"]["sha256"]
+            == rounds["after"]["global"]["sha256"],
+            f"round.{profile}.same_evaluation": results(rounds["before"]) == results(rounds["after"]),
+            f"round.{profile}.macro": rounds["after"]["macro"]}
 
 
 def training(agent, cfg, env: str, trajectories: int) -> dict[str, float]:
@@ -116,6 +190,10 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override a parameter")
     parser.add_argument("--modes", default=None, help="policy modes side by side, e.g. react,constrained")
+    parser.add_argument("--before", action="store_true", help="also play the episodes with the acting code before "
+                        "issue 29 (bench/act_before.py) and print the ratios")
+    parser.add_argument("--round", default=None, help="a profile whose first round is timed with the acting code "
+                        "before and after issue 29")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cfg = load_config(args.params, overrides=args.sets)
@@ -130,9 +208,12 @@ def main() -> None:
         modes = args.modes.split(",") if args.modes else [None]
         for mode in modes:
             policy = cfg.policy.model_copy(update={"threads": threads, **({"mode": mode} if mode else {})})
-            got = acting(agent, cfg.model_copy(update={"policy": policy}), args.envs.split(","), args.episodes)
+            got = acting(agent, cfg.model_copy(update={"policy": policy}), args.envs.split(","), args.episodes,
+                         args.before)
             result |= {k.replace("act.", f"act.{mode}.", 1): v for k, v in got.items()} if len(modes) > 1 else got
         result |= training(agent, cfg, args.train_env, args.trajectories)
+    if args.round:
+        result |= round_time(args.params, args.round)
     bound = result["bound.fp32_gflops"]
     for prefix in [f"act.{m}." for m in modes] if len(modes) > 1 else ["act."]:
         result[f"{prefix}share_of_fp32_bound"] = result[f"{prefix}gflops"] / bound

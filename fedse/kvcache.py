@@ -393,6 +393,7 @@ class EpisodeCache:
             return deltas
         kept = any(self.kv.valid[i].any() for i in fresh)
         part = self.kv.take(fresh) if kept else KVRows(len(fresh))
+        part.compact(1.0, 0)  # a restarting row kept its head only: attend over that, not its old columns
         part.feed(self.agent, [deltas[i][:-1] for i in fresh], self.dtype)
         self.kv.put(fresh, part)
         return [d[-1:] if i in set(fresh) else d for i, d in enumerate(deltas)]

@@ -29,6 +29,20 @@ def micro_agent(micro_spec: ModelSpec) -> Agent:
     return load_agent(micro_spec)
 
 
+@pytest.fixture(scope="session")
+def tiny_agent() -> Agent:
+    """The committed tiny base (it solves some tasks, so episodes end at different turns; it writes `Action: …`
+    replies and ends them), with a LoRA that has an effect. Shared: tests must not change its weights."""
+    import torch
+
+    agent = load_agent(ModelSpec())
+    torch.manual_seed(3)
+    for p in agent.model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    return agent
+
+
 @pytest.fixture()
 def micro_params(tmp_path: Path, micro_spec) -> Path:
     """The repository's params (profiles included), pointed at the session's micro model (same spec, cache)."""

@@ -266,19 +266,6 @@ def test_merged_lora_leaves_the_base_untouched_and_follows_the_adapter(micro_age
     assert not any(m.disable_adapters for m in merged.layers)
 
 
-@pytest.fixture(scope="module")
-def tiny_agent() -> Agent:
-    """The committed tiny base (it writes `Action: …` replies and ends them), with a LoRA that has an effect."""
-    from fedse.model import ModelSpec, load_agent
-
-    agent = load_agent(ModelSpec())
-    torch.manual_seed(3)
-    for p in agent.model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.02)
-    return agent
-
-
 def test_react_cached_replies_equal_uncached_generation(tiny_agent: Agent) -> None:
     """ReAct feeds only what is new since its last reply, over a cache that outlives turns, window restarts
     (2 kept turns) and episodes that join the batch as others end; greedy replies are exactly those of

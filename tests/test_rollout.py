@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedse.config import load_config
+from fedse.envs.registry import env_class
 from fedse.federation import evaluate_adapter
 from fedse.model import Agent, adapter_state
 from fedse.policy import PolicySpec
@@ -91,3 +92,19 @@ def test_exploration_attempts_of_a_task_are_distinct_draws_and_the_first_keeps_i
     assert episode_key(0, "maze", 7, False, round=2) == "explore/seed=0/env=maze/round=2/task=7"
     keys = {episode_key(0, "maze", 7, False, round=2, pass_=p) for p in range(4)}
     assert len(keys) == 4
+
+
+@pytest.mark.parametrize(("mode", "env"), [("constrained", "textcraft"), ("react", "wordle")])
+def test_continuous_batching_plays_the_episodes_of_chunked_batching(tiny_agent: Agent, mode: str, env: str) -> None:
+    """An episode that ends is replaced at once by the next queued one (continuous), or chunks of batch_size run
+    to their longest episode (chunked): each episode plays the same actions either way and at any batch size,
+    sampled at temperature 1 (the records come in the same order too)."""
+    spec = PolicySpec(mode=mode, eval_temperature=1.0, max_new_tokens=24)
+    tasks = list(env_class(env).explore_ids()[:8])
+    played = {(batching, size): rollout(tiny_agent, env, tasks, spec.model_copy(update={
+        "batching": batching, "batch_size": size}), True, seed=0) for batching, size in [
+        ("chunked", 3), ("continuous", 3), ("continuous", 1)]}
+    reference = actions(played["chunked", 3])
+    assert len({len(turns) for _, turns in reference}) > 1  # episodes of different lengths: places were refilled
+    for key, records in played.items():
+        assert actions(records) == reference, key

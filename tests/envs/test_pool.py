@@ -41,3 +41,26 @@ def test_trajectories_record_turns_and_provenance() -> None:
         assert [t.action for t in record.turns] == [a for a, _ in slot.history]
         assert record.final_observation == slot.observation
         assert record.success == slot.info["success"]
+
+
+def test_a_pool_with_capacity_starts_the_next_episode_as_one_ends() -> None:
+    """At most `capacity` episodes run; each that ends is replaced at once by the next task in order, and the
+    records come in task order whatever the order the episodes ended in."""
+    tasks = [0, 1, 2, 3, 4, 5]
+    pool = EnvPool(MazeEnv, tasks, capacity=2)
+    assert pool.running() == [0, 1] and len(pool.slots) == 2
+    batches: list[list[int]] = []
+    ended: list[int] = []
+
+    def act(envs, slots):
+        batches.append([s.task_id for s in slots])
+        return [env.expert_action() for env in envs]
+
+    pool.run(act, ended=ended.append)
+    firsts = [next(i for i, b in enumerate(batches) if t in b) for t in tasks]
+    assert firsts == sorted(firsts) and firsts[-1] > 0  # started in order, later ones mid-run
+    assert all(len(b) == 2 for b in batches[:firsts[-1] + 1])  # full until the queue ran dry
+    assert sum(ended) == len(tasks)
+    assert [r.task_id for r in pool.trajectories("maze", policy="expert")] == tasks
+    with pytest.raises(ValueError, match="not started"):
+        EnvPool(MazeEnv, tasks, capacity=2).trajectories("maze")
