@@ -415,7 +415,9 @@ class ReactPolicy:
         self.seed = seed
         self.budget = min(context, agent.context) - max_new_tokens
         self.max_new_tokens = max_new_tokens
-        self.end_id = agent.tokenizer.convert_tokens_to_ids(IM_END)
+        # the model's own end-of-turn token (its chat template's, fedse.prompt.Markup); an end written as several
+        # tokens (a template of plain text) stops at its last one
+        self.end_id = agent.renderer.end_ids()[-1]
         self.merged = MergedLora(agent.model)
         self.cache = EpisodeCache(agent, constrained=False)
 
@@ -476,7 +478,8 @@ class ReactPolicy:
     def _settle(self, i: int, reply: list[int]) -> str:
         """Row i's action from its reply; the cache keeps the reply as far as it matches its rendering."""
         row, kv = self.cache.rows[i], self.cache.kv
-        thought, action = parse_reply(self.agent.tokenizer.decode(reply, skip_special_tokens=True))
+        thought, action = parse_reply(self.agent.tokenizer.decode(reply, skip_special_tokens=True),
+                                      self.agent.renderer.markup.end)
         content, close = self.agent.renderer.reply(action, thought)
         fed = len(reply) - 1  # the last token drawn was never fed to the model
         keep = min(fed, next((k for k, (a, b) in enumerate(zip(reply, content, strict=False)) if a != b),
@@ -494,9 +497,10 @@ def reply_generator(key: str, turn: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
-def parse_reply(text: str) -> tuple[str, str]:
-    """(thought, action) of a generated reply; without an `Action:` line the whole text is the action."""
-    text = text.split(IM_END)[0].strip()
+def parse_reply(text: str, end: str = IM_END) -> tuple[str, str]:
+    """(thought, action) of a generated reply (cut at the model's end-of-turn text `end`); without an `Action:`
+    line the whole text is the action."""
+    text = text.split(end)[0].strip()
     thought_match = _THOUGHT_RE.search(text)
     thought = thought_match.group(1).strip() if thought_match else ""
     action_match = _ACTION_RE.search(text)
