@@ -80,25 +80,12 @@ def rows(agent, count: int) -> list:
 
 
 def saved_bytes(agent, batch: list, checkpoint: bool) -> int:
-    """Bytes autograd keeps for this batch's backward pass (each storage once, weights left out)."""
-    import torch
-
-    from fedse.learner import checkpointing, collate, lm_loss, training
+    """Bytes autograd keeps for this batch's backward pass (fedse.memory.saved_by_autograd)."""
+    from fedse.learner import collate
+    from fedse.memory import saved_by_autograd
 
     ids, labels, mask = collate(batch, agent.tokenizer.pad_token_id or 0)
-    weights = {p.untyped_storage().data_ptr() for p in agent.model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with training(agent.model), checkpointing(agent.model, checkpoint), \
-            torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        lm_loss(agent.model, ids, mask, labels)
-    return sum(saved.values())
+    return saved_by_autograd(agent.model, ids, mask, labels, checkpoint)
 
 
 def measure(case: dict) -> dict:

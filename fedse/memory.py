@@ -480,3 +480,27 @@ def gate(cfg: Config, free: tuple[float, str] | None = None) -> str | None:
     if found.fits is False and cfg.model.memory_check == "refuse":
         raise MemoryRefused(found.line + " (or model.memory_check=warn to run anyway)")
     return found.line
+
+
+def saved_by_autograd(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                      checkpoint: bool = False) -> int:
+    """Bytes of every tensor autograd keeps for the backward pass of one `lm_loss`, each storage once, weights
+    left out (torch's saved-tensor hooks see each one as it is saved): the measured counterpart of the
+    activation estimate, which bench/memory.py tabulates and tests/test_memory.py bounds."""
+    import torch
+
+    from fedse import learner
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with learner.training(model), learner.checkpointing(model, checkpoint), \
+            torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        learner.lm_loss(model, ids, mask, labels)
+    return sum(saved.values())

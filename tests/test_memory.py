@@ -12,8 +12,8 @@ import torch
 
 from fedse import memory
 from fedse.config import load_config
-from fedse.learner import IGNORE, Example, checkpointing, collate, lm_loss, training
-from fedse.memory import Acting, GiB, Shape, Training
+from fedse.learner import IGNORE, Example, collate
+from fedse.memory import Acting, GiB, Shape, Training, saved_by_autograd
 
 ROOT = Path(__file__).resolve().parents[1]
 # Qwen2.5-7B-Instruct's config.json (the paper profile's model; no hub here)
@@ -53,7 +53,7 @@ def test_activations_match_what_autograd_keeps(micro_spec, attention: str) -> No
         ids = torch.randint(10, 500, (width - 31 * r,), generator=gen).tolist()
         examples.append(Example(ids, [t if k % 8 == 0 else IGNORE for k, t in enumerate(ids)]))
     ids, labels, mask = collate(examples, 0)
-    kept = saved_by_autograd(agent, ids, mask, labels)
+    kept = saved_by_autograd(agent.model, ids, mask, labels)
     shape = Shape.from_config(agent.model.config)
     estimate = memory.training(shape, Training(tokens=rows * width, width=width, attention=attention, mask_bytes=4))
     assert abs(estimate.parts["activations"] / kept - 1) < 0.10
@@ -146,24 +146,7 @@ def test_checkpointing_keeps_only_the_layer_inputs(micro_agent) -> None:
     labels = torch.where(torch.arange(128) % 8 == 0, ids, IGNORE)
     mask = torch.ones_like(ids)
 
-    assert saved_by_autograd(micro_agent, ids, mask, labels, checkpoint=True) < \
-        saved_by_autograd(micro_agent, ids, mask, labels) / 4
+    assert saved_by_autograd(micro_agent.model, ids, mask, labels, checkpoint=True) < \
+        saved_by_autograd(micro_agent.model, ids, mask, labels) / 4
 
 
-def saved_by_autograd(agent, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                      checkpoint: bool = False) -> int:
-    """Bytes of every tensor autograd keeps for the backward pass of `lm_loss`, each storage once, weights left
-    out (torch's saved-tensor hooks see each one as it is saved)."""
-    weights = {p.untyped_storage().data_ptr() for p in agent.model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with training(agent.model), checkpointing(agent.model, checkpoint), \
-            torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        lm_loss(agent.model, ids, mask, labels)
-    return sum(saved.values())
