@@ -15,9 +15,9 @@ Both keep one row of KV cache per running episode across turns (`fedse.kvcache`)
 its row for the next queued episode (`policy.batching: continuous`, `fedse.rollout`) without disturbing the
 others. Temperature 1.0 explores; temperature 0 is greedy. Sampling is by common random numbers: each episode
 carries a key (`Slot.key`, set by `fedse.rollout`); the constrained policy draws by Gumbel-max with noise that
-is a hash of (key, turn, action text), ReAct draws each token by Gumbel-max from a generator seeded by a hash
-of (key, turn). So an episode plays the same whatever else shares its batch or when it joined it, and two
-adapters evaluated on the same keys face the same draws (their difference is not drowned in sampling noise).
+is a hash of (key, turn, action text), ReAct draws each token with a generator seeded by a hash of (key,
+turn). So an episode plays the same whatever else shares its batch or when it joined it, and two adapters
+evaluated on the same keys face the same draws (their difference is not drowned in sampling noise).
 When an episode outgrows the context window, the prompt keeps the system message and first observation
 (which states the task) and drops the oldest turns; it drops them down to half the window, so the rebuilt
 cache then lasts several turns, and the head's cached keys are kept across rebuilds.
@@ -402,8 +402,8 @@ class ReactPolicy:
     (what the learner trains on and what a rebuilt window holds); the rest is replaced by that rendering, so
     the cached prompt is always exactly `episode_window`'s.
 
-    Sampling is keyed per episode: each row draws by Gumbel-max from its own generator, seeded by blake2b of
-    the episode's key and turn (`reply_generator`), so a reply depends on the model and the episode only, never
+    Sampling is keyed per episode: each row draws its tokens with its own generator, seeded by blake2b of the
+    episode's key and turn (`reply_generator`), so a reply depends on the model and the episode only, never
     on which episodes share its batch or when it joined it (continuous batching). Temperature 0 is greedy.
     """
 
@@ -420,6 +420,9 @@ class ReactPolicy:
         self.end_id = agent.renderer.end_ids()[-1]
         self.merged = MergedLora(agent.model)
         self.cache = EpisodeCache(agent, constrained=False)
+        # each decoding step reads every cached column of its rows (memory-bound on a CPU), so the holes are
+        # squeezed out before a turn's decoding whenever they are a tenth of the width
+        self.cache.compact_ratio, self.cache.compact_slack = 1.1, 8
 
     @torch.no_grad()
     def __call__(self, envs: Sequence[TextEnv], slots: list[Slot]) -> list[str]:
@@ -465,15 +468,16 @@ class ReactPolicy:
             last = work.feed(self.agent, [[t] for t in tokens], self.cache.dtype)[:, 0]
 
     def _sample(self, hidden: torch.Tensor, draws: list[torch.Generator | None]) -> list[int]:
-        """The next token of each row: the argmax at temperature 0, else Gumbel-max with the row's own noise."""
+        """The next token of each row: the argmax at temperature 0, else a draw from softmax(logits / T) by
+        inverting its CDF at one uniform from the row's own generator (one number per token, so a row's draws
+        follow its episode's stream alone)."""
         logits = self.agent.model.get_output_embeddings()(hidden).float().cpu()
         if self.temperature == 0:
             return logits.argmax(-1).tolist()
-        tokens = []
-        for row, draw in zip(logits, draws, strict=True):
-            u = torch.rand(row.shape[0], generator=draw, dtype=torch.float64)
-            tokens.append(int(torch.argmax(row.double() / self.temperature - torch.log(-torch.log(u)))))
-        return tokens
+        u = torch.cat([torch.rand(1, generator=draw, dtype=torch.float64) for draw in draws])
+        cdf = torch.softmax(logits.double() / self.temperature, dim=-1).cumsum(-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+        return picks.clamp(max=logits.shape[1] - 1).tolist()
 
     def _settle(self, i: int, reply: list[int]) -> str:
         """Row i's action from its reply; the cache keeps the reply as far as it matches its rendering."""
