@@ -446,7 +446,8 @@ class ReactPolicy:
         draws = [reply_generator(noise_key(row.slot, self.seed), len(row.slot.history))
                  if self.temperature > 0 else None for row in self.cache.rows]
         hidden = kv.feed(self.agent, deltas, self.cache.dtype)
-        last = hidden[torch.arange(kv.rows), torch.tensor([len(d) - 1 for d in deltas]).to(hidden.device)]
+        ends = torch.tensor([len(d) - 1 for d in deltas], device=hidden.device)
+        last = hidden[torch.arange(kv.rows, device=hidden.device), ends]
         kv.reserve(kv.width + self.max_new_tokens)
         replies: list[list[int]] = [[] for _ in range(kv.rows)]
         work, members = kv, list(range(kv.rows))  # the decoding batch and the cache row of each of its rows
