@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedse.aggregate import AggregationSpec
 from fedse.learner import LearnerSpec
@@ -143,9 +143,22 @@ class OrchestrationConfig(Strict):
     workers: int = Field(default=4, ge=1)
     dask_address: str | None = Field(default=None, description="scheduler of an existing Dask cluster, e.g. "
                                      "tcp://10.0.0.5:8786 (mode dask; default: a local cluster)")
-    gpu_slots: int = Field(default=1, ge=1, description="train tasks (tag gpu) running at once")
+    gpus: list[str] | None = Field(default=None, description="devices the process pool or Dask workers "
+                                   "are placed on, one client per device (then shared in turn), as "
+                                   "CUDA_VISIBLE_DEVICES entries; null: the GPUs this machine shows; []: "
+                                   "none (fedse/placement.py)")
+    gpu_slots: int = Field(default=1, ge=1, description="train tasks (tag gpu) running at once, at least one per "
+                           "placed device")
     retries: int = Field(default=0, ge=0, description="retries of a client's rollout, train and transfer tasks")
     retry_delay: float = Field(default=2.0, ge=0, description="backoff factor (s): retry i waits delay·2^i")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        """Ordinals may be written as numbers (`gpus: [0, 1]`); each entry checked (fedse/placement.py)."""
+        from fedse.placement import checked
+
+        return checked(value) if isinstance(value, list) else value
 
 
 class Config(Strict):

@@ -171,6 +171,14 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def base_name(spec: ModelSpec) -> str:
+    """The base model's name as metrics.json records it, from the spec alone (no weights read: the flow's
+    driver names the model without loading it)."""
+    if spec.preset == "tiny":
+        return f"tiny-{spec.tiny.key()}"
+    return spec.preset
+
+
 def load_base(spec: ModelSpec, advance: Callable[[int, float], None] | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, name) of the frozen base, on its device and dtype, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,7 +187,7 @@ def load_base(spec: ModelSpec, advance: Callable[[int, float], None] | None = No
     dtype = pick_dtype(spec.dtype, device)
     kwargs: dict[str, Any] = {}
     if spec.preset == "tiny":
-        source, name = ensure_tiny(spec, advance), f"tiny-{spec.tiny.key()}"
+        source, name = ensure_tiny(spec, advance), base_name(spec)
     elif spec.preset == "smollm2-135m":
         gguf = smollm2_gguf()
         source, name, kwargs = gguf.parent, "smollm2-135m", {"gguf_file": gguf.name}

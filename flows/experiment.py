@@ -35,7 +35,9 @@ from fedse.cli import summarise_run
 from fedse.config import Config, ConfigError, run_config
 from fedse.kernels import choose as choose_kernels
 from fedse.memory import gate
+from fedse.placement import placed_devices
 from flows.console import Phases, quiet, quiet_worker, shown_on
+from flows.placement import device_limits
 from flows.round_loop import configured
 from tasks.track import REMEMBERED
 
@@ -71,6 +73,9 @@ def main(argv: list[str]) -> int:
             quiet(log)
         workers = None if args.verbose else (quiet_worker, (str(log),))
         with local_api(), Phases() as phases, shown_on(phases):
+            devices = placed_devices(cfg.orchestration)
+            if devices:  # one task per card at a time (on CPU no limit, as before: clients train side by side)
+                device_limits(devices, cfg.orchestration.gpu_slots)
             doc = configured(cfg.orchestration, workers)(
                 method=args.method, profile=args.profile, seed=args.seed, params=args.params, sets=args.sets,
                 out=args.out, tracking_uri=args.tracking_uri, dvc_repo=str(ROOT),

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from fedse.federation import env_of
+from fedse.placement import pinned
 from fedse.signing import Keyring
 from fedse.transport import SERVER, client_role
 from flows.private import write_private
@@ -81,15 +82,18 @@ def exchange_keys(server: Keyring, org: Keyring, role: str) -> None:
 
 
 def environment(root: Path, client: str, prefect_api: str | None = None, s3_endpoint: str | None = None,
-                bucket: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+                bucket: str | None = None, base: dict[str, str] | None = None,
+                device: str | None = None) -> dict[str, str]:
     """What the organisation's process starts with: its own Prefect home (an ephemeral API inside its
-    directory) and nothing of the server's. The store's address and keys are in its org.yaml, not here;
-    `prefect_api`, `s3_endpoint` and `bucket` are accepted for the callers' sake and ignored."""
+    directory), the one accelerator it is placed on (`device`: CUDA_VISIBLE_DEVICES names it alone;
+    fedse/placement.py) and nothing of the server's. The store's address and keys are in its org.yaml, not
+    here; `prefect_api`, `s3_endpoint` and `bucket` are accepted for the callers' sake and ignored."""
     home = folder(root, client)
     inherited = {k: v for k, v in (base if base is not None else os.environ).items()
                  if not k.startswith(SERVER_ONLY)}
-    return inherited | {"PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "OMP_NUM_THREADS": "1"}
+    own = {"PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "OMP_NUM_THREADS": "1"}
+    return inherited | own | pinned(device)
 
 
 def start(root: Path, client: str, env: dict[str, str], log: Path) -> int:

@@ -17,7 +17,7 @@ No `from __future__ import annotations` here: Prefect validates flow parameters 
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +29,34 @@ from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from fedse.atomic import write_json
 from fedse.config import Config, OrchestrationConfig, run_config
 from fedse.evaluate import EnvScore
-from fedse.federation import AdapterState, ClientJob, ClientOutcome, Federation, failure, successes, update_stats
+from fedse.federation import (
+    AdapterState,
+    ClientJob,
+    ClientOutcome,
+    Federation,
+    client_groups,
+    failure,
+    successes,
+    update_stats,
+)
 from fedse.kernels import choose as choose_kernels
-from fedse.methods import Method
+from fedse.methods import Method, method
+from fedse.model import base_name
+from fedse.placement import assign, placed_devices, tag
 from fedse.report import round_line
 from fedse.transport import Transport, Upload
 from flows.console import phase, watching
-from tasks.agent import borrowed, fresh_adapter
+from flows.placement import Initializer, placed_runner
 from tasks.aggregate import aggregate
 from tasks.buffer import update_buffer
 from tasks.evaluate import evaluate
 from tasks.exchange import download_global, upload
 from tasks.filter import success_filter
+from tasks.initial import initial_adapter
+from tasks.probe import probe
 from tasks.register import register, registered, task_set
 from tasks.rollout import rollout
 from tasks.track import Tracking, close_unfinished, ended_as, finish, log_round, open_experiment, reopen, round_run
@@ -70,6 +84,7 @@ def round_loop(method: str = "fedse", profile: str = "smoke", seed: int = 0, par
     folder = Path(resume) if resume else run_folder(cfg, out, flow_run)
     runner = workers_runner(cfg, dvc_repo) if cfg.orchestration.mode == "workers" else Tasks(cfg, dvc_repo)
     fed = Federation(None, cfg, folder, resume=resume is not None, runner=runner)
+    check_placement(runner.placement, folder)
     tracking = track(cfg, tracking_uri, experiment or f"fedse-{cfg.profile}", flow_run, folder, resume is not None) \
         if tracking_uri else None
     total = fed.total_rounds
@@ -151,15 +166,20 @@ def committed_adapter(folder: Path, round: int, record: dict[str, Any]) -> dict[
 
 class Tasks:
     """The loop's runner in a flow: each client's round as a chain of Prefect tasks, all clients at once on the
-    flow's task runner; the server step and every evaluation as tasks too."""
+    flow's task runner; the server step and every evaluation as tasks too. The flow's own process loads no
+    model: it names the model from its spec, and the initial adapter is made by a task, where the models are
+    (with the thread pool that is this process, whose one model the tasks share). With devices to place on
+    (`fedse.placement`), each client's tasks and each environment's evaluation carry their device's tag."""
 
     def __init__(self, cfg: Config, dvc_repo: str | None) -> None:
         self.cfg, self.dvc_repo = cfg, dvc_repo
-        with borrowed(cfg) as agent:
-            self.model = agent.name
+        self.model = base_name(cfg.agent_spec())
+        devices = placed_devices(cfg.orchestration)
+        self.placement = assign([name for name, _ in client_groups(cfg, method(cfg.federation.method))], devices)
+        self.eval_devices = assign(cfg.client_envs(), devices)
 
     def initial(self) -> AdapterState:
-        return fresh_adapter(self.cfg)
+        return initial_adapter.submit(self.cfg).result()
 
     def clients(self, fed: Federation, round: int, jobs: list[ClientJob],
                 ) -> Iterator[tuple[str, ClientOutcome | Exception]]:
@@ -168,7 +188,8 @@ class Tasks:
         shown, bars = watching(), ExitStack()
         for name, total in client_phases(fed.method, round, len(jobs)).items():
             bars.enter_context(showing(name, total))
-        chains = [submit_chain(self.cfg, fed.method, fed.exchange, fed.out, job, round, self.dvc_repo) for job in jobs]
+        chains = [submit_chain(self.cfg, fed.method, fed.exchange, fed.out, job, round, self.dvc_repo,
+                               self.placement.get(job.name)) for job in jobs]
         for chain in chains:
             for step, future in ((phase(round, "explore"), chain.fresh), (phase(round, "train"), chain.trained)):
                 if future is not None:
@@ -196,7 +217,8 @@ class Tasks:
     def evaluate(self, fed: Federation, round: int, states: dict[str, AdapterState]) -> dict[str, EnvScore]:
         step, shown = phase(round, "evaluate"), watching()
         with showing(step, len(states)):
-            futures = {env: evaluate.submit(self.cfg, state, env, round) for env, state in states.items()}
+            futures = {env: on(evaluate, self.eval_devices.get(env)).submit(self.cfg, state, env, round)
+                       for env, state in states.items()}
             for future in futures.values():
                 future.add_done_callback(lambda _: shown.advance(step))
             return {env: future.result() for env, future in futures.items()}
@@ -249,23 +271,46 @@ class Chain:
 
 
 def submit_chain(cfg: Config, how: Method, exchange: Transport | None, out: Path, job: ClientJob, round: int,
-                 dvc_repo: str | None) -> Chain:
+                 dvc_repo: str | None, device: str | None = None) -> Chain:
     """Submit one client's round as Prefect tasks (rollout, train and the transfers retried
-    `orchestration.retries` times with exponential backoff); the server's flow and an organisation's
-    `fedse-client` flow both run a client's round this way."""
+    `orchestration.retries` times with exponential backoff), each tagged with the client's `device` when it
+    is placed on one; the server's flow and an organisation's `fedse-client` flow both run a client's round
+    this way."""
     retry = {"retries": cfg.orchestration.retries,
              "retry_delay_seconds": exponential_backoff(backoff_factor=cfg.orchestration.retry_delay)}
     start = job.start if job.start is not None else \
-        download_global.with_options(**retry).submit(exchange, round, job.name)
-    fresh = rollout.with_options(**retry).submit(cfg, job.envs[0], start, round, job.name,
-                                                 str(out / "buffers" / job.name), job.own) if how.explore else None
-    kept = success_filter.submit(cfg, fresh if fresh is not None else [], job.envs[0], job.name, round)
-    data = update_buffer.submit(cfg, str(out / "buffers" / job.name), kept, round, job.name, job.envs)
-    versioned = version_buffer.submit(dvc_repo, data, job.name, round) if dvc_repo else None
-    trained = train.with_options(**retry).submit(cfg, start, data, round, job.name, job.own)
-    sent = upload.with_options(**retry).submit(exchange, cfg, str(out), trained, data, round, job.name) \
+        on(download_global, device).with_options(**retry).submit(exchange, round, job.name)
+    fresh = on(rollout, device).with_options(**retry).submit(
+        cfg, job.envs[0], start, round, job.name, str(out / "buffers" / job.name), job.own) if how.explore else None
+    kept = on(success_filter, device).submit(cfg, fresh if fresh is not None else [], job.envs[0], job.name, round)
+    data = on(update_buffer, device).submit(cfg, str(out / "buffers" / job.name), kept, round, job.name, job.envs)
+    versioned = on(version_buffer, device).submit(dvc_repo, data, job.name, round) if dvc_repo else None
+    trained = on(train, device).with_options(**retry).submit(cfg, start, data, round, job.name, job.own)
+    sent = on(upload, device).with_options(**retry).submit(exchange, cfg, str(out), trained, data, round, job.name) \
         if exchange is not None else None
     return Chain(job.name, fresh, data, versioned, trained, sent)
+
+
+def on(work: Any, device: str | None) -> Any:
+    """The task as placed on `device`: with its device tag added (the runner routes by it, and Prefect's limit
+    of that name keeps the card to one task at a time); unchanged without one."""
+    return work if device is None else work.with_options(tags={*work.tags, tag(device)})
+
+
+def check_placement(placement: dict[str, str | None], folder: Path) -> None:
+    """Ask each placed client's process, through the runner as its tasks are, what it sees: its own device
+    alone, or the flow stops before any round. What each saw is written to the run folder's placement.json
+    (nothing is written without devices)."""
+    asked = {client: on(probe, device).submit(client) for client, device in placement.items() if device is not None}
+    if not asked:
+        return
+    seen = {client: {"device": placement[client]} | future.result() for client, future in asked.items()}
+    write_json(folder / "placement.json", seen)
+    wrong = [f"{client} sees {got['visible']!r} instead of {got['device']!r}" for client, got in seen.items()
+             if got["visible"] != got["device"]]
+    if wrong:
+        raise RuntimeError(f"placement: {'; '.join(wrong)} (CUDA_VISIBLE_DEVICES; is the flow's task runner the one "
+                           "orchestration: names?)")
 
 
 def finished_by(future: Any, deadline: float) -> bool:
@@ -291,11 +336,16 @@ def _key(text: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in text.lower())
 
 
-def task_runner(kind: str, workers: int, address: str | None = None,
-                initializer: tuple[Callable[..., None], tuple[Any, ...]] | None = None) -> Any:
+def task_runner(kind: str, workers: int, address: str | None = None, initializer: Initializer = None,
+                devices: list[str] | None = None) -> Any:
     """The Prefect task runner `kind` names. Dask: the scheduler at `address`, else a local cluster of
     `workers` processes with one thread each (each process loads its own model once, as a process pool's).
-    `initializer`: (function, args) run once in each process-pool worker (make run quiets its logs there)."""
+    `initializer`: (function, args) run once in each process-pool worker (make run quiets its logs there).
+    `devices`: place the process pool or Dask workers on them, one process per device (flows/placement.py);
+    a thread pool is one process and places nothing."""
+    placed = placed_runner(kind, devices or [], workers, address, initializer)
+    if placed is not None:
+        return placed
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -316,10 +366,10 @@ def workers_runner(cfg: Config, dvc_repo: str | None) -> "Tasks":
     return Workers(cfg, dvc_repo)
 
 
-def configured(orchestration: OrchestrationConfig,
-               initializer: tuple[Callable[..., None], tuple[Any, ...]] | None = None) -> Any:
+def configured(orchestration: OrchestrationConfig, initializer: Initializer = None) -> Any:
     """The flow on the task runner `orchestration:` names (what `make run` and the served deployment run):
-    Dask in mode dask, else `task_runner` (in mode workers it runs only the server's own tasks)."""
+    Dask in mode dask, else `task_runner` (in mode workers it runs only the server's own tasks), placed on
+    the devices `fedse.placement.placed_devices` finds."""
     kind = "dask" if orchestration.mode == "dask" else orchestration.task_runner
     return round_loop.with_options(task_runner=task_runner(kind, orchestration.workers, orchestration.dask_address,
-                                                           initializer))
+                                                           initializer, placed_devices(orchestration)))

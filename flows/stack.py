@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedse.config import Config, load_config
+from fedse.placement import assign, visible_devices
 from fedse.signing import Keyring
 from fedse.transport import SERVER
 from flows import orgs
@@ -74,14 +76,21 @@ class Stack:
     def state(self) -> Path:
         return self.root / ".serve"
 
+    def params(self) -> Config:
+        """The served deployment's config (FEDSE_PARAMS, else the root's params.yaml, else the defaults)."""
+        params = Path((self.extra_env or {}).get("FEDSE_PARAMS", self.root / "params.yaml"))
+        return load_config(params if params.exists() else None)
+
     @property
     def seaweed(self) -> SeaweedFS:
         """The object store, with an identity for every client the params know of."""
-        from fedse.config import load_config
-
-        params = Path((self.extra_env or {}).get("FEDSE_PARAMS", self.root / "params.yaml"))
-        clients = load_config(params if params.exists() else None).envs.names
+        clients = self.params().envs.names
         return SeaweedFS(self.root / ".seaweedfs", self.state, clients, self.s3_port, self.seaweed_ports)
+
+    def org_devices(self) -> dict[str, str | None]:
+        """The device each local organisation's worker process is pinned to: one each in `orgs` order while
+        this machine shows enough (or `orchestration.gpus` names them), then shared; None without a GPU."""
+        return assign(self.orgs, visible_devices(self.params().orchestration.gpus))
 
     @property
     def prefect_api(self) -> str:
@@ -276,7 +285,8 @@ class Stack:
         ca.write_bytes(store.ca_bundle.read_bytes())
         orgs.prepare(self.orgs_root, client, self.root / "data" / "seed", store.credentials,
                      endpoint=store.endpoint, ca_bundle=ca, server_keys=self.server_keys, params=self.org_params)
-        env = orgs.environment(self.orgs_root, client, base=os.environ | (self.extra_env or {}))
+        env = orgs.environment(self.orgs_root, client, base=os.environ | (self.extra_env or {}),
+                               device=self.org_devices()[client])
         return orgs.start(self.orgs_root, client, env, self.state / f"org-{client}.log")
 
     def _dvc_remote(self, store: SeaweedFS) -> None:

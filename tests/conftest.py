@@ -182,7 +182,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 SHARED = {"tests/test_stack.py": "served", "tests/test_control_plane.py": "served",
           "tests/test_workers.py": "workers", "tests/reliability/test_faults.py": "faults",
           "tests/test_exchange.py": "exchange", "tests/test_smollm2.py": "smollm2", "tests/test_flow.py": "flow",
-          "tests/test_federation.py": "federation", "tests/test_tiny.py": "tiny"}
+          "tests/test_federation.py": "federation", "tests/test_tiny.py": "tiny",
+          "tests/test_placement.py": "placement"}
 FIRST = ["workers", "served", "faults", "flow"]  # the longest units start first, one per worker
 
 
