@@ -160,6 +160,40 @@ def test_each_clients_process_sees_its_own_device_and_sharers_take_turns(
     assert os.getpid() not in set().union(*pids.values())
 
 
+def test_two_tasks_placed_on_one_card_never_run_at_once(prefect_api: None) -> None:
+    """The Prefect limits placement creates: `gpu-<device>` of 1 (and `gpu` at least one per device). Two tasks
+    tagged for card 0 on a thread pool, which would otherwise run them side by side, run one after the other."""
+    import time
+
+    from prefect import flow, get_client, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.placement import device_limits
+    from flows.round_loop import on
+
+    device_limits(["0", "1"], 1)
+    with get_client(sync_client=True) as client:
+        limits = {tag: client.read_concurrency_limit_by_tag(tag).concurrency_limit for tag in ("gpu", "gpu-0", "gpu-1")}
+    assert limits == {"gpu": 2, "gpu-0": 1, "gpu-1": 1}
+
+    @task
+    def hold(name: str) -> tuple[float, float]:
+        started = time.monotonic()
+        time.sleep(1.0)
+        return started, time.monotonic()
+
+    @flow(task_runner=ThreadPoolTaskRunner(3))
+    def both() -> list[tuple[float, float]]:
+        futures = [on(hold, "0").submit("a"), on(hold, "0").submit("b")]
+        return [f.result() for f in futures]
+
+    first, second = sorted(both())
+    assert first[1] <= second[0]  # the second waited for the first to leave the card
+    with get_client(sync_client=True) as client:
+        for name in ("gpu", "gpu-0", "gpu-1"):
+            client.delete_concurrency_limit_by_tag(name)
+
+
 DRIVER = """
 import json, sys
 
