@@ -7,7 +7,7 @@ keys are errors so that a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,11 +88,17 @@ class FederationConfig(Strict):
     seeds_per_client: int | None = Field(default=None, ge=0, description="first N seed trajectories; null = all")
     own_cap: float | None = Field(default=None, ge=0, description="train on at most this many of the agent's own "
                                   "records per expert seed (the newest); null = all (the paper)")
-    eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env per round; null = all")
+    eval_episodes: int | None = Field(default=None, ge=1, description="evaluation tasks per env per round; null = "
+                                      "all")
     eval_split: Literal["test", "val"] = Field(default="test", description="val: calibrate a profile without "
                                               "touching test tasks")
-    final_eval_episodes: int | None = Field(default=None, ge=1, description="test tasks per env after the first "
-                                            "and the last round (null = as eval_episodes)")
+    final_eval_episodes: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        default=None, description="test tasks per env after the first and the last round: a number, all (the "
+        "whole test set) or null (as eval_episodes)")
+    curve_split: Literal["test", "val"] = Field(default="test", description="what the rounds between the first "
+                                               "and the last are scored on: val = the first eval_episodes "
+                                               "validation tasks, so test tasks are played only for the two "
+                                               "reported rounds; test = the first eval_episodes test tasks")
     max_buffer: int | None = Field(default=None, ge=1, description="train on at most the newest N; null = all")
     client_timeout: float | None = Field(default=None, gt=0, description="seconds the Prefect flow waits for a "
                                          "client's upload in a round before counting it missing; null = no limit")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -279,14 +279,25 @@ def record_spent(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     return privacy.record_epsilon(histories, deltas) if histories else None
 
 
+def scored_split(cfg: Config, round: int) -> Literal["test", "val"]:
+    """The ids a round is scored on. The first and last rounds are the reported ones (final, final − round 0);
+    with `curve_split: val` the rounds between only draw the curve, on validation tasks, so a long run pays
+    for its test sets twice instead of every round."""
+    fed = cfg.federation
+    if fed.eval_split == "val" or round in (0, fed.rounds - 1):
+        return fed.eval_split
+    return fed.curve_split
+
+
 def eval_task_ids(cfg: Config, env: str, round: int) -> list[int]:
-    """The first N test tasks (the same ones every round); more of them after the first and last round, so
-    the start and end of a run are measured more tightly than the curve between them."""
+    """The first N tasks of the round's split (the same ones every round that split is scored on); more of them
+    after the first and last round, so the start and end of a run are measured more tightly than the curve."""
     fed = cfg.federation
     edge = round in (0, fed.rounds - 1) and fed.final_eval_episodes is not None
     cls = env_class(env)
-    ids = cls.test_ids if fed.eval_split == "test" else cls.validation_ids()
-    return list(ids)[:fed.final_eval_episodes if edge else fed.eval_episodes]
+    ids = cls.test_ids if scored_split(cfg, round) == "test" else cls.validation_ids()
+    count = fed.final_eval_episodes if edge else fed.eval_episodes
+    return list(ids)[:None if count == "all" else count]
 
 
 def evaluate_adapter(agent: Agent, cfg: Config, state: AdapterState, env: str, seed: int, round: int,
@@ -868,7 +879,7 @@ class Federation:
         own = {c.name: c.state for c in self.clients if c.state is not None}
         states = {env: eval_state(self.method, env, own, global_state, self.initial, self.cfg.aggregation.personal)
                   for env in self.cfg.client_envs()}
-        record.update(summarise(self.runner.evaluate(self, round, states)))
+        record.update(summarise(self.runner.evaluate(self, round, states)), split=scored_split(self.cfg, round))
 
     def document(self, complete: bool) -> dict[str, Any]:
         return document(self.cfg, self.runner.model, self.rounds, complete, exchange_info(self.exchange))
@@ -885,6 +896,7 @@ def document(cfg: Config, model: str, rounds: list[dict[str, Any]], complete: bo
                      "explore_attempts": fed.explore_attempts,
                      "seeds_per_client": fed.seeds_per_client, "eval_episodes": fed.eval_episodes,
                      "final_eval_episodes": fed.final_eval_episodes, "eval_split": fed.eval_split,
+                     "curve_split": fed.curve_split,
                      "max_buffer": fed.max_buffer, "clients_per_round": fed.clients_per_round,
                      "explore_unsolved": fed.explore_unsolved, "own_cap": fed.own_cap,
                      "buffer": cfg.buffer.model_dump(),

@@ -32,6 +32,7 @@ def run_curves(doc: dict[str, Any], path: Path) -> Path:
     ax.fill_between(rounds, low, high, color="black", alpha=0.12, label="macro 95% CI")
     _style(ax, f"{doc['method']} (profile {doc.get('profile')}, seed {doc['seed']}, r={doc.get('lora_r')})",
            split([doc]))
+    ax.set_xlabel(round_label([doc]))
     return _save(fig, path)
 
 
@@ -81,6 +82,19 @@ def tasks_per_round(docs: list[dict[str, Any]]) -> dict[int, int]:
     return sizes
 
 
+def curve_rounds(docs: list[dict[str, Any]]) -> list[int]:
+    """The rounds some test-scored run played on validation tasks (`curve_split: val`): points of the curve
+    only, scored on other tasks than the first and last rounds, which the axis label has to say."""
+    return sorted({r["round"] for d in docs for r in d["rounds"]
+                   if r.get("split") == "val" and (d.get("settings") or {}).get("eval_split", "test") == "test"})
+
+
+def round_label(docs: list[dict[str, Any]]) -> str:
+    """The x label: plain rounds, or which of them were scored on validation tasks."""
+    between = curve_rounds(docs)
+    return f"round (rounds {between[0]}–{between[-1]}: validation tasks)" if between else "round"
+
+
 def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> Path:
     """Several runs: macro success per round (on test or validation ids, as the runs were scored), averaged
     over the seeds of each method (band: min–max). Filled markers: rounds scored on the most tasks; hollow:
@@ -115,7 +129,9 @@ def method_curves(docs: list[dict[str, Any]], path: Path, label: Any = None) -> 
     (low if exploring else ax).legend(handles, names, fontsize=7, ncol=3, loc="upper center",
                                       bbox_to_anchor=(0.5, -0.3 if exploring else -0.12), frameon=False)
     fewer = sorted({v for v in sizes.values() if v != most})
-    xlabel = f"round (filled: {most} {ids} tasks per env; hollow: {', '.join(map(str, fewer))})" if fewer else "round"
+    hollow = "validation tasks" if curve_rounds(docs) else f"{ids} tasks"
+    xlabel = (f"round (filled: {most} {ids} tasks per env; hollow: {', '.join(map(str, fewer))} {hollow})"
+              if fewer else round_label(docs))
     ax.set_xlabel(xlabel)
     if exploring:
         ax.set_xlabel("")
@@ -159,7 +175,7 @@ def main_comparison(docs: list[dict[str, Any]], path: Path, main: list[str], lab
         ax.fill_between(rounds, low, high, alpha=0.15, color=colour)
     ids = split(docs)
     ax.set_title(f"macro {ids} success per round: mean over seeds, band = 95 % t interval over seeds", fontsize=10)
-    ax.set_xlabel("round")
+    ax.set_xlabel(round_label(docs))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{ids} success")
     ax.set_ylim(-0.02, min(1.02, max(0.25, ax.dataLim.y1 * 1.15)))
@@ -200,6 +216,7 @@ def small_multiples(docs: list[dict[str, Any]], path: Path, skip: list[str], ref
         ax.axis("off")
     fig.suptitle(f"each method (blue) against {reference} (grey): macro {split(docs)} success per round, "
                  "band = 95 % t interval over seeds", fontsize=9)
+    fig.supxlabel(round_label(docs), fontsize=8)
     return _save(fig, path)
 
 

@@ -624,6 +624,8 @@ def round_line(record: Doc, rounds: int) -> str:
     if "macro_ci95" in record:
         low, high = record["macro_ci95"]
         parts[-1] += f" [{low:.2f}, {high:.2f}]"
+    if record.get("split") == "val":  # a curve point (or a calibration run), not a test figure
+        parts[-1] += " (validation)"
     clients = [c for c in record.get("clients", {}).values() if "failed" not in c]
     if clients:
         added, held = sum(c.get("added", 0) for c in clients), sum(c.get("buffer", 0) for c in clients)

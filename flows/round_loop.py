@@ -151,7 +151,7 @@ def record_round(tracking: Tracking, cfg: Config, round: int, record: dict[str, 
     """The round in MLflow (a nested run) and its global adapter in the registry, each only if not there yet."""
     run_id = round_run(tracking, round) or log_round(tracking, round, record, egress)
     if adapter is not None and not registered(tracking, round):
-        scored_on = task_set(cfg.profile, cfg.federation.eval_split, cfg.eval.passes, record)
+        scored_on = task_set(cfg.profile, record.get("split", cfg.federation.eval_split), cfg.eval.passes, record)
         version = register(tracking, run_id, round, cfg.federation.method, cfg.seed, adapter, record,
                            record.get("buffers_dvc", {}), scored_on)
         get_run_logger().info("round %d: registered fedse-global version %s", round, version)

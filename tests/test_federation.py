@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedse.aggregate import AggregationError
-from fedse.config import Config, load_config
+from fedse.config import Config, ConfigError, load_config
 from fedse.envs.registry import env_class
 from fedse.federation import Federation, explore_task_ids, keep
 from fedse.methods import method
@@ -77,8 +77,13 @@ def test_no_history_trains_only_on_this_rounds_data(micro_spec, seeds, tmp_path:
     for env in ENVS:
         c1 = doc["rounds"][1]["clients"][env]
         assert c1["trained_on"] == c1["added"] < c1["buffer"]
-        # the first and last rounds are evaluated on more test tasks than the ones between
+        # the first and last rounds are evaluated on more test tasks than the ones between, which only draw the
+        # curve, on validation tasks
         assert [r["envs"][env]["n"] for r in doc["rounds"]] == [3, 2, 3]
+        assert [r["split"] for r in doc["rounds"]] == ["test", "val", "test"]
+        assert {env_class(env).split_of(i) for i in doc["rounds"][1]["envs"][env]["task_ids"]} == {"val"}
+        assert {env_class(env).split_of(i) for r in (0, 2) for i in doc["rounds"][r]["envs"][env]["task_ids"]} \
+            == {"test"}
 
 
 def test_static_baselines_neither_explore_nor_mix(micro_spec, seeds, tmp_path: Path) -> None:
@@ -208,6 +213,26 @@ def test_eval_split_val_uses_validation_ids(micro_spec) -> None:
     assert len(ids) == 4 and all(env_class("maze").split_of(i) == "val" for i in ids)
     test = load_config("params.yaml", profile="smoke")
     assert all(env_class("maze").split_of(i) == "test" for i in eval_task_ids(test, "maze", 1))
+
+
+def test_only_the_reported_rounds_play_test_tasks_and_all_means_the_whole_test_set() -> None:
+    from fedse.federation import eval_task_ids, scored_split
+
+    cfg = load_config("params.yaml", profile="smoke", overrides=[
+        "federation.rounds=4", "federation.eval_episodes=3", "federation.final_eval_episodes=all"])
+    maze = env_class("maze")
+    assert [scored_split(cfg, r) for r in range(4)] == ["test", "val", "val", "test"]
+    assert eval_task_ids(cfg, "maze", 0) == eval_task_ids(cfg, "maze", 3) == list(maze.test_ids)
+    assert eval_task_ids(cfg, "maze", 1) == eval_task_ids(cfg, "maze", 2) == list(maze.validation_ids())[:3]
+    before = load_config("params.yaml", profile="smoke", overrides=[
+        "federation.rounds=4", "federation.eval_episodes=3", "federation.curve_split=test"])
+    assert [scored_split(before, r) for r in range(4)] == ["test"] * 4
+    assert eval_task_ids(before, "maze", 2) == list(maze.test_ids)[:3]
+    calibrating = load_config("params.yaml", profile="smoke", overrides=[
+        "federation.rounds=4", "federation.eval_split=val", "federation.curve_split=test"])
+    assert {scored_split(calibrating, r) for r in range(4)} == {"val"}
+    with pytest.raises(ConfigError, match="final_eval_episodes"):
+        load_config("params.yaml", profile="smoke", overrides=["federation.final_eval_episodes=0"])
 
 
 def test_explore_ids_are_fresh_per_round_and_never_validation_or_test() -> None:

@@ -90,3 +90,26 @@ def test_ablations_get_a_panel_each_and_the_forest_plots_every_difference(tmp_pa
     assert "fedse: final − round 0 (macro)" in names and "fedse − fedit (micro)" in names
     assert all(r.low - 1e-12 <= r.diff <= r.high + 1e-12 for _, r in rows)
     assert forest(rows, tmp_path / "f.png").stat().st_size > 10_000 and forest([], tmp_path / "g.png") is None
+
+
+def test_curve_points_scored_on_validation_tasks_are_named_on_the_axis(tmp_path: Path, monkeypatch) -> None:
+    """With `curve_split: val` the rounds between the first and the last are scored on validation tasks: the
+    figures must say so, and plain test runs must not."""
+    import fedse.plots as plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig) or path)
+
+    def between_on_val(doc: dict) -> dict:
+        last = len(doc["rounds"]) - 1
+        return doc | {"settings": {"eval_split": "test"},
+                      "rounds": [r | {"split": "test" if r["round"] in (0, last) else "val"} for r in doc["rounds"]]}
+
+    docs = [between_on_val(run("fedse", s, [0.2, 0.3, 0.3, 0.4], tasks=[25, 10, 10, 25])) for s in range(2)]
+    assert plots.curve_rounds(docs) == [1, 2] and plots.curve_rounds([run("fedse", 0, [0.2, 0.3, 0.4])]) == []
+    plots.method_curves(docs, tmp_path / "c.png")
+    plots.main_comparison(docs, tmp_path / "m.png", ["fedse"])
+    plots.method_curves([run("fedse", 0, [0.2, 0.3, 0.4], tasks=[25, 10, 25])], tmp_path / "t.png")
+    assert seen[0].axes[0].get_xlabel() == "round (filled: 25 test tasks per env; hollow: 10 validation tasks)"
+    assert seen[1].axes[0].get_xlabel() == "round (rounds 1–2: validation tasks)"
+    assert "validation" not in seen[2].axes[0].get_xlabel()
