@@ -95,7 +95,7 @@ class FederationConfig(Strict):
     final_eval_episodes: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
         default=None, description="test tasks per env after the first and the last round: a number, all (the "
         "whole test set) or null (as eval_episodes)")
-    curve_split: Literal["test", "val"] = Field(default="test", description="what the rounds between the first "
+    curve_split: Literal["test", "val"] = Field(default="val", description="what the rounds between the first "
                                                "and the last are scored on: val = the first eval_episodes "
                                                "validation tasks, so test tasks are played only for the two "
                                                "reported rounds; test = the first eval_episodes test tasks")
