@@ -82,3 +82,18 @@ def test_fit_window_drops_to_the_refill_level_then_grows_again() -> None:
     assert windows == [0, 0, 0, 0, 4, 4, 4]
     ids, dropped = fit_window(turns, head, 22)
     assert dropped == 4 and ids == [0, 0] + [5] * 5 + [6] * 5 + [7] * 5
+
+
+def test_thoughts_are_optional_so_a_thoughtless_seed_reply_is_a_whole_react_reply(micro_agent: Agent) -> None:
+    """The ReAct format chosen for issue 29: expert seeds carry no thoughts, the system prompt makes thoughts
+    optional, and a reply rendered without one is what the parser reads back as that action with no thought;
+    a reply with a thought keeps it (the agent's own trajectories are trained on with their thoughts)."""
+    from fedse.policy import parse_reply
+
+    r = micro_agent.renderer
+    assert "optionally after 'Thought: <reasoning>'" in SYSTEM
+    for thought in ("", "the key opens the door"):
+        content, _ = r.reply("open door", thought)
+        text = micro_agent.tokenizer.decode(content)
+        assert text.startswith("Thought: " if thought else ACTION_PREFIX)
+        assert parse_reply(text, r.markup.end) == (thought, "open door")
