@@ -9,8 +9,12 @@ with `gpu.json` (device, torch, CUDA, seconds per method, the budget) and one su
     bench/gpu.sh --profile quick --set model.preset=smollm2-135m --budget 600
     bench/gpu.sh --dry-run                         # anywhere: tiny model, smoke profile, 2 clients, 1 round, CPU
 
-Methods run in the order given, and none starts once the budget is spent (the ones left are listed as
-skipped), so a check never overruns the lease by more than one method.
+First, the phases (`bench/bound.py` on the device, unless `--no-phases`): acting in both policy modes with the
+code before and after issue 29, and one epoch of training, each with decisions/s, generated tokens/s, training
+tokens/s, peak GPU memory and the share of the card's bf16 matrix rate measured in the same run, written as
+`phases.md` (the table) and `phases.json` (every figure). Then the methods, in the order given; none starts once
+the budget is spent (the ones left are listed as skipped), so a check never overruns the lease by more than one
+method.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -94,6 +99,26 @@ def ensure_seed(profile: str, sets: list[str]) -> int:
     return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).returncode
 
 
+def phases(args: argparse.Namespace, sets: list[str], out: Path, work: Path) -> tuple[float, int]:
+    """bench/bound.py on the check's device and profile: (seconds, exit status); its table and figures land in
+    `out` (phases.md, phases.json), its log beside the methods'."""
+    size = ["--envs", "maze", "--episodes", "2", "--trajectories", "4"] if args.dry_run else \
+        ["--episodes", "16", "--trajectories", "32"]
+    cmd = [sys.executable, str(ROOT / "bench" / "bound.py"), "--profile", args.profile, "--modes",
+           "react,constrained", "--before", "--json", "--table", str(out / "phases.md"), *size]
+    for item in sets:
+        cmd += ["--set", item]
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(work / "phases.log", "w") as log:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    seconds = time.perf_counter() - started
+    if done.returncode == 0:
+        (out / "phases.json").write_text(done.stdout.strip().splitlines()[-1] + "\n")
+    return seconds, done.returncode
+
+
 def curve(folder: Path) -> tuple[float, float]:
     """(first scored macro, last scored macro) of a finished run."""
     rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
@@ -117,6 +142,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=600.0, help="seconds; no method starts after it is spent")
     parser.add_argument("--out", type=Path, default=None, help="report folder [reports/gpu/<device>]")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override a parameter")
+    parser.add_argument("--no-phases", action="store_true", help="skip the per-phase table (bench/bound.py)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the script anywhere: tiny model, smoke profile, one round, CPU, a temp folder")
     args = parser.parse_args(argv)
@@ -173,6 +199,14 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="fedse-gpu-") as tmp:
         work = Path(tmp)
         folders = []
+        if not args.no_phases:
+            print(f"phases: bench/bound.py --profile {args.profile} on {name} ...", flush=True)
+            timing["phases"], code = phases(args, sets, out, work)
+            if code != 0:  # the methods still run: a lease is too short to lose to one failed part
+                tail = (work / "phases.log").read_text().strip().splitlines()[-2:]
+                print(f"phases failed (exit {code}): {' / '.join(tail)}", file=sys.stderr)
+            else:
+                print((out / "phases.md").read_text(), flush=True)
         for method in methods:
             if time.perf_counter() - started > args.budget:
                 skipped.append(method)

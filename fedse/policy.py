@@ -419,6 +419,7 @@ class ReactPolicy:
         # tokens (a template of plain text) stops at its last one
         self.end_id = agent.renderer.end_ids()[-1]
         self.merged = MergedLora(agent.model)
+        self.generated = 0  # tokens drawn so far: a benchmark's generated tokens/s
         self.cache = EpisodeCache(agent, constrained=False)
         # each decoding step reads every cached column of its rows (memory-bound on a CPU), so the holes are
         # squeezed out before a turn's decoding whenever they are a tenth of the width
@@ -435,6 +436,7 @@ class ReactPolicy:
         cache.compact()
         with self.merged() if self.agent.device.type == "cpu" else contextlib.nullcontext():
             replies = self._generate(cache.prefill(deltas))
+        self.generated += sum(map(len, replies))
         actions = [self._settle(i, reply) for i, reply in enumerate(replies)]
         return [actions[i] for i in order]
 

@@ -37,6 +37,7 @@ class Pace:
 
     decisions: int = 0
     seconds: float = 0.0
+    generated: int = 0  # tokens the policy wrote (ReAct's replies; 0 for the constrained policy, which scores)
 
     @property
     def per_second(self) -> float:
@@ -98,4 +99,5 @@ def rollout(agent: Agent, env_name: str, task_ids: Sequence[int], spec: PolicySp
                 if advance:
                     advance(len(pool.slots))
     records.pace.seconds = time.perf_counter() - started
+    records.pace.generated = getattr(policy, "generated", 0)
     return records

@@ -30,7 +30,16 @@ def test_dry_run_scores_both_methods_and_prints_one_summary_line(tmp_path: Path)
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu check on cpu (profile smoke): fedit ") and f"-> {tmp_path}" in last
     meta = json.loads((tmp_path / "gpu.json").read_text())
-    assert set(meta["seconds"]) == {"fedit", "fedse"} and meta["skipped"] == []
+    assert set(meta["seconds"]) == {"phases", "fedit", "fedse"} and meta["skipped"] == []
+    # the per-phase table: acting in both modes before and after issue 29, training, shares of the measured bound
+    table = (tmp_path / "phases.md").read_text()
+    for phase in ("act react (before)", "act react (after)", "act constrained (before)", "act constrained (after)",
+                  "train"):
+        assert f"| {phase} |" in table and f"| {phase} |" in done.stdout
+    figures = json.loads((tmp_path / "phases.json").read_text())
+    assert figures["device"] == "cpu" and figures["act.react.generated_tokens_per_sec"] > 0
+    assert figures["act.react.decisions_per_sec"] > 0 and figures["act.react.before.decisions_per_sec"] > 0
+    assert 0 < figures["train.share_of_fp32_bound"] < 1.5 and figures["train.tokens_per_sec"] > 0
     assert meta["device"] == "cpu" and "model.device=cpu" in meta["sets"]
     for method in ("fedit", "fedse"):
         first, final = meta["macro_first_last"][method]
@@ -38,7 +47,7 @@ def test_dry_run_scores_both_methods_and_prints_one_summary_line(tmp_path: Path)
         assert (tmp_path / "runs" / f"{method}-s0.json").exists()
     assert "fedse" in (tmp_path / "results.md").read_text() and (tmp_path / "curves.png").stat().st_size > 0
     # each method's own log stays beside the report (a lease that ends mid-check still says what ran)
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["fedit.log", "fedse.log"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["fedit.log", "fedse.log", "phases.log"]
     assert "macro" in (tmp_path / "logs" / "fedse.log").read_text()
 
 
