@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="fedse-gpu-") as tmp:
         work = Path(tmp)
         folders = []
-        if not args.no_phases:
+        if not args.no_phases and time.perf_counter() - started <= args.budget:  # a spent budget runs nothing
             print(f"phases: bench/bound.py --profile {args.profile} on {name} ...", flush=True)
             timing["phases"], code = phases(args, sets, out, work)
             if code != 0:  # the methods still run: a lease is too short to lose to one failed part

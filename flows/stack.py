@@ -286,7 +286,7 @@ class Stack:
         orgs.prepare(self.orgs_root, client, self.root / "data" / "seed", store.credentials,
                      endpoint=store.endpoint, ca_bundle=ca, server_keys=self.server_keys, params=self.org_params)
         env = orgs.environment(self.orgs_root, client, base=os.environ | (self.extra_env or {}),
-                               device=self.org_devices()[client])
+                               device=self.org_devices().get(client))
         return orgs.start(self.orgs_root, client, env, self.state / f"org-{client}.log")
 
     def _dvc_remote(self, store: SeaweedFS) -> None:
