@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedse.envs.base import TextEnv
 from fedse.envs.pool import Slot
@@ -69,6 +69,17 @@ class PolicySpec(BaseModel):
                        "trie: constrained decoding (each token renormalised over the admissible continuations)")
     history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "
                                       "that fit in the context")
+    walk_nodes: int | None = Field(None, ge=0, description="constrained, score: trie: a decision whose candidates "
+                                   "make a prefix tree of more than this many tokens walks down the tree (a forward "
+                                   "per branching point, only the chosen path computed) instead of scoring every "
+                                   "candidate; at temperature 1 the same distribution, other draws; null = never")
+
+    @model_validator(mode="after")
+    def _walk_needs_trie(self) -> PolicySpec:
+        if self.walk_nodes is not None and self.score != "trie":
+            raise ValueError(f"policy.walk_nodes needs policy.score: trie (got {self.score!r}): a walk draws each "
+                             "token renormalised over the admissible ones, which is what trie scoring scores")
+        return self
 
     def temperature_for(self, evaluation: bool) -> float:
         return self.eval_temperature if evaluation else self.temperature
@@ -223,6 +234,22 @@ class CandidateTrie:
     depth: list[int] = field(default_factory=list)
     paths: list[list[int]] = field(default_factory=list)
 
+    def children(self) -> dict[int, list[int]]:
+        """Each node's children (-1: the first tokens), in node order."""
+        kids: dict[int, list[int]] = {}
+        for node, up in enumerate(self.parent):
+            kids.setdefault(up, []).append(node)
+        return kids
+
+    def walkable(self) -> bool:
+        """Whether every candidate ends at a leaf of its own: then walking down the tree draws exactly the
+        distribution that trie scoring gives. A candidate that is another's prefix (its end is an inner node)
+        or a repeated candidate (two share a leaf) would need the mass of a whole subtree: such a decision is
+        scored instead."""
+        ends = [path[-1] for path in self.paths if path]
+        inner = set(self.parent)
+        return len(ends) == len(self.paths) and len(set(ends)) == len(ends) and not inner.intersection(ends)
+
 
 def candidate_trie(cands: list[list[int]]) -> CandidateTrie:
     trie = CandidateTrie()
@@ -242,23 +269,81 @@ def candidate_trie(cands: list[list[int]]) -> CandidateTrie:
     return trie
 
 
+def walk_generator(key: str, turn: int) -> torch.Generator:
+    """The random stream of one episode's walk down the candidate tree at one turn (one uniform per branching
+    point, in order): keyed like `reply_generator`, so a walk depends on its episode alone."""
+    digest = hashlib.blake2b(f"{key}\x1f{turn}\x1fwalk".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+
+
+def draw_index(logp: torch.Tensor, temperature: float, draw: torch.Generator | None) -> int:
+    """One index from softmax(logp / T) by inverting its CDF at one uniform from `draw` (T = 0: the argmax)."""
+    if temperature == 0 or draw is None:
+        return int(torch.argmax(logp))
+    cdf = torch.softmax(logp.double() / temperature, dim=-1).cumsum(-1)
+    u = torch.rand(1, generator=draw, dtype=torch.float64)
+    return min(int(torch.searchsorted(cdf, u * cdf[-1])), len(cdf) - 1)
+
+
+@dataclass
+class Walk:
+    """One row's way down its candidate tree: the node reached (-1: none yet), how many of the path's tokens the
+    cache already holds, and the log-prob of the path under constrained decoding."""
+
+    trie: CandidateTrie
+    kids: dict[int, list[int]]
+    draw: torch.Generator | None
+    node: int = -1
+    fed: int = 0
+    logp: float = 0.0
+
+    def path_tokens(self) -> list[int]:
+        """The tokens from the first one to the node reached."""
+        out, node = [], self.node
+        while node >= 0:
+            out.append(self.trie.tokens[node])
+            node = self.trie.parent[node]
+        return out[::-1]
+
+    def follow_forced(self) -> None:
+        """Go down while the node has a single child: a token with no alternative needs no forward."""
+        while len(self.kids.get(self.node, ())) == 1:
+            self.node = self.kids[self.node][0]
+
+    def leaf(self) -> bool:
+        return self.node not in self.kids
+
+
 class ConstrainedPolicy:
     """Scores the admissible actions with a per-episode KV cache shared by all candidates, and picks one by
     Gumbel-max with episode-keyed noise (`gumbel_pick`): an episode's actions depend on the model and the
     episode (its key, turn and candidates) only, never on the other episodes of its batch. The cache rows and
-    their bookkeeping are `fedse.kvcache.EpisodeCache`'s (shared with `ReactPolicy`)."""
+    their bookkeeping are `fedse.kvcache.EpisodeCache`'s (shared with `ReactPolicy`).
+
+    With `walk_nodes` set (and trie scoring), a decision whose candidate tree has more than that many tokens
+    is drawn by walking down the tree instead (`_walk`): at each branching point the model's next-token
+    distribution restricted to the admissible children, one draw from the episode's own stream. Wordle's 400
+    guesses make 1624 tree tokens, all scored in one wide forward with a [new, cached + new] mask; the walk
+    feeds the chosen path only, about one token per branching point. At temperature 1 the two draw from the
+    same distribution (the product of the renormalised token probabilities is the trie score), with other
+    draws; at other temperatures the walk tempers each token, not the whole action.
+    """
 
     def __init__(self, agent: Agent, temperature: float = 1.0, seed: int = 0, context: int = 1536,
-                 score: str = "sum", keep_turns: int | None = None) -> None:
+                 score: str = "sum", keep_turns: int | None = None, walk_nodes: int | None = None) -> None:
         self.agent = agent
         self.score = score
         self.keep_turns = keep_turns
         self.temperature = temperature
         self.seed = seed
+        self.walk_nodes = walk_nodes
         self.budget = min(context, agent.context)
         self.merged = MergedLora(agent.model)
         self.candidate_ids: dict[str, list[int]] = {}  # action text -> its tokens (the same actions recur)
-        self.last_scores: list[torch.Tensor] = []  # per slot of the last call, in its order
+        # per slot of the last call, in its order: every candidate's score (None for a walked decision) and the
+        # chosen candidate's
+        self.last_scores: list[torch.Tensor | None] = []
+        self.last_logp: list[float] = []
         self.cache = EpisodeCache(agent, constrained=True)
 
     @torch.no_grad()
@@ -272,18 +357,74 @@ class ConstrainedPolicy:
         cache.windows_changed(windows)  # a window that dropped old turns: re-encode that row after its head
         deltas = cache.deltas(windows)
         cache.compact()
+        tries = [candidate_trie(cs) for cs in cand_ids]
+        walks = {i: Walk(t, t.children(), self._walk_draw(cache.rows[i].slot)) for i, t in enumerate(tries)
+                 if self._walks(t)}
         with self.merged() if self.agent.device.type == "cpu" else contextlib.nullcontext():
-            scores = self._score(cache.prefill(deltas), cand_ids)
-        chosen = []
-        for i, (row, cands, s) in enumerate(zip(cache.rows, candidates, scores, strict=True)):
-            if self.score == "mean":
-                s = s / torch.tensor([len(c) for c in cand_ids[i]], dtype=s.dtype)
-            k = gumbel_pick(s, self.temperature, noise_key(row.slot, self.seed), len(row.slot.history), cands)
+            scores, last = self._score(cache.prefill(deltas), [CandidateTrie() if i in walks else t
+                                                               for i, t in enumerate(tries)])
+            self._walk(walks, last)
+        chosen, logps, kept = [], [], []
+        newline = self.agent.renderer.const("\n")
+        for i, (row, cands) in enumerate(zip(cache.rows, candidates, strict=True)):
+            walk = walks.get(i)
+            if walk is not None:
+                k = next(k for k, path in enumerate(walk.trie.paths) if path[-1] == walk.node)
+                cache.decided(i, cand_ids[i][k][walk.fed:] + newline)
+                logps.append(walk.logp)
+                kept.append(None)
+            else:
+                s = scores[i]
+                if self.score == "mean":
+                    s = s / torch.tensor([len(c) for c in cand_ids[i]], dtype=s.dtype)
+                k = gumbel_pick(s, self.temperature, noise_key(row.slot, self.seed), len(row.slot.history), cands)
+                cache.decided(i, cand_ids[i][k] + newline)
+                logps.append(float(s[k]))
+                kept.append(scores[i])
             chosen.append(cands[k])
-            cache.decided(i, cand_ids[i][k] + self.agent.renderer.const("\n"))
             row.slot.thoughts.append("")
-        self.last_scores = [scores[i] for i in order]
+        self.last_scores = [kept[i] for i in order]
+        self.last_logp = [logps[i] for i in order]
         return [chosen[i] for i in order]
+
+    def _walks(self, trie: CandidateTrie) -> bool:
+        return (self.walk_nodes is not None and self.score == "trie" and len(trie.tokens) > self.walk_nodes
+                and trie.walkable())
+
+    def _walk_draw(self, slot: Slot) -> torch.Generator | None:
+        return walk_generator(noise_key(slot, self.seed), len(slot.history)) if self.temperature > 0 else None
+
+    def _walk(self, walks: dict[int, Walk], last: torch.Tensor) -> None:
+        """Take every walking row down its tree at once: a draw at each branching point from the model's
+        distribution over the admissible children (`siblings_normalised` of one node's children), then one
+        forward over the rows that stopped at a branching point, feeding their path since the last feed (the
+        tokens with no alternative ride along). The fed tokens stay in the cache: they are the reply."""
+        kv = self.cache.kv
+        here = {i: last[i] for i in walks}  # the hidden state that predicts row i's next token
+        head = self.agent.model.get_output_embeddings()
+        while here:
+            branching = [i for i in here if len(walks[i].kids.get(walks[i].node, ())) > 1]
+            if branching:
+                logp = torch.log_softmax(head(torch.stack([here[i] for i in branching])).float(), dim=-1).cpu()
+                for j, i in enumerate(branching):
+                    walk = walks[i]
+                    kids = walk.kids[walk.node]
+                    children = logp[j, torch.tensor([walk.trie.tokens[c] for c in kids])].double()
+                    children = children - torch.logsumexp(children, 0)
+                    pick = draw_index(children, self.temperature, walk.draw)
+                    walk.node, walk.logp = kids[pick], walk.logp + float(children[pick])
+            feeds: dict[int, list[int]] = {}
+            for i in list(here):
+                walk = walks[i]
+                walk.follow_forced()
+                if walk.leaf():
+                    del here[i]
+                    continue
+                path = walk.path_tokens()
+                feeds[i], walk.fed = path[walk.fed:], len(path)
+            if feeds:
+                hidden = kv.feed(self.agent, [feeds.get(r, []) for r in range(kv.rows)], self.cache.dtype)
+                here = {i: hidden[i, len(feeds[i]) - 1] for i in feeds}
 
     def _candidate(self, action: str) -> list[int]:
         ids = self.candidate_ids.get(action)
@@ -291,17 +432,17 @@ class ConstrainedPolicy:
             ids = self.candidate_ids[action] = self.agent.renderer.candidate(action)
         return ids
 
-    def _score(self, deltas: list[list[int]], cand_ids: list[list[list[int]]]) -> list[torch.Tensor]:
-        """Sum of log-probs of every candidate of every row, from one forward pass over all rows.
+    def _score(self, deltas: list[list[int]], tries: list[CandidateTrie]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sum of log-probs of every candidate of every row, from one forward pass over all rows, and each row's
+        last hidden state of its delta (what predicts its first action token: where a walk starts).
 
         Each row is its delta (tokens new since its last decision) followed by its candidates' prefix tree
-        (`candidate_trie`); a tree node sees the cached prompt, the delta and its own ancestors, at the
-        position it would have right after the prompt. The inputs are built as whole-row tensors and the
-        tree's attention by pointer jumping along parent columns, so the Python work per decision is per row
-        and per candidate token, not per (query, key) pair.
+        (`candidate_trie`; empty for a row that walks); a tree node sees the cached prompt, the delta and its
+        own ancestors, at the position it would have right after the prompt. The inputs are built as whole-row
+        tensors and the tree's attention by pointer jumping along parent columns, so the Python work per
+        decision is per row and per candidate token, not per (query, key) pair.
         """
         kv = self.cache.kv
-        tries = [candidate_trie(cs) for cs in cand_ids]
         rows = len(deltas)
         width_d = max(len(d) for d in deltas)
         width_c = max(len(t.tokens) for t in tries)
@@ -318,8 +459,8 @@ class ConstrainedPolicy:
             pos[i, :n] = torch.arange(base, base + n)
             seg[i, :n] = 0
             up = torch.tensor(trie.parent, dtype=torch.long)
-            ids[i, width_d:width_d + m] = torch.tensor(trie.tokens)
-            pos[i, width_d:width_d + m] = torch.tensor(trie.depth) + (base + n)
+            ids[i, width_d:width_d + m] = torch.tensor(trie.tokens, dtype=torch.long)
+            pos[i, width_d:width_d + m] = torch.tensor(trie.depth, dtype=torch.long) + (base + n)
             seg[i, width_d:width_d + m] = 1
             parent[i, width_d:width_d + m] = torch.where(up >= 0, up + width_d, torch.arange(width_d, width_d + m))
             src_rows.append(torch.full((m,), i))
@@ -331,16 +472,19 @@ class ConstrainedPolicy:
             cands += len(trie.paths)
         block = self._tree(seg, parent, max(max(t.depth, default=0) for t in tries) + 1)
         hidden = kv.forward(self.agent, ids, pos, kv.mask(block, seg >= 0, self.cache.dtype))
-        node_logp = self._token_logprobs(hidden, torch.cat(src_rows), torch.cat(src_cols),
-                                         torch.tensor([t for trie in tries for t in trie.tokens]))
-        if self.score == "trie":
-            node_logp = siblings_normalised(node_logp, torch.cat(src_rows) * width + torch.cat(src_cols))
-        kv.crop(width_c)
         lengths = torch.tensor([len(d) for d in deltas])
+        last = hidden[torch.arange(rows, device=hidden.device), (lengths - 1).to(hidden.device)]
+        flat = torch.zeros(cands, dtype=torch.float64)
+        if nodes:
+            node_logp = self._token_logprobs(hidden, torch.cat(src_rows), torch.cat(src_cols),
+                                             torch.tensor([t for trie in tries for t in trie.tokens]))
+            if self.score == "trie":
+                node_logp = siblings_normalised(node_logp, torch.cat(src_rows) * width + torch.cat(src_cols))
+            along = node_logp[torch.tensor(path_nodes, dtype=torch.long)].double()
+            flat.index_add_(0, torch.tensor(path_cands, dtype=torch.long), along)
+        kv.crop(width_c)
         kv.commit(torch.arange(width_d)[None, :] < lengths[:, None])
-        along = node_logp[torch.tensor(path_nodes, dtype=torch.long)].double()
-        flat = torch.zeros(cands, dtype=torch.float64).index_add_(0, torch.tensor(path_cands, dtype=torch.long), along)
-        return list(flat.split([len(t.paths) for t in tries]))
+        return list(flat.split([len(t.paths) for t in tries])), last
 
     @staticmethod
     def _tree(seg: torch.Tensor, parent: torch.Tensor, depth: int) -> torch.Tensor:
@@ -520,5 +664,6 @@ def make_policy(agent: Agent, spec: PolicySpec, evaluation: bool, seed: int = 0)
     """The policy `spec` asks for, at its evaluation or its exploration temperature."""
     temperature = spec.temperature_for(evaluation)
     if spec.resolved_mode(agent) == "constrained":
-        return ConstrainedPolicy(agent, temperature, seed, spec.context, spec.score, spec.history_turns)
+        return ConstrainedPolicy(agent, temperature, seed, spec.context, spec.score, spec.history_turns,
+                                 spec.walk_nodes)
     return ReactPolicy(agent, temperature, seed, spec.context, spec.max_new_tokens, spec.history_turns)

@@ -191,18 +191,20 @@ def test_greedy_choice_is_the_argmax_of_the_configured_score(micro_agent: Agent,
 def constrained_decoding_reference(agent: Agent, prompt: list[int], cands: list[list[int]]) -> torch.Tensor:
     """log P(candidate) under token-by-token decoding restricted to admissible continuations, computed the
     slow way: one full forward pass per candidate, renormalising at every position over the allowed tokens."""
-    out = []
-    for cand in cands:
-        ids = torch.tensor([prompt + cand])
-        with torch.no_grad():
-            logp = torch.log_softmax(agent.model(input_ids=ids).logits[0].double(), -1)
-        total = 0.0
-        for j, token in enumerate(cand):
-            allowed = sorted({c[j] for c in cands if len(c) > j and c[:j] == cand[:j]})
-            row = logp[len(prompt) + j - 1]
-            total += float(row[token] - torch.logsumexp(row[allowed], 0))
-        out.append(total)
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor([constrained_logp(agent, prompt, cand, cands) for cand in cands], dtype=torch.float64)
+
+
+def constrained_logp(agent: Agent, prompt: list[int], cand: list[int], cands: list[list[int]]) -> float:
+    """One candidate's `constrained_decoding_reference`."""
+    ids = torch.tensor([prompt + cand])
+    with torch.no_grad():
+        logp = torch.log_softmax(agent.model(input_ids=ids).logits[0].double(), -1)
+    total = 0.0
+    for j, token in enumerate(cand):
+        allowed = sorted({c[j] for c in cands if len(c) > j and c[:j] == cand[:j]})
+        row = logp[len(prompt) + j - 1]
+        total += float(row[token] - torch.logsumexp(row[allowed], 0))
+    return total
 
 
 def test_trie_score_is_the_probability_of_constrained_decoding(micro_agent: Agent) -> None:
@@ -327,3 +329,107 @@ def test_react_rows_stop_at_their_own_end(tiny_agent: Agent, monkeypatch: pytest
     assert len(prefill) == 4 and min(prefill) > 1 and all(set(step) == {1} for step in steps)
     assert len(steps) == max(len(r) for r in replies) - 1
     assert sum(len(step) for step in steps) == sum(len(r) - 1 for r in replies)
+
+
+def randomised_lora(agent: Agent, seed: int) -> None:
+    torch.manual_seed(seed)
+    for p in agent.model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize(("env", "walk_nodes", "keep"), [("wordle", 0, None), ("textcraft", 0, 2), ("maze", 0, None),
+                                                         ("wordle", 100, 2)])
+def test_a_walk_down_the_trie_has_the_trie_score_of_the_action_it_draws(micro_agent: Agent, env: str,
+                                                                        walk_nodes: int, keep: int | None) -> None:
+    """A walked decision's log-prob (the product of each drawn token's probability renormalised over the
+    admissible children) is constrained decoding's for that action, computed the slow way from the prompt the
+    episode's history rebuilds: so the walk draws from the trie distribution, and the tokens it leaves in the
+    cache are exactly the episode's window, turn after turn (windows that drop turns too, with `keep`)."""
+    randomised_lora(micro_agent, 2)
+    policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, score="trie", keep_turns=keep,
+                               walk_nodes=walk_nodes)
+    walked = 0
+
+    def act(envs, slots):
+        nonlocal walked
+        prompts = [episode_tokens(micro_agent, s, policy.budget, True, keep) for s in slots]
+        actions = policy(envs, slots)
+        for slot, prompt, action, scores, logp in zip(slots, prompts, actions, policy.last_scores, policy.last_logp,
+                                                      strict=True):
+            cands = [micro_agent.renderer.candidate(a) for a in slot.info["admissible_actions"]]
+            reference = constrained_logp(micro_agent, prompt, micro_agent.renderer.candidate(action), cands)
+            assert logp == pytest.approx(reference, abs=1e-4)
+            walked += scores is None
+        return actions
+
+    EnvPool(lambda: make_env(env), [0, 1, 2], capacity=2).run(act)
+    assert walked >= 6  # wordle's 1624 tree tokens exceed 100; every env's exceed 0
+
+
+def test_walking_draws_as_often_as_the_trie_scores_say(micro_agent: Agent) -> None:
+    """Monte Carlo over 600 episode keys on one TextCraft decision: how often the walk picks each action against
+    the softmax of the trie scores of the same decision (within 4 standard errors), and the same for Gumbel-max
+    over the scored candidates, the path it replaces."""
+    randomised_lora(micro_agent, 5)
+    keys = [f"mc-{i}" for i in range(600)]
+
+    def make():
+        game = make_env("textcraft")
+        game.max_turns = 1
+        return game
+
+    def first_actions(walk_nodes: int | None) -> list[str]:
+        pool = EnvPool(make, [0] * len(keys), keys)
+        pool.run(ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, score="trie", walk_nodes=walk_nodes))
+        return [s.history[0][0] for s in pool.slots]
+
+    scorer = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, score="trie")
+    probe: list[str] = []
+
+    def act(envs, slots):
+        probe.extend(slots[0].info["admissible_actions"])
+        return scorer(envs, slots)
+
+    EnvPool(make, [0], ["probe"]).run(act)
+    scores = scorer.last_scores[0]
+    assert scores is not None
+    expected = torch.softmax(scores, 0)
+    assert float(expected.max()) < 0.9  # a decision with real uncertainty, or the check tells nothing
+    for walk_nodes in (0, None):
+        picks = first_actions(walk_nodes)
+        for action, p in zip(probe, expected.tolist(), strict=True):
+            error = (p * (1 - p) / len(keys)) ** 0.5
+            assert picks.count(action) / len(keys) == pytest.approx(p, abs=4 * error + 1e-9), (walk_nodes, action)
+
+
+def test_a_walk_is_keyed_by_its_episode_and_greedy_at_temperature_zero(micro_agent: Agent) -> None:
+    randomised_lora(micro_agent, 3)
+
+    def play(temperature: float, keys: list[str]) -> list[list[str]]:
+        pool = EnvPool(lambda: make_env("wordle"), [0, 1, 2], keys, capacity=2)
+        pool.run(ConstrainedPolicy(micro_agent, temperature, 0, score="trie", walk_nodes=0))
+        return [[a for a, _ in s.history] for s in pool.slots]
+
+    assert play(1.0, ["a", "b", "c"]) == play(1.0, ["a", "b", "c"])
+    assert play(1.0, ["a", "b", "c"]) != play(1.0, ["d", "e", "f"])
+    assert play(0.0, ["a", "b", "c"]) == play(0.0, ["d", "e", "f"])
+
+
+def test_only_a_tree_whose_candidates_end_at_leaves_of_their_own_is_walked() -> None:
+    from fedse.policy import candidate_trie
+
+    assert candidate_trie([[1, 2], [1, 3], [4]]).walkable()
+    assert not candidate_trie([[1, 2], [1, 2, 3]]).walkable()  # a candidate that is another's prefix
+    assert not candidate_trie([[1, 2], [1, 2]]).walkable()  # a repeated candidate
+    assert not candidate_trie([[], [1]]).walkable()
+
+
+def test_walk_nodes_needs_trie_scoring() -> None:
+    from pydantic import ValidationError
+
+    from fedse.policy import PolicySpec
+
+    assert PolicySpec(walk_nodes=64).walk_nodes == 64
+    with pytest.raises(ValidationError, match=r"policy\.walk_nodes needs policy\.score: trie"):
+        PolicySpec(walk_nodes=64, score="sum")
