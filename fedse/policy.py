@@ -44,6 +44,7 @@ from fedse.prompt import IM_END, Rendered, Window, fit_window, prompt_tail
 
 _ACTION_RE = re.compile(r"Action:\s*(.*)", re.IGNORECASE)
 _THOUGHT_RE = re.compile(r"Thought:\s*(.*?)\s*(?:Action:|$)", re.IGNORECASE | re.DOTALL)
+_ACTION_LINE_RE = re.compile(r"Action:\s*\S[^\n]*\n", re.IGNORECASE)  # a whole action line: the reply is complete
 
 
 class PolicySpec(BaseModel):
@@ -562,6 +563,8 @@ class ReactPolicy:
         # the model's own end-of-turn token (its chat template's, fedse.prompt.Markup); an end written as several
         # tokens (a template of plain text) stops at its last one
         self.end_id = agent.renderer.end_ids()[-1]
+        # tokens whose text holds a newline: only after one of these can a reply's action line be complete
+        self.newline_ids = newline_tokens(agent.tokenizer)
         self.merged = MergedLora(agent.model)
         self.generated = 0  # tokens drawn so far: a benchmark's generated tokens/s
         self.cache = EpisodeCache(agent, constrained=False)
@@ -602,7 +605,7 @@ class ReactPolicy:
             going = []
             for j, (m, token) in enumerate(zip(members, tokens, strict=True)):
                 replies[m].append(token)
-                if token != self.end_id and len(replies[m]) < self.max_new_tokens:
+                if token != self.end_id and len(replies[m]) < self.max_new_tokens and not self._complete(replies[m]):
                     going.append(j)
             if len(going) < len(members):
                 ended = [j for j in range(len(members)) if j not in set(going)]
@@ -613,6 +616,14 @@ class ReactPolicy:
                 work = work.take(going, spare=self.max_new_tokens)
                 members, tokens = [members[j] for j in going], [tokens[j] for j in going]
             last = work.feed(self.agent, [[t] for t in tokens], self.cache.dtype)[:, 0]
+
+    def _complete(self, reply: list[int]) -> bool:
+        """Whether the reply's action line is whole (`complete_reply`): the tokens after it would change neither
+        thought nor action, so the row stops there instead of writing on to its end token."""
+        if reply[-1] not in self.newline_ids:
+            return False
+        text = self.agent.tokenizer.decode(reply, skip_special_tokens=True)
+        return complete_reply(text.split(self.agent.renderer.markup.end)[0]) is not None
 
     def _sample(self, hidden: torch.Tensor, draws: list[torch.Generator | None]) -> list[int]:
         """The next token of each row: the argmax at temperature 0, else a draw from softmax(logits / T) by
@@ -641,6 +652,20 @@ class ReactPolicy:
         return action
 
 
+def newline_tokens(tokenizer: Any) -> frozenset[int]:
+    """The ids of the vocabulary's tokens whose text holds a newline (cached per tokenizer: a vocabulary scan)."""
+    cached = _NEWLINES.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        ids = frozenset(i for i, piece in enumerate(vocab)
+                        if piece is not None and "\n" in tokenizer.convert_tokens_to_string([piece]))
+        cached = _NEWLINES[id(tokenizer)] = (tokenizer, ids)
+    return cached[1]
+
+
+_NEWLINES: dict[int, tuple[Any, frozenset[int]]] = {}
+
+
 def reply_generator(key: str, turn: int) -> torch.Generator:
     """The random stream of one episode's reply at one turn: seeded by blake2b of (key, turn), so it is the
     same in every process and whatever else is decoded alongside."""
@@ -649,15 +674,24 @@ def reply_generator(key: str, turn: int) -> torch.Generator:
 
 
 def parse_reply(text: str, end: str = IM_END) -> tuple[str, str]:
-    """(thought, action) of a generated reply (cut at the model's end-of-turn text `end`); without an `Action:`
-    line the whole text is the action."""
-    text = text.split(end)[0].strip()
+    """(thought, action) of a generated reply (cut at the model's end-of-turn text `end`, and after its first
+    whole `Action:` line: what follows the action is not part of the reply, so decoding can stop there); without
+    an `Action:` line the whole text is the action."""
+    text = complete_reply(text.split(end)[0]) or text.split(end)[0]
+    text = text.strip()
     thought_match = _THOUGHT_RE.search(text)
     thought = thought_match.group(1).strip() if thought_match else ""
     action_match = _ACTION_RE.search(text)
     action = action_match.group(1).strip().splitlines()[0].strip() if action_match and action_match.group(
         1).strip() else text
     return thought, action
+
+
+def complete_reply(text: str) -> str | None:
+    """The reply up to the end of its first whole `Action:` line (the newline included), or None while it has
+    none: anything written after it leaves `parse_reply` unchanged."""
+    match = _ACTION_LINE_RE.search(text)
+    return text[:match.end()] if match else None
 
 
 def make_policy(agent: Agent, spec: PolicySpec, evaluation: bool, seed: int = 0) -> Any:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedse.envs.pool import EnvPool
 from fedse.envs.registry import make_env
@@ -433,3 +435,51 @@ def test_walk_nodes_needs_trie_scoring() -> None:
     assert PolicySpec(walk_nodes=64).walk_nodes == 64
     with pytest.raises(ValidationError, match=r"policy\.walk_nodes needs policy\.score: trie"):
         PolicySpec(walk_nodes=64, score="sum")
+
+
+@pytest.mark.parametrize(("text", "thought", "action"), [
+    ("Action: move up\nThought: later", "", "move up"),  # a thought after the action is not the reply's
+    ("Thought: a\nAction:\n  go west\nAction: other", "a", "go west"),
+])
+def test_a_reply_ends_with_its_first_whole_action_line(text: str, thought: str, action: str) -> None:
+    assert parse_reply(text) == (thought, action)
+
+
+@given(st.text(alphabet="ab :\nThoughtAcion", max_size=40), st.text(alphabet="xy \n", min_size=1, max_size=8),
+       st.text(max_size=30))
+def test_what_follows_a_whole_action_line_changes_no_parse(before: str, action: str, after: str) -> None:
+    """Decoding stops once the action line is whole (`complete_reply`): sound only if no continuation can
+    change the parsed thought or action."""
+    from fedse.policy import complete_reply
+
+    text = before + "Action: " + action
+    whole = complete_reply(text)
+    if whole is None:
+        return
+    assert parse_reply(whole + after) == parse_reply(whole)
+
+
+def test_react_stops_a_row_at_the_end_of_its_action_line(tiny_agent: Agent, monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    """A row whose reply holds a whole action line stops decoding there (the newline's token is its last), and
+    the action is what the whole reply would have given."""
+    from fedse.policy import ReactPolicy
+
+    policy = ReactPolicy(tiny_agent, temperature=1.0, max_new_tokens=60)
+    script = tiny_agent.tokenizer.encode("Thought: near\nAction: get 1 oak log\nObservation: you got it",
+                                         add_special_tokens=False)
+    drawn: list[int] = []
+
+    def scripted(hidden, draws):
+        drawn.append(script[len(drawn)])
+        return [drawn[-1]] * hidden.shape[0]
+
+    monkeypatch.setattr(policy, "_sample", scripted)
+    pool = EnvPool(lambda: make_env("textcraft"), [0])
+    actions = policy([pool.envs[0]], [pool.slots[0]])
+    from fedse.policy import complete_reply
+
+    first_whole = next(k for k in range(1, len(script) + 1)
+                       if complete_reply(tiny_agent.tokenizer.decode(script[:k])) is not None)
+    assert actions == ["get 1 oak log"] and len(drawn) == first_whole < len(script)
+    assert parse_reply(tiny_agent.tokenizer.decode(script)) == ("near", "get 1 oak log")
