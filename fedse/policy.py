@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedse.envs.base import TextEnv
 from fedse.envs.pool import Slot
@@ -70,17 +70,11 @@ class PolicySpec(BaseModel):
                        "trie: constrained decoding (each token renormalised over the admissible continuations)")
     history_turns: int | None = Field(6, ge=1, description="keep at most this many recent turns; null = all "
                                       "that fit in the context")
-    walk_nodes: int | None = Field(None, ge=0, description="constrained, score: trie: a decision whose candidates "
+    walk_nodes: int | None = Field(64, ge=0, description="constrained, score: trie (the others always score): a "
+                                   "decision whose candidates "
                                    "make a prefix tree of more than this many tokens walks down the tree (a forward "
                                    "per branching point, only the chosen path computed) instead of scoring every "
                                    "candidate; at temperature 1 the same distribution, other draws; null = never")
-
-    @model_validator(mode="after")
-    def _walk_needs_trie(self) -> PolicySpec:
-        if self.walk_nodes is not None and self.score != "trie":
-            raise ValueError(f"policy.walk_nodes needs policy.score: trie (got {self.score!r}): a walk draws each "
-                             "token renormalised over the admissible ones, which is what trie scoring scores")
-        return self
 
     def temperature_for(self, evaluation: bool) -> float:
         return self.eval_temperature if evaluation else self.temperature

@@ -33,7 +33,7 @@ TERMS = (
     "learner.lr", "learner.epochs", "learner.steps", "learner.batch_size", "learner.grad_accum", "learner.max_len",
     "learner.warmup_ratio", "learner.weight_decay", "learner.max_grad_norm", "learner.autocast",
     "policy.mode", "policy.temperature", "policy.max_new_tokens", "policy.context", "policy.batch_size",
-    "policy.score", "policy.history_turns",
+    "policy.score", "policy.history_turns", "policy.walk_nodes",
     "model.lora.r", "model.lora.alpha", "model.lora.dropout",
     "aggregation.rule", "aggregation.rank", "aggregation.fedprox_mu",
     "transport.dtype",

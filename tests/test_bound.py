@@ -32,3 +32,20 @@ def test_cpu_attention_forward_and_backward_are_counted() -> None:
 
 def test_the_bound_is_a_positive_rate() -> None:
     assert peak_gflops(torch.float32, size=64, seconds=0.05) > 0
+
+
+def test_walking_wordle_computes_a_fraction_of_scoring_every_guess(micro_agent) -> None:
+    """bench/walk.py's figures on one episode each: every key present, and on Wordle (400 guesses, a 1624-token
+    tree) the walk counts far fewer FLOPs per decision than scoring the whole tree; on Maze (10 tree tokens,
+    below walk_nodes) both are the scored path."""
+    from walk import acting
+
+    from fedse.config import load_config
+
+    cfg = load_config(overrides=["policy.mode=constrained", "policy.score=trie"])
+    out = acting(micro_agent, cfg, ["maze", "wordle"], 1, walk_nodes=64)
+    for env in ("maze", "wordle", "all"):
+        for how in ("score", "walk"):
+            assert out[f"{env}.{how}.decisions_per_sec"] > 0
+    assert out["wordle.walk.gflop_per_decision"] < 0.2 * out["wordle.score.gflop_per_decision"]
+    assert out["maze.walk.gflop_per_decision"] == out["maze.score.gflop_per_decision"]

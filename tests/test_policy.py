@@ -427,14 +427,14 @@ def test_only_a_tree_whose_candidates_end_at_leaves_of_their_own_is_walked() -> 
     assert not candidate_trie([[], [1]]).walkable()
 
 
-def test_walk_nodes_needs_trie_scoring() -> None:
-    from pydantic import ValidationError
-
-    from fedse.policy import PolicySpec
-
-    assert PolicySpec(walk_nodes=64).walk_nodes == 64
-    with pytest.raises(ValidationError, match=r"policy\.walk_nodes needs policy\.score: trie"):
-        PolicySpec(walk_nodes=64, score="sum")
+def test_only_trie_scoring_walks(micro_agent: Agent) -> None:
+    """A walk draws what trie scoring scores; with `sum` or `mean` every decision is scored, whatever walk_nodes."""
+    for score in ("sum", "mean"):
+        policy = ConstrainedPolicy(micro_agent, temperature=1.0, seed=0, score=score, walk_nodes=0)
+        pool = EnvPool(lambda: make_env("wordle"), [0])
+        running = pool.running()
+        policy([pool.envs[i] for i in running], [pool.slots[i] for i in running])
+        assert policy.last_scores[0] is not None and len(policy.last_scores[0]) == 400
 
 
 @pytest.mark.parametrize(("text", "thought", "action"), [
