@@ -267,8 +267,7 @@ def candidate_trie(cands: list[list[int]]) -> CandidateTrie:
 def walk_generator(key: str, turn: int) -> torch.Generator:
     """The random stream of one episode's walk down the candidate tree at one turn (one uniform per branching
     point, in order): keyed like `reply_generator`, so a walk depends on its episode alone."""
-    digest = hashlib.blake2b(f"{key}\x1f{turn}\x1fwalk".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+    return episode_generator(key, turn, "walk")
 
 
 def draw_index(logp: torch.Tensor, temperature: float, draw: torch.Generator | None) -> int:
@@ -661,9 +660,14 @@ _NEWLINES: dict[int, tuple[Any, frozenset[int]]] = {}
 
 
 def reply_generator(key: str, turn: int) -> torch.Generator:
-    """The random stream of one episode's reply at one turn: seeded by blake2b of (key, turn), so it is the
-    same in every process and whatever else is decoded alongside."""
-    digest = hashlib.blake2b(f"{key}\x1f{turn}\x1freply".encode(), digest_size=8).digest()
+    """The random stream of one episode's reply at one turn: the same in every process and whatever else is
+    decoded alongside."""
+    return episode_generator(key, turn, "reply")
+
+
+def episode_generator(key: str, turn: int, use: str) -> torch.Generator:
+    """A generator seeded by blake2b of (episode key, turn, use): Python's `hash()` is salted per process."""
+    digest = hashlib.blake2b(f"{key}\x1f{turn}\x1f{use}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
