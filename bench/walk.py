@@ -69,13 +69,14 @@ def round_time(params: str, profile: str, walk_nodes: int) -> dict[str, Any]:
 
     scratch = Path(tempfile.mkdtemp(prefix="fedse-walk-"))
     out: dict[str, Any] = {}
+    agent = fresh = None
     try:
         for how, nodes in (("score", "null"), ("walk", str(walk_nodes))):
             cfg = load_config(params, profile=profile, overrides=[
                 "federation.rounds=1", "policy.threads=1", "learner.threads=1", f"policy.walk_nodes={nodes}",
                 f"transport.dir={scratch / 'exchange' / how}"])
-            agent = load_agent(cfg.model, seed=cfg.seed)
-            if how == "score":
+            if agent is None:  # one model for both rounds: only the policy setting differs
+                agent = load_agent(cfg.model, seed=cfg.seed)
                 fresh = adapter_state(agent)
             set_adapter_state(agent, fresh)
             with torch_threads(1):

@@ -270,13 +270,16 @@ def walk_generator(key: str, turn: int) -> torch.Generator:
     return episode_generator(key, turn, "walk")
 
 
-def draw_index(logp: torch.Tensor, temperature: float, draw: torch.Generator | None) -> int:
-    """One index from softmax(logp / T) by inverting its CDF at one uniform from `draw` (T = 0: the argmax)."""
-    if temperature == 0 or draw is None:
-        return int(torch.argmax(logp))
-    cdf = torch.softmax(logp.double() / temperature, dim=-1).cumsum(-1)
-    u = torch.rand(1, generator=draw, dtype=torch.float64)
-    return min(int(torch.searchsorted(cdf, u * cdf[-1])), len(cdf) - 1)
+def inverse_cdf(logits: torch.Tensor, temperature: float, draws: Sequence[torch.Generator | None]) -> list[int]:
+    """One index per row of `logits` [rows, n]: the argmax at temperature 0, else a draw from softmax(logits / T)
+    by inverting its CDF at one uniform from the row's own generator (one number per draw, so a row's draws
+    follow its episode's stream alone)."""
+    if temperature == 0:
+        return logits.argmax(-1).tolist()
+    u = torch.cat([torch.rand(1, generator=draw, dtype=torch.float64) for draw in draws])
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+    return picks.clamp(max=logits.shape[1] - 1).tolist()
 
 
 @dataclass
@@ -405,7 +408,7 @@ class ConstrainedPolicy:
                     kids = walk.kids[walk.node]
                     children = logp[j, torch.tensor([walk.trie.tokens[c] for c in kids])].double()
                     children = children - torch.logsumexp(children, 0)
-                    pick = draw_index(children, self.temperature, walk.draw)
+                    pick = inverse_cdf(children[None], self.temperature, [walk.draw])[0]
                     walk.node, walk.logp = kids[pick], walk.logp + float(children[pick])
             feeds: dict[int, list[int]] = {}
             for i in list(here):
@@ -556,8 +559,6 @@ class ReactPolicy:
         # the model's own end-of-turn token (its chat template's, fedse.prompt.Markup); an end written as several
         # tokens (a template of plain text) stops at its last one
         self.end_id = agent.renderer.end_ids()[-1]
-        # tokens whose text holds a newline: only after one of these can a reply's action line be complete
-        self.newline_ids = newline_tokens(agent.tokenizer)
         self.merged = MergedLora(agent.model)
         self.generated = 0  # tokens drawn so far: a benchmark's generated tokens/s
         self.cache = EpisodeCache(agent, constrained=False)
@@ -613,22 +614,15 @@ class ReactPolicy:
     def _complete(self, reply: list[int]) -> bool:
         """Whether the reply's action line is whole (`complete_reply`): the tokens after it would change neither
         thought nor action, so the row stops there instead of writing on to its end token."""
-        if reply[-1] not in self.newline_ids:
+        if reply[-1] not in self.agent.renderer.newline_ids:
             return False
         text = self.agent.tokenizer.decode(reply, skip_special_tokens=True)
         return complete_reply(text.split(self.agent.renderer.markup.end)[0]) is not None
 
     def _sample(self, hidden: torch.Tensor, draws: list[torch.Generator | None]) -> list[int]:
-        """The next token of each row: the argmax at temperature 0, else a draw from softmax(logits / T) by
-        inverting its CDF at one uniform from the row's own generator (one number per token, so a row's draws
-        follow its episode's stream alone)."""
+        """The next token of each row (`inverse_cdf` over the vocabulary)."""
         logits = self.agent.model.get_output_embeddings()(hidden).float().cpu()
-        if self.temperature == 0:
-            return logits.argmax(-1).tolist()
-        u = torch.cat([torch.rand(1, generator=draw, dtype=torch.float64) for draw in draws])
-        cdf = torch.softmax(logits.double() / self.temperature, dim=-1).cumsum(-1)
-        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
-        return picks.clamp(max=logits.shape[1] - 1).tolist()
+        return inverse_cdf(logits, self.temperature, draws)
 
     def _settle(self, i: int, reply: list[int]) -> str:
         """Row i's action from its reply; the cache keeps the reply as far as it matches its rendering."""
@@ -643,20 +637,6 @@ class ReactPolicy:
         self.cache.decided(i, content[keep:] + close)
         row.slot.thoughts.append(thought)
         return action
-
-
-def newline_tokens(tokenizer: Any) -> frozenset[int]:
-    """The ids of the vocabulary's tokens whose text holds a newline (cached per tokenizer: a vocabulary scan)."""
-    cached = _NEWLINES.get(id(tokenizer))
-    if cached is None or cached[0] is not tokenizer:
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        ids = frozenset(i for i, piece in enumerate(vocab)
-                        if piece is not None and "\n" in tokenizer.convert_tokens_to_string([piece]))
-        cached = _NEWLINES[id(tokenizer)] = (tokenizer, ids)
-    return cached[1]
-
-
-_NEWLINES: dict[int, tuple[Any, frozenset[int]]] = {}
 
 
 def reply_generator(key: str, turn: int) -> torch.Generator:
@@ -675,8 +655,8 @@ def parse_reply(text: str, end: str = IM_END) -> tuple[str, str]:
     """(thought, action) of a generated reply (cut at the model's end-of-turn text `end`, and after its first
     whole `Action:` line: what follows the action is not part of the reply, so decoding can stop there); without
     an `Action:` line the whole text is the action."""
-    text = complete_reply(text.split(end)[0]) or text.split(end)[0]
-    text = text.strip()
+    text = text.split(end)[0]
+    text = (complete_reply(text) or text).strip()
     thought_match = _THOUGHT_RE.search(text)
     thought = thought_match.group(1).strip() if thought_match else ""
     action_match = _ACTION_RE.search(text)

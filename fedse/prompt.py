@@ -11,7 +11,8 @@ exactly the tokens the policy saw. Only assistant content (and its end marker) c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import cached_property
+from typing import Any, Protocol
 
 SYSTEM = ("You are an agent acting in a text environment. Each user message is what you observe. "
           "Reply with the next action as 'Action: <action>', optionally after 'Thought: <reasoning>'.")
@@ -144,6 +145,15 @@ class Renderer:
     def end_ids(self) -> list[int]:
         """The assistant's end-of-turn tokens: trained as the reply's last, where generation stops."""
         return self.const(self.markup.end)
+
+    @cached_property
+    def newline_ids(self) -> frozenset[int]:
+        """The vocabulary's tokens whose text holds a newline (a vocabulary scan, once per renderer): only after
+        one of these can a generated reply's action line be whole."""
+        tok: Any = self.tok
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        return frozenset(i for i, piece in enumerate(pieces)
+                         if piece is not None and "\n" in tok.convert_tokens_to_string([piece]))
 
     def reply(self, action: str, thought: str = "") -> tuple[list[int], list[int]]:
         """(agent tokens, closing tokens) of one assistant turn; the end marker is the agent's to predict."""
